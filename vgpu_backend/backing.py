@@ -1,0 +1,117 @@
+"""The guest pages behind a resource, and reads from them.
+
+A :class:`Backing` keeps the translated segments of the guest's mem entries (region
+id, offset, length), never views: views are made per operation, so a region can be
+unmapped as soon as every backing that uses it is dropped.
+"""
+
+from __future__ import annotations
+
+from math import gcd
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+from protocol.errors import GuestProtocolError
+from protocol.virtio_gpu import MemEntry
+from protocol.wire import layout
+from vgpu_backend.guest_memory import GuestMemory, Segments
+from vgpu_backend.virtqueue import DescriptorChain
+
+__all__ = ["Backing", "read_mem_entries"]
+
+Bytes = npt.NDArray[np.uint8]
+#: pieces smaller than this are gathered piece by piece instead of by index arrays
+_MIN_GATHER_UNIT: Final = 64
+_ENTRY_DTYPE: Final = layout(MemEntry).dtype
+_ENTRY_SIZE: Final = layout(MemEntry).size
+
+
+class Backing:
+    """A resource's backing store: ``segments`` in guest order, ``size`` bytes long."""
+
+    def __init__(self, memory: GuestMemory, segments: Segments) -> None:
+        self._memory = memory
+        self.segments = segments
+        self.size = segments.total
+        self._ends = np.cumsum(segments.length, dtype=np.uint64)
+        self.region_ids = frozenset(int(r) for r in np.unique(segments.region_id))
+
+    def uses_region(self, region_id: int) -> bool:
+        """The backing has pages in this region."""
+        return region_id in self.region_ids
+
+    def read(self, start: int, size: int) -> Bytes:
+        """Bytes ``[start, start+size)`` of the backing: a view when they are contiguous
+        in guest RAM, else a gathered copy.
+
+        :raise GuestProtocolError: the range is beyond the backing.
+        """
+        if start < 0 or size < 0 or start + size > self.size:
+            raise GuestProtocolError(
+                f"bytes {start}..{start + size} are beyond the {self.size}-byte backing")
+        if size == 0:
+            return np.zeros(0, dtype=np.uint8)
+        first = int(np.searchsorted(self._ends, np.uint64(start), side="right"))
+        last = int(np.searchsorted(self._ends, np.uint64(start + size - 1), side="right"))
+        seg_start = int(self._ends[first]) - int(self.segments.length[first])
+        region = self._memory.region(int(self.segments.region_id[first]))
+        if first == last:
+            off = int(self.segments.offset[first]) + start - seg_start
+            return region.array[off:off + size]
+        return self._gather(first, last, start, size)
+
+    def _gather(self, first: int, last: int, start: int, size: int) -> Bytes:
+        sel = slice(first, last + 1)
+        region_id = self.segments.region_id[sel]
+        src = self.segments.offset[sel].astype(np.int64)
+        length = self.segments.length[sel].astype(np.int64)
+        dst = (self._ends[sel].astype(np.int64) - length) - start  # piece start in ``out``
+        head_cut = -int(dst[0])  # the first piece starts before ``start``
+        src[0] += head_cut
+        length[0] -= head_cut
+        dst[0] = 0
+        length[-1] = size - int(dst[-1])  # the last piece may end after the range
+        out = np.empty(size, dtype=np.uint8)
+        unit = gcd(int(np.gcd.reduce(src)), int(np.gcd.reduce(length)),
+                   int(np.gcd.reduce(dst)), 4096)
+        if unit < _MIN_GATHER_UNIT:
+            # Unaligned entries: copy piece by piece (as QEMU's iov_to_buf does); the
+            # count is bounded by the entry limit.
+            for rid, s, n, d in zip(region_id.tolist(), src.tolist(), length.tolist(),
+                                    dst.tolist(), strict=True):
+                out[d:d + n] = self._memory.region(rid).array[s:s + n]
+            return out
+        units = length // unit
+        piece = np.repeat(np.arange(units.shape[0]), units)
+        within = np.arange(piece.shape[0]) - np.repeat(np.cumsum(units) - units, units)
+        src_units = src[piece] // unit + within
+        dst_units = dst[piece] // unit + within
+        out_rows = out.reshape(-1, unit)  # unit divides every piece, hence the size
+        for rid in np.unique(region_id).tolist():
+            mask = region_id[piece] == rid
+            array = self._memory.region(rid).array
+            rows = array[:array.shape[0] - array.shape[0] % unit].reshape(-1, unit)
+            out_rows[dst_units[mask]] = rows[src_units[mask]]
+        return out
+
+
+def read_mem_entries(chain: DescriptorChain, offset: int, count: int,
+                     limit: int) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
+    """Snapshot ``count`` ``virtio_gpu_mem_entry`` from the chain at ``offset``.
+
+    The count is checked against ``limit`` and against the bytes really present in
+    the chain before anything is allocated; the entries are copied once (so the guest
+    cannot change them between validation and use) and returned as (addr, length).
+
+    :raise GuestProtocolError: too many entries, or fewer bytes than they need.
+    """
+    if count > limit:
+        raise GuestProtocolError(f"{count} entries exceed the limit of {limit}")
+    need = count * _ENTRY_SIZE
+    if offset + need > chain.out_len:
+        raise GuestProtocolError(
+            f"{count} entries need {need} bytes, the chain has {chain.out_len - offset}")
+    entries = chain.read_array(offset, need).view(_ENTRY_DTYPE)
+    return entries["addr"], entries["length"].astype(np.uint64)

@@ -1,0 +1,137 @@
+"""``vgpu-backend``: the command line (QEMU's "Backend program conventions")."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+
+from protocol.limits import cli_fields
+from vgpu_backend import __version__
+from vgpu_backend.config import BackendConfig, ConfigError, build_config, listening_socket
+from vgpu_backend.device_state import UserptrProtocol
+from vgpu_backend.eventloop import EventLoop
+from vgpu_backend.runtime import Backend
+
+__all__ = ["CAPABILITIES", "main", "parser"]
+
+log = logging.getLogger("vgpu_backend")
+
+#: ``--print-capabilities`` output (``VHostUserBackendCapabilities`` for type "gpu";
+#: we support neither --render-node nor --virgl)
+CAPABILITIES = {"type": "gpu", "features": []}
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser."""
+    p = argparse.ArgumentParser(
+        prog="vgpu-backend",
+        description="QEMU vhost-user-gpu back-end with zero-copy USERPTR blobs. "
+                    "QEMU: -chardev socket,id=vgpu,path=PATH "
+                    "-device vhost-user-gpu-pci,chardev=vgpu")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    conn = p.add_argument_group("connection (exactly one)")
+    conn.add_argument("--socket-path", metavar="PATH",
+                      help="listen on this unix socket for one QEMU connection")
+    conn.add_argument("--fd", type=int, metavar="FD",
+                      help="serve an already connected socket inherited as FD (libvirt)")
+    p.add_argument("--print-capabilities", action="store_true",
+                   help="print the back-end capabilities as JSON and exit")
+    p.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error"], help="(default: info)")
+    dev = p.add_argument_group("device")
+    dev.add_argument("--max-outputs", type=int, default=1, metavar="N",
+                     help="scanouts; must match the max_outputs property of QEMU's "
+                          "device (default: 1)")
+    dev.add_argument("--default-mode", default="1280x800", metavar="WxH",
+                     help="mode reported when QEMU's display does not answer "
+                          "(default: 1280x800)")
+    dev.add_argument("--no-edid", dest="edid", action="store_false",
+                     help="do not offer VIRTIO_GPU_F_EDID")
+    dev.add_argument("--no-blob", dest="blob", action="store_false",
+                     help="do not serve blob resources (implies no USERPTR)")
+    dev.add_argument("--no-compute", dest="compute", action="store_false",
+                     help="do not offer compute contexts")
+    dev.add_argument("--userptr-protocol", default="v5",
+                     choices=[p.value for p in UserptrProtocol],
+                     help="USERPTR guest protocol generation: v5 (default, safe: no "
+                          "feature bit, userptr whenever blob is served), v3 (offers "
+                          "feature bit 5 as RESOURCE_USERPTR; only for guests built from "
+                          "the v3 series, never with Linux >= 7.2 where bit 5 is "
+                          "BLOB_ALIGNMENT), off")
+    dev.add_argument("--userptr-capset-id", type=lambda v: int(v, 0), default=0x5650,
+                     metavar="ID", help="capset id of the userptr capset (default 0x5650)")
+    dev.add_argument("--compute-capset-id", type=lambda v: int(v, 0), default=0x5651,
+                     metavar="ID", help="capset id of the compute capset (default 0x5651)")
+    gpu = p.add_argument_group("host GPU")
+    gpu.add_argument("--gpu", default="auto", choices=["auto", "kfd", "sim"],
+                     help="auto: /dev/kfd if present, else the simulated KFD (default)")
+    gpu.add_argument("--gpu-ids", type=lambda v: [int(x, 0) for x in v.split(",")],
+                     metavar="ID,...", help="KFD gpu_ids to map userptr buffers on "
+                                            "(default: all)")
+    gpu.add_argument("--kfd-isolation", default="vm", choices=["vm", "context"],
+                     help="vm: one KFD process for the VM (default); context: one "
+                          "secondary KFD process per virtio-gpu context (KFD >= 1.19; "
+                          "USERPTR blobs are refused in this mode, see README)")
+    gpu.add_argument("--userptr-host-path", default="auto",
+                     choices=["auto", "batch", "alias", "per-range"],
+                     help="how scattered ranges become one GPU buffer (default auto: "
+                          "batch if the kernel supports it, else alias)")
+    gpu.add_argument("--sim-gpus", type=int, default=1, metavar="N",
+                     help="number of simulated GPUs (default 1)")
+    lim = p.add_argument_group("limits")
+    for name, option, help_text, kind in cli_fields():
+        lim.add_argument(f"--{option}", dest=name, type=kind, metavar="N", help=help_text)
+    return p
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the back-end; returns the process exit status."""
+    args = parser().parse_args(argv)
+    if args.print_capabilities:
+        print(json.dumps(CAPABILITIES, indent=2))
+        return 0
+    try:
+        config = build_config(args)
+    except ConfigError as err:
+        print(f"vgpu-backend: {err}", file=sys.stderr)
+        return 2
+    _configure_logging(config.log_level)
+    return run(config)
+
+
+def run(config: BackendConfig) -> int:
+    """Serve one front-end connection, then exit 0 (1 on a start-up failure)."""
+    loop = EventLoop()
+    try:
+        backend = Backend(loop, config)
+    except ConfigError as err:
+        log.error("%s", err)
+        loop.close()
+        return 1
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: loop.stop())
+    try:
+        if config.fd is not None:
+            backend.serve(socket.socket(fileno=config.fd))
+        elif config.socket_path is not None:
+            try:
+                listener = listening_socket(config.socket_path)
+            except ConfigError as err:
+                log.error("%s", err)
+                return 1
+            backend.listen(listener)
+        loop.run()
+    finally:
+        backend.close()
+        loop.close()
+    return 0

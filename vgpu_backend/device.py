@@ -1,0 +1,280 @@
+"""The virtio-gpu device: features, config space, and command processing on both queues.
+
+Queue processing drains every available chain per kick.  Each command runs inside one
+error boundary: a :class:`GuestProtocolError` becomes the error response it names; a
+corrupt ring stops that ring only.  Replies that need the display socket are
+:class:`Deferred` and hold the control queue until they resolve (or time out), which
+keeps responses and fences in submission order.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+from collections.abc import Callable
+
+from protocol.errors import GuestProtocolError
+from protocol.limits import Limits
+from protocol.virtio_gpu import CTRL_HDR_SIZE, CtrlHdr, GpuConfig
+from protocol.virtio_gpu_codes import Cmd, CtrlFlag, Feature, Resp
+from protocol.wire import decode, encode
+from vgpu_backend.commands_2d import Commands2D
+from vgpu_backend.device_state import (
+    Deferred,
+    DeviceOptions,
+    DeviceState,
+    Handler,
+    Reply,
+    UserptrProtocol,
+)
+from vgpu_backend.display import DisplayChannel, DisplayState
+from vgpu_backend.eventloop import EventLoop
+from vgpu_backend.guest_memory import GuestMemory, MemoryRegion
+from vgpu_backend.hostgpu.base import HostGpu
+from vgpu_backend.resources import ResourceTable
+from vgpu_backend.scanout import ScanoutManager
+from vgpu_backend.virtqueue import DescriptorChain, Virtqueue
+
+__all__ = ["CONTROL_QUEUE", "CURSOR_QUEUE", "VirtioGpuDevice"]
+
+log = logging.getLogger(__name__)
+
+CONTROL_QUEUE = 0
+CURSOR_QUEUE = 1
+#: the largest fixed command struct (SET_SCANOUT_BLOB / CTX_CREATE: 96 bytes), rounded up
+_COMMAND_READ = 128
+_FENCE_FLAGS = int(CtrlFlag.FENCE | CtrlFlag.INFO_RING_IDX)
+_HDR = struct.Struct("<IIQIB3x")
+
+
+class VirtioGpuDevice:
+    """One virtio-gpu device instance."""
+
+    def __init__(self, loop: EventLoop, memory: GuestMemory, limits: Limits,
+                 options: DeviceOptions, host_gpu: HostGpu | None) -> None:
+        self.state = DeviceState(
+            loop=loop, memory=memory, limits=limits, options=options,
+            resources=ResourceTable(limits),
+            scanouts=ScanoutManager(limits.max_scanouts, limits.display_queue_bytes),
+            host_gpu=host_gpu)
+        self.commands_2d = Commands2D(self.state)
+        self._handlers: dict[int, Handler] = self.commands_2d.handlers()
+        self.queues: list[Virtqueue] = [Virtqueue(i, memory, limits) for i in range(2)]
+        self._waiting: Deferred | None = None
+        self._inflight: list[tuple[Deferred, Callable[[], Reply]]] = []
+        self.internal_errors = 0
+        memory.add_unmap_listener(self._region_unmapping)
+
+    # --- extension points ------------------------------------------------------------
+
+    def register(self, handlers: dict[int, Handler]) -> None:
+        """Add command handlers (blob and context command sets)."""
+        self._handlers.update(handlers)
+
+    # --- virtio features and config ----------------------------------------------------
+
+    def offered_features(self) -> int:
+        """The virtio feature bits this device offers in GET_FEATURES."""
+        opts = self.state.options
+        bits = (Feature.VERSION_1 | Feature.RING_INDIRECT_DESC | Feature.RING_EVENT_IDX
+                | Feature.RESOURCE_UUID)
+        if opts.edid:
+            bits |= Feature.EDID
+        if opts.blob:
+            bits |= Feature.RESOURCE_BLOB
+        if opts.compute:
+            bits |= Feature.CONTEXT_INIT
+        if opts.userptr_protocol is UserptrProtocol.V3:
+            bits |= Feature.RESOURCE_USERPTR_V3
+        return int(bits)
+
+    def set_features(self, acked: int) -> None:
+        """SET_FEATURES: what the driver acked (may include bits we never offered)."""
+        self.state.acked_features = acked
+        self.state.offered_features = self.offered_features()
+        for queue in self.queues:
+            queue.event_idx = bool(acked & Feature.RING_EVENT_IDX)
+
+    def config_space(self) -> bytes:
+        """``struct virtio_gpu_config``; QEMU keeps only ``num_capsets``."""
+        return encode(GpuConfig(0, 0, self.state.num_scanouts, len(self.state.capsets)))
+
+    # --- display socket --------------------------------------------------------------
+
+    def attach_display(self, fd: int) -> None:
+        """GPU_SET_SOCKET: adopt a new display socket, replacing the old one."""
+        old = self.state.scanouts.display
+        if old is not None:
+            log.info("display: replacing the previous display socket")
+            old.close()
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as err:
+            log.error("display: GPU_SET_SOCKET fd is not a socket: %s", err)
+            socket.close(fd)
+            return
+        self.state.scanouts.display = DisplayChannel(
+            self.state.loop, sock, self.state.limits, self._display_ready,
+            self._display_closed)
+
+    def _display_ready(self, channel: DisplayChannel) -> None:
+        self.state.scanouts.attach(channel)
+        self.process(CONTROL_QUEUE)
+
+    def _display_closed(self, channel: DisplayChannel) -> None:
+        self.state.scanouts.detach(channel)
+        self.process(CONTROL_QUEUE)
+
+    # --- queue processing ------------------------------------------------------------
+
+    def process(self, index: int) -> None:
+        """Drain every available chain of queue ``index``."""
+        queue = self.queues[index]
+        if not queue.ready:
+            return
+        if index == CONTROL_QUEUE and not self._control_may_run():
+            return
+        handled = False
+        while queue.ready:
+            try:
+                chain = queue.pop()
+            except GuestProtocolError as err:
+                queue.mark_broken(str(err))
+                break
+            if chain is None:
+                break
+            handled = True
+            if index == CURSOR_QUEUE:
+                self._run_cursor(chain)
+                queue.push(chain.head, 0)
+                continue
+            if self._run_control(queue, chain):
+                break  # a Deferred holds the queue
+        if handled:
+            queue.notify()
+
+    def _control_may_run(self) -> bool:
+        if self._waiting is not None:
+            return False
+        display = self.state.scanouts.display
+        return display is None or display.state is not DisplayState.NEGOTIATING
+
+    def _run_control(self, queue: Virtqueue, chain: DescriptorChain) -> bool:
+        """Execute one control command; True if the queue must wait for it."""
+        data = chain.read(_COMMAND_READ)
+        hdr = decode(CtrlHdr, data) if len(data) >= CTRL_HDR_SIZE else CtrlHdr(0)
+        result = self._execute(hdr, data, chain)
+        if isinstance(result, Reply):
+            self._respond(queue, chain, hdr, result)
+            return False
+        if result.reply is not None:
+            self._respond(queue, chain, hdr, result.reply)
+            return False
+
+        def complete(reply: Reply) -> None:
+            self._inflight = [e for e in self._inflight if e[0] is not result]
+            if queue.ready or queue.enabled:
+                self._respond(queue, chain, hdr, reply)
+                queue.notify()
+            if self._waiting is result:
+                self._waiting = None
+                self.process(CONTROL_QUEUE)
+
+        result.on_resolve(complete)
+        if result.reply is None:
+            self._inflight.append((result, result.fallback or _unspecified))
+            if result.pause:
+                self._waiting = result
+                return True
+        return False
+
+    def _execute(self, hdr: CtrlHdr, data: bytes, chain: DescriptorChain) -> Reply | Deferred:
+        try:
+            if chain.error is not None:
+                raise chain.error
+            if len(data) < CTRL_HDR_SIZE:
+                raise GuestProtocolError(f"command of {len(data)} bytes has no header")
+            handler = self._handlers.get(hdr.type)
+            if handler is None:
+                raise GuestProtocolError(f"unsupported command {hdr.type:#x}", Resp.ERR_UNSPEC)
+            return handler(hdr, data, chain)
+        except GuestProtocolError as err:
+            log.info("guest error: %s: %s", _command_name(hdr.type), err)
+            return Reply(err.resp_code)
+        except Exception:  # a bug of ours: answer, count, keep serving
+            self.internal_errors += 1
+            log.exception("internal error in %s", _command_name(hdr.type))
+            return Reply(Resp.ERR_UNSPEC)
+
+    def _respond(self, queue: Virtqueue, chain: DescriptorChain, hdr: CtrlHdr,
+                 reply: Reply) -> None:
+        flags = fence_id = ctx_id = ring_idx = 0
+        if hdr.flags & CtrlFlag.FENCE:
+            flags = hdr.flags & _FENCE_FLAGS
+            fence_id, ctx_id = hdr.fence_id, hdr.ctx_id
+            if hdr.flags & CtrlFlag.INFO_RING_IDX:
+                ring_idx = hdr.ring_idx
+        response = _HDR.pack(reply.resp, flags, fence_id, ctx_id, ring_idx) + reply.body
+        written = chain.write(response) if chain.error is None else 0
+        if written < len(response) and chain.error is None:
+            log.info("response of %d bytes truncated to %d", len(response), written)
+        queue.push(chain.head, written)
+
+    def _run_cursor(self, chain: DescriptorChain) -> None:
+        try:
+            if chain.error is not None:
+                raise chain.error
+            self.commands_2d.cursor(chain.read(_COMMAND_READ))
+        except GuestProtocolError as err:
+            log.info("guest error on the cursor queue: %s", err)
+
+    def quiesce(self) -> None:
+        """Answer every in-flight deferred command now (before a ring stops)."""
+        for deferred, fallback in list(self._inflight):
+            deferred.resolve(fallback())
+        self._inflight.clear()
+        self._waiting = None
+
+    # --- lifecycle -----------------------------------------------------------------
+
+    def _region_unmapping(self, region: MemoryRegion) -> None:
+        for queue in self.queues:
+            if queue.uses_region(region):
+                queue.drop_memory()
+        for res in self.state.resources:
+            if res.backing is not None and res.backing.uses_region(region.id):
+                for hook in self.state.detach_hooks:
+                    hook(res)
+                res.backing = None
+                log.info("resource %d lost its backing: guest memory %s was removed",
+                         res.resource_id, region)
+        if self.state.host_gpu is not None:
+            self.state.host_gpu.invalidate_host_range(region.host_addr, region.size)
+
+    def reset(self) -> None:
+        """Device reset: every resource, scanout and context goes away."""
+        self.quiesce()
+        for res in self.state.resources:
+            self.commands_2d.destroy(res)
+        for scanout in self.state.scanouts.scanouts:
+            scanout.resource_id, scanout.rect, scanout.source = 0, (0, 0, 0, 0), None
+        log.info("device reset")
+
+    def close(self) -> None:
+        """Free everything (disconnect)."""
+        self.reset()
+        display = self.state.scanouts.display
+        if display is not None:
+            display.close()
+
+
+def _unspecified() -> Reply:
+    return Reply(Resp.ERR_UNSPEC)
+
+
+def _command_name(cmd: int) -> str:
+    try:
+        return Cmd(cmd).name
+    except ValueError:
+        return f"command {cmd:#x}"

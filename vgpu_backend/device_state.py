@@ -1,0 +1,163 @@
+"""What the command handlers share: device state, options, and the reply types."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from protocol.errors import GuestProtocolError
+from protocol.limits import Limits
+from protocol.virtio_gpu import CTRL_HDR_SIZE, CtrlHdr, DisplayOne
+from protocol.virtio_gpu_codes import Resp
+from protocol.wire import decode, layout
+from vgpu_backend.eventloop import EventLoop
+from vgpu_backend.guest_memory import GuestMemory
+from vgpu_backend.hostgpu.base import HostGpu
+from vgpu_backend.resources import Resource, ResourceTable
+from vgpu_backend.scanout import ScanoutManager
+from vgpu_backend.virtqueue import DescriptorChain
+
+__all__ = [
+    "OK",
+    "Capset",
+    "Deferred",
+    "DeviceOptions",
+    "DeviceState",
+    "Handler",
+    "Reply",
+    "UserptrProtocol",
+    "with_body",
+]
+
+
+class UserptrProtocol(enum.Enum):
+    """Which generation of the USERPTR guest protocol the device speaks."""
+
+    #: guest series v3: feature bit 5 = VIRTIO_GPU_F_RESOURCE_USERPTR (Linux < 7.2 only)
+    V3 = "v3"
+    #: guest series v4/v5: no feature bit; userptr whenever blob is offered (default)
+    V5 = "v5"
+    #: no userptr blobs
+    OFF = "off"
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceOptions:
+    """Device behaviour chosen on the command line."""
+
+    #: QEMU's ``max_outputs`` (the guest's num_scanouts); must match QEMU's property
+    max_outputs: int = 1
+    #: mode reported when no display socket answers
+    default_mode: tuple[int, int] = (1280, 800)
+    edid: bool = True
+    blob: bool = True
+    userptr_protocol: UserptrProtocol = UserptrProtocol.V5
+    #: capset id of the userptr capset
+    userptr_capset_id: int = 0x5650
+    #: compute (3D) contexts
+    compute: bool = True
+    compute_capset_id: int = 0x5651
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A response: its type and the bytes after the response header."""
+
+    resp: Resp
+    body: bytes = b""
+
+
+OK = Reply(Resp.OK_NODATA)
+
+
+class Deferred:
+    """A reply that comes later (display round trip, compute fence).
+
+    :param pause: hold the queue (no further commands are processed) until resolved.
+    :param fallback: the reply to give if the queue must stop before this resolves.
+    """
+
+    __slots__ = ("_callback", "fallback", "pause", "reply")
+
+    def __init__(self, pause: bool = True,
+                 fallback: Callable[[], Reply] | None = None) -> None:
+        self.pause = pause
+        self.fallback = fallback
+        self.reply: Reply | None = None
+        self._callback: Callable[[Reply], None] | None = None
+
+    def on_resolve(self, callback: Callable[[Reply], None]) -> None:
+        """Called by the device: run ``callback`` with the reply (now, if it is known)."""
+        if self.reply is not None:
+            callback(self.reply)
+        else:
+            self._callback = callback
+
+    def resolve(self, reply: Reply) -> None:
+        """Deliver the reply (once)."""
+        if self.reply is not None:
+            return
+        self.reply = reply
+        if self._callback is not None:
+            callback, self._callback = self._callback, None
+            callback(reply)
+
+
+@dataclass(frozen=True, slots=True)
+class Capset:
+    """A capability set the device publishes (GET_CAPSET_INFO / GET_CAPSET)."""
+
+    capset_id: int
+    version: int
+    data: bytes
+
+
+@dataclass(slots=True)
+class DeviceState:
+    """State shared by every command handler."""
+
+    loop: EventLoop
+    memory: GuestMemory
+    limits: Limits
+    options: DeviceOptions
+    resources: ResourceTable
+    scanouts: ScanoutManager
+    host_gpu: HostGpu | None
+    #: the last display info (from QEMU, or the default mode)
+    modes: list[DisplayOne] = field(default_factory=list)
+    capsets: list[Capset] = field(default_factory=list)
+    #: virtio feature bits the driver acked (SET_FEATURES)
+    acked_features: int = 0
+    #: virtio feature bits we offered
+    offered_features: int = 0
+    #: run before a resource is destroyed (release host GPU mappings, detach contexts)
+    destroy_hooks: list[Callable[[Resource], None]] = field(default_factory=list)
+    #: run before a resource's backing is dropped by DETACH_BACKING
+    detach_hooks: list[Callable[[Resource], None]] = field(default_factory=list)
+
+    @property
+    def num_scanouts(self) -> int:
+        """Scanouts the guest may address: QEMU's max_outputs, or more if QEMU's
+        display info reports more enabled outputs."""
+        enabled = [i for i, m in enumerate(self.modes) if m.enabled]
+        return min(self.limits.max_scanouts,
+                   max(self.options.max_outputs, (max(enabled) + 1) if enabled else 0))
+
+
+Handler = Callable[[CtrlHdr, bytes, DescriptorChain], Reply | Deferred]
+
+
+def with_body(body_type: type[Any],
+              handler: Callable[[CtrlHdr, Any, DescriptorChain], Reply | Deferred]) -> Handler:
+    """Wrap a handler taking a decoded command body; short commands get
+    ERR_INVALID_PARAMETER."""
+    size = layout(body_type).size
+
+    def handle(hdr: CtrlHdr, data: bytes, chain: DescriptorChain) -> Reply | Deferred:
+        if len(data) < CTRL_HDR_SIZE + size:
+            raise GuestProtocolError(
+                f"{layout(body_type).c_name}: {len(data)} bytes, needs {CTRL_HDR_SIZE + size}")
+        return handler(hdr, decode(body_type, data, CTRL_HDR_SIZE), chain)
+    return handle

@@ -1,0 +1,157 @@
+"""The single-threaded, non-blocking event loop (epoll through ``selectors``).
+
+Everything the back-end does happens in callbacks of this loop: vhost-user requests,
+virtqueue kicks, display-socket traffic, timers, and completions that worker threads
+hand back with :meth:`EventLoop.call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import itertools
+import logging
+import os
+import selectors
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+__all__ = ["EventLoop", "TimerHandle"]
+
+log = logging.getLogger(__name__)
+
+Callback = Callable[[], None]
+
+
+@dataclass(order=True, slots=True)
+class TimerHandle:
+    """A pending :meth:`EventLoop.call_later`; :meth:`cancel` it to drop it."""
+
+    when: float
+    seq: int
+    callback: Callback | None = field(compare=False)
+
+    def cancel(self) -> None:
+        """Do not run the callback."""
+        self.callback = None
+
+
+class EventLoop:
+    """Dispatch fd readiness, timers and thread-safe calls until :meth:`stop`."""
+
+    def __init__(self) -> None:
+        self._selector = selectors.DefaultSelector()
+        self._readers: dict[int, Callback] = {}
+        self._writers: dict[int, Callback] = {}
+        self._timers: list[TimerHandle] = []
+        self._seq = itertools.count()
+        self._calls: deque[Callback] = deque()
+        self._calls_lock = threading.Lock()
+        self._wakeup_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._running = False
+        self.add_reader(self._wakeup_fd, self._drain_wakeup)
+
+    # --- fd watches -------------------------------------------------------------------
+
+    def _update(self, fd: int) -> None:
+        events = (selectors.EVENT_READ if fd in self._readers else 0) | (
+            selectors.EVENT_WRITE if fd in self._writers else 0)
+        try:
+            registered = self._selector.get_key(fd)
+        except KeyError:
+            registered = None
+        if events == 0:
+            if registered is not None:
+                self._selector.unregister(fd)
+        elif registered is None:
+            self._selector.register(fd, events)
+        elif registered.events != events:
+            self._selector.modify(fd, events)
+
+    def add_reader(self, fd: int, callback: Callback) -> None:
+        """Call ``callback`` whenever ``fd`` is readable."""
+        self._readers[fd] = callback
+        self._update(fd)
+
+    def remove_reader(self, fd: int) -> None:
+        """Stop watching ``fd`` for reading (no error if it was not watched)."""
+        if self._readers.pop(fd, None) is not None:
+            self._update(fd)
+
+    def add_writer(self, fd: int, callback: Callback) -> None:
+        """Call ``callback`` whenever ``fd`` is writable."""
+        self._writers[fd] = callback
+        self._update(fd)
+
+    def remove_writer(self, fd: int) -> None:
+        """Stop watching ``fd`` for writing."""
+        if self._writers.pop(fd, None) is not None:
+            self._update(fd)
+
+    def forget_fd(self, fd: int) -> None:
+        """Drop every watch on ``fd`` (call before closing it)."""
+        self._readers.pop(fd, None)
+        self._writers.pop(fd, None)
+        self._update(fd)
+
+    # --- timers and calls -------------------------------------------------------------
+
+    def call_later(self, delay: float, callback: Callback) -> TimerHandle:
+        """Run ``callback`` on the loop after ``delay`` seconds."""
+        handle = TimerHandle(time.monotonic() + delay, next(self._seq), callback)
+        heapq.heappush(self._timers, handle)
+        return handle
+
+    def call_soon_threadsafe(self, callback: Callback) -> None:
+        """Run ``callback`` on the loop thread; callable from any thread."""
+        with self._calls_lock:
+            self._calls.append(callback)
+        os.eventfd_write(self._wakeup_fd, 1)
+
+    def _drain_wakeup(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._wakeup_fd)
+        while True:
+            with self._calls_lock:
+                if not self._calls:
+                    return
+                callback = self._calls.popleft()
+            callback()
+
+    # --- running ----------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Make :meth:`run` return after the current iteration (signal-handler safe)."""
+        self._running = False
+        with contextlib.suppress(OSError):  # closed during shutdown
+            os.eventfd_write(self._wakeup_fd, 1)
+
+    def run(self) -> None:
+        """Dispatch events until :meth:`stop`."""
+        self._running = True
+        while self._running:
+            timeout = None
+            while self._timers and self._timers[0].callback is None:
+                heapq.heappop(self._timers)
+            if self._timers:
+                timeout = max(0.0, self._timers[0].when - time.monotonic())
+            for key, events in self._selector.select(timeout):
+                fd = key.fd
+                if events & selectors.EVENT_READ and (reader := self._readers.get(fd)):
+                    reader()
+                if events & selectors.EVENT_WRITE and (writer := self._writers.get(fd)):
+                    writer()
+            now = time.monotonic()
+            while self._timers and self._timers[0].when <= now:
+                handle = heapq.heappop(self._timers)
+                if handle.callback is not None:
+                    callback, handle.callback = handle.callback, None
+                    callback()
+
+    def close(self) -> None:
+        """Release the selector and the wake-up eventfd."""
+        self._selector.close()
+        os.close(self._wakeup_fd)

@@ -1,0 +1,91 @@
+"""Wiring: guest memory, host GPU, device and vhost-user session on one event loop."""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+from vgpu_backend import __version__
+from vgpu_backend.config import BackendConfig, ConfigError
+from vgpu_backend.device import VirtioGpuDevice
+from vgpu_backend.device_state import UserptrProtocol
+from vgpu_backend.eventloop import EventLoop
+from vgpu_backend.guest_memory import GuestMemory
+from vgpu_backend.hostgpu.base import HostGpu, HostGpuError
+from vgpu_backend.vhost_session import PROTOCOL_FEATURES, VhostUserSession
+
+__all__ = ["Backend"]
+
+log = logging.getLogger("vgpu_backend")
+
+
+def _open_host_gpu(config: BackendConfig) -> HostGpu | None:
+    if config.device.userptr_protocol is UserptrProtocol.OFF and not config.device.compute:
+        return None
+    from vgpu_backend.hostgpu.factory import HostGpuOptions, create_host_gpu
+    try:
+        return create_host_gpu(HostGpuOptions(**config.host_gpu))
+    except (HostGpuError, ValueError) as err:
+        raise ConfigError(f"host GPU: {err}") from err
+
+
+class Backend:
+    """One back-end instance: serves a single front-end connection."""
+
+    def __init__(self, loop: EventLoop, config: BackendConfig) -> None:
+        self.loop = loop
+        self.config = config
+        self.memory = GuestMemory()
+        self.host_gpu = _open_host_gpu(config)
+        self.device = VirtioGpuDevice(loop, self.memory, config.limits, config.device,
+                                      self.host_gpu)
+        self.session: VhostUserSession | None = None
+        self._listener: socket.socket | None = None
+        gpu = self.host_gpu.info() if self.host_gpu is not None else None
+        log.info("vgpu-backend %s: offering virtio features %#x, protocol features %#x; "
+                 "userptr protocol %s; host GPU %s", __version__,
+                 self.device.offered_features(), PROTOCOL_FEATURES,
+                 config.device.userptr_protocol.value,
+                 f"{gpu.backend} ({gpu.userptr_path.value} path, GPUs "
+                 f"{', '.join(hex(g) for g in gpu.gpu_ids)})" if gpu else "none")
+
+    def listen(self, listener: socket.socket) -> None:
+        """Accept one connection on ``listener``, then stop listening."""
+        self._listener = listener
+        listener.setblocking(False)
+        log.info("listening on %s", listener.getsockname())
+        self.loop.add_reader(listener.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        if self._listener is None:
+            return
+        try:
+            conn, _ = self._listener.accept()
+        except BlockingIOError:
+            return
+        self.loop.forget_fd(self._listener.fileno())
+        self._listener.close()
+        self._listener = None
+        log.info("front-end connected")
+        self.serve(conn)
+
+    def serve(self, conn: socket.socket) -> None:
+        """Serve ``conn``; the loop stops when the front-end disconnects."""
+        self.session = VhostUserSession(self.loop, conn, self.device, self.memory,
+                                        self.config.limits, self.loop.stop)
+
+    def close(self) -> None:
+        """Free everything: session, guest memory, host GPU."""
+        if self._listener is not None:
+            self.loop.forget_fd(self._listener.fileno())
+            self._listener.close()
+            self._listener = None
+        if self.session is not None:
+            self.session.close()
+        else:
+            self.device.close()
+            self.memory.clear()
+        if self.host_gpu is not None:
+            self.host_gpu.close()
+            self.host_gpu = None
+        log.info("back-end stopped")

@@ -1,0 +1,200 @@
+"""Scanouts and the cursor: what the guest shows, and the display messages for it.
+
+Rules kept here (QEMU's display-socket traps, ``vhost-user-gpu-protocol.md`` §3.3):
+SCANOUT is sent only when a scanout's size changes, so QEMU never leaks a surface;
+UPDATE carries only the damaged rectangle, in scanout coordinates, and never precedes
+SCANOUT; when QEMU reads slowly, damage is merged and rendered once the socket drains.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from protocol.virtio_gpu_codes import Format
+from vgpu_backend.display import DisplayChannel, DisplayState
+from vgpu_backend.pixels import to_bgra, to_bgrx
+from vgpu_backend.resources import Image2D, Resource
+
+__all__ = ["Rect", "Scanout", "ScanoutManager"]
+
+log = logging.getLogger(__name__)
+
+#: (x, y, width, height)
+Rect = tuple[int, int, int, int]
+#: renders the resource's pixels of a rectangle (resource coordinates) as x8r8g8b8
+PixelSource = Callable[[Rect], npt.NDArray[np.uint32]]
+
+
+def intersect(a: Rect, b: Rect) -> Rect | None:
+    """The overlap of two rectangles, or ``None``."""
+    x0, y0 = max(a[0], b[0]), max(a[1], b[1])
+    x1, y1 = min(a[0] + a[2], b[0] + b[2]), min(a[1] + a[3], b[1] + b[3])
+    if x1 <= x0 or y1 <= y0:
+        return None
+    return (x0, y0, x1 - x0, y1 - y0)
+
+
+def union(a: Rect, b: Rect) -> Rect:
+    """The bounding box of two rectangles."""
+    x0, y0 = min(a[0], b[0]), min(a[1], b[1])
+    x1, y1 = max(a[0] + a[2], b[0] + b[2]), max(a[1] + a[3], b[1] + b[3])
+    return (x0, y0, x1 - x0, y1 - y0)
+
+
+@dataclass(slots=True)
+class Scanout:
+    """One scanout: which resource it shows, and which rectangle of it."""
+
+    index: int
+    resource_id: int = 0
+    rect: Rect = (0, 0, 0, 0)
+    #: how to read pixels of the resource (set by SET_SCANOUT / SET_SCANOUT_BLOB)
+    source: PixelSource | None = None
+    #: damage (resource coordinates) waiting for the display socket to drain
+    pending: Rect | None = None
+
+    @property
+    def enabled(self) -> bool:
+        """Showing a resource."""
+        return self.resource_id != 0
+
+
+def image_source(res: Image2D) -> PixelSource:
+    """Pixel source of a 2D resource's host image."""
+    fmt = res.format
+
+    def render(rect: Rect) -> npt.NDArray[np.uint32]:
+        return to_bgrx(res.pixels(*rect), fmt)
+    return render
+
+
+class ScanoutManager:
+    """All scanouts, the cursor, and the current display channel."""
+
+    def __init__(self, count: int, queue_limit: int) -> None:
+        self.scanouts = [Scanout(i) for i in range(count)]
+        self._queue_limit = queue_limit
+        self.display: DisplayChannel | None = None
+
+    # --- display channel -----------------------------------------------------------
+
+    def attach(self, display: DisplayChannel) -> None:
+        """A new display socket is ready: announce every active scanout on it."""
+        self.display = display
+        for scanout in self.scanouts:
+            if scanout.enabled:
+                self._announce(scanout)
+                self._send(scanout, (0, 0, scanout.rect[2], scanout.rect[3]))
+
+    def detach(self, display: DisplayChannel) -> None:
+        """The display socket is gone (scanout state is kept for the next one)."""
+        if self.display is display:
+            self.display = None
+
+    def _ready(self) -> DisplayChannel | None:
+        display = self.display
+        if display is None or display.state is not DisplayState.READY:
+            return None
+        return display
+
+    # --- scanout changes -----------------------------------------------------------
+
+    def show(self, index: int, res: Resource, rect: Rect, source: PixelSource) -> None:
+        """Point scanout ``index`` at ``rect`` of ``res`` and display it."""
+        scanout = self.scanouts[index]
+        if scanout.resource_id == res.resource_id and scanout.rect == rect and \
+                scanout.source is not None:
+            scanout.source = source
+            return
+        scanout.resource_id = res.resource_id
+        scanout.rect = rect
+        scanout.source = source
+        scanout.pending = None
+        res.scanouts.add(index)
+        self._announce(scanout)
+        self._send(scanout, (0, 0, rect[2], rect[3]))
+
+    def disable(self, index: int) -> None:
+        """Stop showing anything on scanout ``index`` (SCANOUT 0x0)."""
+        scanout = self.scanouts[index]
+        was_enabled = scanout.enabled
+        scanout.resource_id, scanout.rect, scanout.source, scanout.pending = 0, (0, 0, 0, 0), \
+            None, None
+        display = self._ready()
+        if was_enabled and display is not None:
+            display.scanout(index, 0, 0)
+
+    def forget_resource(self, res: Resource) -> None:
+        """A resource is going away: disable every scanout showing it."""
+        for index in sorted(res.scanouts):
+            if self.scanouts[index].resource_id == res.resource_id:
+                self.disable(index)
+        res.scanouts.clear()
+
+    def _announce(self, scanout: Scanout) -> None:
+        display = self._ready()
+        if display is None:
+            return
+        size = (scanout.rect[2], scanout.rect[3])
+        if display.announced(scanout.index) != size:
+            display.scanout(scanout.index, *size)
+
+    # --- updates ---------------------------------------------------------------------
+
+    def flush(self, res: Resource, rect: Rect) -> None:
+        """RESOURCE_FLUSH: send the damaged ``rect`` (resource coordinates) to every
+        scanout showing ``res``."""
+        for index in sorted(res.scanouts):
+            scanout = self.scanouts[index]
+            if scanout.resource_id != res.resource_id:
+                continue
+            damage = intersect(rect, scanout.rect)
+            if damage is None:
+                continue
+            local = (damage[0] - scanout.rect[0], damage[1] - scanout.rect[1],
+                     damage[2], damage[3])
+            self._send(scanout, local)
+
+    def _send(self, scanout: Scanout, local: Rect) -> None:
+        """Send ``local`` (scanout coordinates), or merge it while the socket is busy."""
+        display = self._ready()
+        if display is None or scanout.source is None:
+            return
+        if display.backlog > self._queue_limit:
+            if scanout.pending is None:
+                scanout.pending = local
+                display.when_drained(lambda: self._send_pending(scanout))
+            else:
+                scanout.pending = union(scanout.pending, local)
+            return
+        sx, sy = scanout.rect[0], scanout.rect[1]
+        pixels = scanout.source((local[0] + sx, local[1] + sy, local[2], local[3]))
+        display.update(scanout.index, local[0], local[1], pixels)
+
+    def _send_pending(self, scanout: Scanout) -> None:
+        pending, scanout.pending = scanout.pending, None
+        if pending is not None and scanout.enabled:
+            self._send(scanout, pending)
+
+    # --- cursor ----------------------------------------------------------------------
+
+    def cursor_image(self, index: int, res: Image2D, x: int, y: int, hot_x: int,
+                     hot_y: int) -> None:
+        """UPDATE_CURSOR with a 64x64 resource."""
+        display = self.display
+        if display is None or display.state is DisplayState.CLOSED:
+            return
+        argb = to_bgra(res.pixels(0, 0, 64, 64), Format(res.format))
+        display.cursor_update(index, x, y, hot_x, hot_y, argb)
+
+    def cursor_move(self, index: int, x: int, y: int, visible: bool) -> None:
+        """MOVE_CURSOR (or hide it)."""
+        display = self.display
+        if display is None or display.state is DisplayState.CLOSED:
+            return
+        display.cursor_move(index, x, y, visible)

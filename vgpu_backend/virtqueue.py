@@ -1,0 +1,324 @@
+"""Split virtqueues in guest memory: popping descriptor chains, pushing used entries.
+
+Two kinds of guest mistakes are distinguished:
+
+* the ring itself is corrupt (avail index jumping by more than the ring size, a head
+  or ``next`` index out of range, a loop, a bad or nested INDIRECT table, ring memory
+  outside guest RAM): :class:`GuestProtocolError` with ``ring_fatal``; the queue is
+  marked broken and processes nothing until the front-end sets it up again;
+* one chain's buffers are bad (outside guest RAM, readable after writable): the chain
+  is still returned, with :attr:`DescriptorChain.error` set, so the device can answer
+  it with an error (or a zero-length used entry) and go on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from protocol.errors import FrontendProtocolError, GuestProtocolError
+from protocol.limits import Limits
+from protocol.virtio_gpu_codes import Resp
+from protocol.virtqueue import (
+    DESC_DTYPE,
+    AvailFlag,
+    DescFlag,
+    avail_ring_size,
+    desc_table_size,
+    used_ring_size,
+    vring_need_event,
+)
+from vgpu_backend.guest_memory import GuestMemory, MemoryRegion
+
+__all__ = ["DescriptorChain", "Virtqueue"]
+
+log = logging.getLogger(__name__)
+
+Bytes = npt.NDArray[np.uint8]
+_NEXT, _WRITE, _INDIRECT = int(DescFlag.NEXT), int(DescFlag.WRITE), int(DescFlag.INDIRECT)
+
+
+def _ring_fatal(message: str) -> GuestProtocolError:
+    return GuestProtocolError(message, Resp.ERR_UNSPEC, ring_fatal=True)
+
+
+@dataclass(slots=True)
+class DescriptorChain:
+    """One popped request: device-readable (``out``) and device-writable (``inp``)
+    buffers as uint8 views of guest memory."""
+
+    head: int
+    out: list[Bytes] = field(default_factory=list)
+    inp: list[Bytes] = field(default_factory=list)
+    out_len: int = 0
+    in_len: int = 0
+    #: set when a buffer of this chain is unusable (the device answers with an error)
+    error: GuestProtocolError | None = None
+
+    def read(self, size: int, offset: int = 0) -> bytes:
+        """Copy up to ``size`` readable bytes starting at ``offset`` (a snapshot)."""
+        if len(self.out) == 1:
+            return self.out[0][offset:offset + size].tobytes()
+        return self.read_array(offset, min(size, max(0, self.out_len - offset))).tobytes()
+
+    def read_array(self, offset: int, size: int) -> Bytes:
+        """Copy exactly ``size`` readable bytes at ``offset`` into a new array.
+
+        :raise GuestProtocolError: fewer bytes are present.
+        """
+        if offset + size > self.out_len:
+            raise GuestProtocolError(
+                f"command needs {offset + size} bytes, the chain has {self.out_len}")
+        out = np.empty(size, dtype=np.uint8)
+        filled = 0
+        for buf in self.out:
+            if filled == size:
+                break
+            if offset >= buf.shape[0]:
+                offset -= buf.shape[0]
+                continue
+            piece = buf[offset:offset + size - filled]
+            out[filled:filled + piece.shape[0]] = piece
+            filled += piece.shape[0]
+            offset = 0
+        return out
+
+    def write(self, data: bytes | memoryview) -> int:
+        """Scatter ``data`` into the writable buffers; returns the bytes written."""
+        src = np.frombuffer(data, dtype=np.uint8)
+        written = 0
+        for buf in self.inp:
+            if written == src.shape[0]:
+                break
+            n = min(buf.shape[0], src.shape[0] - written)
+            buf[:n] = src[written:written + n]
+            written += n
+        return written
+
+
+class Virtqueue:
+    """Device side of one split virtqueue."""
+
+    def __init__(self, index: int, memory: GuestMemory, limits: Limits) -> None:
+        self.index = index
+        self._memory = memory
+        self._limits = limits
+        self.num = 0
+        self.addr: tuple[int, int, int] | None = None  # desc, avail, used (QEMU VAs)
+        self.last_avail = 0
+        self.used_idx = 0
+        self.kick_fd: int | None = None
+        self.call_fd: int | None = None
+        self.err_fd: int | None = None
+        self.enabled = False
+        self.started = False
+        self.broken = False
+        self.event_idx = False
+        self._signalled_used = 0
+        self._signalled_valid = False
+        self._mapped = False
+        self._region_ids: set[int] = set()
+
+    # --- configuration (vhost-user requests) ---------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """Configured, started, enabled, mapped and not broken."""
+        return self._mapped and self.started and self.enabled and not self.broken
+
+    def set_num(self, num: int) -> None:
+        """SET_VRING_NUM (any size up to the limit; modern virtio does not require 2^n)."""
+        if num == 0 or num > self._limits.max_queue_size:
+            raise FrontendProtocolError(f"queue {self.index}: bad size {num}")
+        self.num = num
+        self._unmap()
+
+    def set_base(self, base: int) -> None:
+        """SET_VRING_BASE: the next avail index to process."""
+        self.last_avail = base & 0xFFFF
+        self.broken = False
+
+    def set_addr(self, desc: int, used: int, avail: int) -> None:
+        """SET_VRING_ADDR (QEMU virtual addresses); maps the rings now if possible."""
+        self.addr = (desc, avail, used)
+        self.broken = False
+        self._unmap()
+        self.map_rings()
+        if self._mapped:
+            self.used_idx = int(self._used_idx[0])
+            self._signalled_valid = False
+
+    def map_rings(self) -> None:
+        """(Re)translate the ring addresses after a memory-table change."""
+        self._unmap()
+        if self.addr is None or self.num == 0:
+            return
+        desc, avail, used = self.addr
+        try:
+            d_reg, d_off = self._memory.qva_to_region(desc, desc_table_size(self.num))
+            a_reg, a_off = self._memory.qva_to_region(avail, avail_ring_size(self.num))
+            u_reg, u_off = self._memory.qva_to_region(used, used_ring_size(self.num))
+        except GuestProtocolError as err:
+            log.warning("queue %d: rings not mapped yet: %s", self.index, err)
+            return
+        n = self.num
+        self._desc = d_reg.array[d_off:d_off + desc_table_size(n)].view(DESC_DTYPE)
+        avail_u16 = a_reg.array[a_off:a_off + avail_ring_size(n)].view("<u2")
+        self._avail_flags, self._avail_idx = avail_u16[0:1], avail_u16[1:2]
+        self._avail_ring, self._used_event = avail_u16[2:2 + n], avail_u16[2 + n:3 + n]
+        used_bytes = u_reg.array[u_off:u_off + used_ring_size(n)]
+        self._used_idx = used_bytes[2:4].view("<u2")
+        self._used_ring = used_bytes[4:4 + 8 * n].view("<u4")
+        self._avail_event = used_bytes[4 + 8 * n:6 + 8 * n].view("<u2")
+        self._region_ids = {d_reg.id, a_reg.id, u_reg.id}
+        self._mapped = True
+
+    def uses_region(self, region: MemoryRegion) -> bool:
+        """The rings live in ``region``."""
+        return region.id in self._region_ids
+
+    def _unmap(self) -> None:
+        if self._mapped:
+            del self._desc, self._avail_flags, self._avail_idx, self._avail_ring
+            del self._used_event, self._used_idx, self._used_ring, self._avail_event
+        self._mapped = False
+        self._region_ids = set()
+
+    def drop_memory(self) -> None:
+        """Forget the ring views (their memory is going away)."""
+        self._unmap()
+
+    def stop(self) -> int:
+        """GET_VRING_BASE: stop the ring and return the next avail index."""
+        self.started = False
+        self.enabled = False
+        return self.last_avail
+
+    def mark_broken(self, reason: str) -> None:
+        """Refuse further processing until the front-end sets the ring up again."""
+        if not self.broken:
+            log.error("queue %d is broken and stops: %s", self.index, reason)
+        self.broken = True
+
+    # --- processing ----------------------------------------------------------------
+
+    def pending(self) -> int:
+        """Number of chains the driver made available that we have not popped."""
+        return (int(self._avail_idx[0]) - self.last_avail) & 0xFFFF
+
+    def pop(self) -> DescriptorChain | None:
+        """The next available chain, or ``None`` when the ring is empty.
+
+        :raise GuestProtocolError: (``ring_fatal``) the ring is corrupt.
+        """
+        pending = self.pending()
+        if pending == 0:
+            if self.event_idx:
+                self._avail_event[0] = self.last_avail
+                pending = self.pending()  # re-check after publishing
+            if pending == 0:
+                return None
+        if pending > self.num:
+            raise _ring_fatal(f"avail index moved by {pending} on a ring of {self.num}")
+        head = int(self._avail_ring[self.last_avail % self.num])
+        if head >= self.num:
+            raise _ring_fatal(f"head index {head} >= queue size {self.num}")
+        self.last_avail = (self.last_avail + 1) & 0xFFFF
+        if self.event_idx:
+            self._avail_event[0] = self.last_avail
+        return self._walk(head)
+
+    def _walk(self, head: int) -> DescriptorChain:
+        chain = DescriptorChain(head)
+        table = self._desc
+        table_len = self.num
+        index = head
+        seen = 0
+        indirect = False
+        while True:
+            seen += 1
+            if seen > table_len:
+                raise _ring_fatal(f"descriptor chain from head {head} loops")
+            addr, length, flags, nxt = table[index].item()
+            if flags & _INDIRECT:
+                if indirect or flags & _NEXT:
+                    raise _ring_fatal(f"head {head}: nested or chained INDIRECT descriptor")
+                if length == 0 or length % 16 or length // 16 > \
+                        self._limits.max_indirect_descriptors:
+                    raise _ring_fatal(f"head {head}: INDIRECT table of {length} bytes")
+                try:
+                    region, off = self._memory.gpa_to_region(addr, length)
+                except GuestProtocolError as err:
+                    raise _ring_fatal(f"head {head}: INDIRECT table: {err}") from None
+                table = region.array[off:off + length].view(DESC_DTYPE)
+                table_len, index, seen, indirect = length // 16, 0, 0, True
+                continue
+            if length and chain.error is None:
+                self._add_buffer(chain, addr, length, bool(flags & _WRITE))
+            if not flags & _NEXT:
+                return chain
+            index = nxt
+            if index >= table_len:
+                raise _ring_fatal(f"head {head}: next index {index} >= {table_len}")
+
+    def _add_buffer(self, chain: DescriptorChain, addr: int, length: int,
+                    writable: bool) -> None:
+        if not writable and chain.inp:
+            chain.error = GuestProtocolError("readable descriptor after a writable one")
+            return
+        try:
+            region, off = self._memory.gpa_to_region(addr, length)
+            views = [region.array[off:off + length]]
+        except GuestProtocolError:
+            try:
+                segs = self._memory.translate(np.array([addr], dtype=np.uint64),
+                                              np.array([length], dtype=np.uint64))
+            except GuestProtocolError as err:
+                chain.error = GuestProtocolError(f"buffer {addr:#x}+{length:#x}: {err}")
+                return
+            views = []
+            for rid, o, n in zip(segs.region_id.tolist(), segs.offset.tolist(),
+                                 segs.length.tolist(), strict=True):
+                views.append(self._memory.region(rid).array[o:o + n])
+        if writable:
+            chain.inp.extend(views)
+            chain.in_len += length
+        else:
+            chain.out.extend(views)
+            chain.out_len += length
+
+    def push(self, head: int, written: int) -> None:
+        """Return a chain to the driver with ``written`` bytes in its writable part."""
+        slot = 2 * (self.used_idx % self.num)
+        self._used_ring[slot] = head
+        self._used_ring[slot + 1] = written
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        self._used_idx[0] = self.used_idx  # x86 is TSO: the entry is visible first
+
+    def notify(self) -> None:
+        """Signal the call eventfd if the driver wants an interrupt now."""
+        if self.call_fd is None or not self._mapped:
+            return
+        if self.event_idx:
+            new, old = self.used_idx, self._signalled_used
+            valid, self._signalled_valid = self._signalled_valid, True
+            self._signalled_used = new
+            if valid and not vring_need_event(int(self._used_event[0]), new, old):
+                return
+        elif int(self._avail_flags[0]) & AvailFlag.NO_INTERRUPT:
+            return
+        try:
+            os.eventfd_write(self.call_fd, 1)
+        except OSError as err:
+            log.warning("queue %d: call eventfd: %s", self.index, err)
+
+    def drain_kick(self) -> None:
+        """Consume the kick eventfd counter."""
+        if self.kick_fd is not None:
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(self.kick_fd)
