@@ -36,7 +36,8 @@ class Backing:
         self.segments = segments
         self.size = segments.total
         self._ends = np.cumsum(segments.length, dtype=np.uint64)
-        self.region_ids = frozenset(int(r) for r in np.unique(segments.region_id))
+        self.region_ids = frozenset(
+            np.flatnonzero(np.bincount(segments.region_id)).tolist() if len(segments) else ())
 
     def uses_region(self, region_id: int) -> bool:
         """The backing has pages in this region."""

@@ -81,8 +81,13 @@ def parser() -> argparse.ArgumentParser:
                      choices=["auto", "batch", "alias", "per-range"],
                      help="how scattered ranges become one GPU buffer (default auto: "
                           "batch if the kernel supports it, else alias)")
-    gpu.add_argument("--sim-gpus", type=int, default=1, metavar="N",
+    gpu.add_argument("--sim-gpus", type=int, metavar="N",
                      help="number of simulated GPUs (default 1)")
+    gpu.add_argument("--sim-kfd-minor", type=int, metavar="N",
+                     help="KFD minor version the simulated kernel reports (default 19)")
+    gpu.add_argument("--sim-pre-batch", action="store_true",
+                     help="simulate a kernel without the batch-userptr series (the "
+                          "alias/per-range fallbacks are used)")
     lim = p.add_argument_group("limits")
     for name, option, help_text, kind in cli_fields():
         lim.add_argument(f"--{option}", dest=name, type=kind, metavar="N", help=help_text)

@@ -82,8 +82,20 @@ def build_config(args: argparse.Namespace) -> BackendConfig:
         edid=args.edid, blob=args.blob, userptr_protocol=protocol,
         userptr_capset_id=args.userptr_capset_id, compute=args.compute,
         compute_capset_id=args.compute_capset_id)
-    host_gpu = {"gpu": args.gpu, "gpu_ids": args.gpu_ids, "isolation": args.kfd_isolation,
-                "userptr_path": args.userptr_host_path, "sim_gpus": args.sim_gpus}
+    host_gpu: dict[str, Any] = {"gpu": args.gpu, "gpu_ids": args.gpu_ids,
+                                "isolation": args.kfd_isolation,
+                                "userptr_path": args.userptr_host_path}
+    sim: dict[str, Any] = {}
+    if args.sim_gpus is not None:
+        sim["gpu_count"] = args.sim_gpus
+    if args.sim_kfd_minor is not None:
+        sim["kfd_minor"] = args.sim_kfd_minor
+    if args.sim_pre_batch:
+        sim["batch_userptr"] = False
+    if sim:
+        if args.gpu == "kfd":
+            raise ConfigError("--sim-* options need --gpu sim (or auto without /dev/kfd)")
+        host_gpu["sim"] = sim
     return BackendConfig(args.socket_path, args.fd, args.log_level, device, limits, host_gpu)
 
 

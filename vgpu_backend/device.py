@@ -20,6 +20,8 @@ from protocol.virtio_gpu import CTRL_HDR_SIZE, CtrlHdr, GpuConfig
 from protocol.virtio_gpu_codes import Cmd, CtrlFlag, Feature, Resp
 from protocol.wire import decode, encode
 from vgpu_backend.commands_2d import Commands2D
+from vgpu_backend.commands_blob import BlobCommands, userptr_capset
+from vgpu_backend.contexts import ContextTable
 from vgpu_backend.device_state import (
     Deferred,
     DeviceOptions,
@@ -60,17 +62,19 @@ class VirtioGpuDevice:
             host_gpu=host_gpu)
         self.commands_2d = Commands2D(self.state)
         self._handlers: dict[int, Handler] = self.commands_2d.handlers()
+        context_types = {options.compute_capset_id: 0} if options.compute else {}
+        self.contexts = ContextTable(self.state, context_types)
+        self._handlers.update(self.contexts.handlers())
+        if options.blob:
+            self.blobs = BlobCommands(self.state, self.contexts)
+            self._handlers.update(self.blobs.handlers())
+        if options.userptr_protocol is not UserptrProtocol.OFF:
+            self.state.capsets.append(userptr_capset(self.state))
         self.queues: list[Virtqueue] = [Virtqueue(i, memory, limits) for i in range(2)]
         self._waiting: Deferred | None = None
         self._inflight: list[tuple[Deferred, Callable[[], Reply]]] = []
         self.internal_errors = 0
         memory.add_unmap_listener(self._region_unmapping)
-
-    # --- extension points ------------------------------------------------------------
-
-    def register(self, handlers: dict[int, Handler]) -> None:
-        """Add command handlers (blob and context command sets)."""
-        self._handlers.update(handlers)
 
     # --- virtio features and config ----------------------------------------------------
 
@@ -257,6 +261,7 @@ class VirtioGpuDevice:
         self.quiesce()
         for res in self.state.resources:
             self.commands_2d.destroy(res)
+        self.contexts.destroy_all()
         for scanout in self.state.scanouts.scanouts:
             scanout.resource_id, scanout.rect, scanout.source = 0, (0, 0, 0, 0), None
         log.info("device reset")

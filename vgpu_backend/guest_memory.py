@@ -200,6 +200,14 @@ class GuestMemory:
         self._starts = np.array([r.gpa for r in self._regions], dtype=np.uint64)
         self._ends = np.array([r.gpa_end for r in self._regions], dtype=np.uint64)
         self._ids = np.array([r.id for r in self._regions], dtype=np.int64)
+        # region id -> host base / fd / file offset, by direct indexing (ids are small)
+        size = int(self._ids.max()) + 1 if self._regions else 1
+        self._host_lut = np.zeros(size, dtype=np.uint64)
+        self._fd_lut = np.full(size, -1, dtype=np.int32)
+        self._file_lut = np.zeros(size, dtype=np.uint64)
+        for r in self._regions:
+            self._host_lut[r.id], self._fd_lut[r.id], self._file_lut[r.id] = \
+                r.host_addr, r.fd, r.mmap_offset
         # adjacent[k]: region k+1 starts exactly where region k ends
         adjacent = self._ends[:-1] == self._starts[1:]
         self._gaps_before = np.concatenate(([0], np.cumsum(~adjacent))).astype(np.int64)
@@ -221,9 +229,10 @@ class GuestMemory:
                 return region, gpa - region.gpa
         raise GuestProtocolError(f"guest address {gpa:#x}+{length:#x} is not in one region")
 
-    def translate(self, addr: U64, length: U64) -> Segments:
+    def translate(self, addr: U64, length: U64, *, lengths_checked: bool = False) -> Segments:
         """Translate guest-physical ``(addr, length)`` ranges, in order, splitting those
-        that cross into an adjacent region.  Vectorised; lengths must be non-zero.
+        that cross into an adjacent region.  Vectorised; lengths must be non-zero
+        (``lengths_checked``: the caller has verified that already).
 
         :raise GuestProtocolError: a range wraps 2^64 or is not entirely guest RAM.
         """
@@ -233,7 +242,7 @@ class GuestMemory:
         if n == 0:
             empty = np.zeros(0, dtype=np.uint64)
             return Segments(np.zeros(0, dtype=np.int64), empty, empty.copy())
-        if np.any(length == 0):
+        if not lengths_checked and np.any(length == 0):
             raise GuestProtocolError(f"entry {int(np.argmin(length))} has length 0")
         end = addr + length  # wraps silently in uint64
         if np.any(end < addr):
@@ -293,16 +302,10 @@ class GuestMemory:
             f"entry {bad}: {int(addr[bad]):#x}+{int(length[bad]):#x} is not guest RAM")
 
     def host_base(self, region_ids: npt.NDArray[np.int64]) -> U64:
-        """Host address of each region's first byte (vectorised lookup)."""
-        lut = {r.id: r.host_addr for r in self._regions}
-        unique, inverse = np.unique(region_ids, return_inverse=True)
-        bases = np.array([lut[int(i)] for i in unique], dtype=np.uint64)
-        return bases[inverse].reshape(region_ids.shape)
+        """Host address of each (live) region's first guest byte."""
+        return self._host_lut[region_ids]
 
     def file_base(self, region_ids: npt.NDArray[np.int64]) -> tuple[
             npt.NDArray[np.int32], U64]:
-        """Backing fd and file offset of each region's first guest byte."""
-        unique, inverse = np.unique(region_ids, return_inverse=True)
-        fds = np.array([self._by_id[int(i)].fd for i in unique], dtype=np.int32)
-        offs = np.array([self._by_id[int(i)].mmap_offset for i in unique], dtype=np.uint64)
-        return fds[inverse].reshape(region_ids.shape), offs[inverse].reshape(region_ids.shape)
+        """Backing fd and file offset of each (live) region's first guest byte."""
+        return self._fd_lut[region_ids], self._file_lut[region_ids]

@@ -23,8 +23,12 @@ def _open_host_gpu(config: BackendConfig) -> HostGpu | None:
     if config.device.userptr_protocol is UserptrProtocol.OFF and not config.device.compute:
         return None
     from vgpu_backend.hostgpu.factory import HostGpuOptions, create_host_gpu
+    from vgpu_backend.hostgpu.sim_config import SimKfdConfig
+    options = dict(config.host_gpu)
+    if "sim" in options:
+        options["sim"] = SimKfdConfig(**options["sim"])
     try:
-        return create_host_gpu(HostGpuOptions(**config.host_gpu))
+        return create_host_gpu(HostGpuOptions(**options))
     except (HostGpuError, ValueError) as err:
         raise ConfigError(f"host GPU: {err}") from err
 

@@ -145,11 +145,18 @@ class GpuMemory(abc.ABC):
     """
 
     @abc.abstractmethod
-    def resolve(self, gpu_va: int, size: int, *, write: bool) -> list[tuple[int, int]]:
-        """Host ``(address, length)`` runs backing ``[gpu_va, gpu_va+size)``, in order.
+    def resolve_arrays(self, gpu_va: int, size: int, *, write: bool) -> tuple[
+            npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """Host addresses and lengths of the runs backing ``[gpu_va, gpu_va+size)``,
+        in order, host-contiguous neighbours merged.
 
         :raise GpuFault: a page is unmapped, invalidated, or read-only and ``write``.
         """
+
+    def resolve(self, gpu_va: int, size: int, *, write: bool) -> list[tuple[int, int]]:
+        """:meth:`resolve_arrays` as a list of ``(address, length)`` pairs."""
+        host, length = self.resolve_arrays(gpu_va, size, write=write)
+        return list(zip(host.tolist(), length.tolist(), strict=True))
 
 
 class HostGpu(abc.ABC):

@@ -1,0 +1,96 @@
+"""The capability sets this device publishes (GET_CAPSET_INFO / GET_CAPSET).
+
+Capset ids 1-6 are upstream and 8 is both ROCM (proposed) and rutabaga's
+GFXSTREAM_GLES, so our ids default to 0x5650 ("VP") and 0x5651, far from both, and are
+configurable.  Each capset starts with a magic and a version; fields are only ever
+appended, so a guest reading an older version reads a prefix.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum, IntFlag
+from typing import Final, NamedTuple
+
+from protocol.wire import U16, U32, U64, wire
+
+__all__ = [
+    "USERPTR_CAPSET_MAGIC",
+    "USERPTR_CAPSET_VERSION",
+    "HostBackend",
+    "HostPath",
+    "UserptrCapFlag",
+    "UserptrCapset",
+]
+
+USERPTR_CAPSET_MAGIC: Final = 0x52545055  # "UPTR" little-endian
+USERPTR_CAPSET_VERSION: Final = 1
+
+
+class UserptrCapFlag(IntFlag):
+    """``vgpu_userptr_capset.flags``."""
+
+    #: USERPTR blobs are served (a host path is available)
+    AVAILABLE = 1 << 0
+    #: USERPTR_RDONLY is honoured (GPU writes to the buffer fault)
+    RDONLY = 1 << 1
+    #: the kernel accepted the batch-userptr probe
+    BATCH_SUPPORTED = 1 << 2
+    #: blobs are mapped where the guest's pages are: no copies
+    ZERO_COPY = 1 << 3
+    #: contexts can map USERPTR blobs into a GPU VA space (compute contexts)
+    CONTEXT_MAP = 1 << 4
+
+
+class HostPath(IntEnum):
+    """``vgpu_userptr_capset.host_path``."""
+
+    NONE = 0
+    BATCH = 1
+    ALIAS = 2
+    PER_RANGE = 3
+
+
+class HostBackend(IntEnum):
+    """``vgpu_userptr_capset.host_backend``."""
+
+    NONE = 0
+    KFD = 1
+    SIM = 2
+
+
+@wire("struct vgpu_userptr_capset")
+class UserptrCapset(NamedTuple):
+    """Version 1 of the userptr capset::
+
+        struct vgpu_userptr_capset {
+            le32 magic;          /* "UPTR" */
+            le16 version;        /* 1 */
+            le16 size;           /* bytes of this struct */
+            le32 protocol;       /* guest protocol generation: 3, 5 (0 = off) */
+            le32 flags;          /* UserptrCapFlag */
+            le32 host_path;      /* HostPath */
+            le32 host_backend;   /* HostBackend */
+            le32 page_size;      /* entries must be multiples of this */
+            le32 max_entries;    /* entries per RESOURCE_CREATE_BLOB */
+            le64 max_bytes;      /* size of one userptr blob */
+            le32 num_gpus;       /* host GPUs each blob is mapped on */
+            le32 kfd_version;    /* major << 16 | minor */
+            le32 blob_mem_mask;  /* 1 << BLOB_MEM_* accepted with USE_USERPTR */
+            le32 padding;
+        };
+    """
+
+    magic: U32
+    version: U16
+    size: U16
+    protocol: U32
+    flags: U32
+    host_path: U32
+    host_backend: U32
+    page_size: U32
+    max_entries: U32
+    max_bytes: U64
+    num_gpus: U32
+    kfd_version: U32
+    blob_mem_mask: U32
+    padding: U32 = 0

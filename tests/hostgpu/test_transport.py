@@ -1,0 +1,147 @@
+"""The OS transport and the host-memory helpers, on the real kernel."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import termios
+
+import numpy as np
+import pytest
+
+from vgpu_backend.hostgpu import hostmem
+from vgpu_backend.hostgpu import kfd_abi as abi
+from vgpu_backend.hostgpu.sim_usermem import (
+    ProcessMaps,
+    copy_from_user,
+    copy_to_user,
+    first_uncovered,
+    query_first_uncovered,
+)
+from vgpu_backend.hostgpu.transport import OsTransport
+
+from .helpers import PAGE
+
+
+def test_os_ioctl_updates_the_buffer_in_place() -> None:
+    t = OsTransport()
+    r, w = os.pipe()
+    try:
+        os.write(w, b"12345")
+        buf = bytearray(4)
+        t.ioctl(r, termios.FIONREAD, buf)
+        assert int.from_bytes(buf, "little") == 5
+        with pytest.raises(OSError) as exc:   # a KFD request on a pipe
+            t.ioctl(r, abi.AMDKFD_IOC_GET_VERSION, bytearray(8))
+        assert exc.value.errno == errno.ENOTTY
+        with pytest.raises(OSError) as exc:
+            t.ioctl(r, abi.AMDKFD_IOC_CREATE_PROCESS, None)
+        assert exc.value.errno == errno.ENOTTY
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_os_open_sysfs_and_close() -> None:
+    t = OsTransport()
+    fd = t.open(os.devnull)
+    assert str(fd) in t.list_dir("/proc/self/fd")
+    t.close(fd)
+    assert t.read_text("/proc/sys/kernel/ostype") == "Linux\n"
+    assert t.exists("/proc/self") and not t.exists("/dev/kfd-nope")
+    with pytest.raises(FileNotFoundError):
+        t.open("/dev/kfd-nope")
+    assert t.gpu_memory(0, 0) is None
+
+
+def test_reserve_and_map_file_fixed_alias_the_same_pages() -> None:
+    fd = os.memfd_create("alias-test", os.MFD_CLOEXEC)
+    os.ftruncate(fd, 4 * PAGE)
+    base = hostmem.map_file(4 * PAGE, fd)
+    alias = hostmem.reserve(2 * PAGE)
+    try:
+        hostmem.map_file_fixed(alias, PAGE, fd, 3 * PAGE, writable=True)
+        hostmem.map_file_fixed(alias + PAGE, PAGE, fd, 0, writable=False)
+        hostmem.view(alias, PAGE)[:] = 7
+        assert os.pread(fd, 1, 3 * PAGE) == b"\x07"
+        hostmem.view(base, PAGE)[:] = 9
+        assert hostmem.view(alias + PAGE, 1)[0] == 9
+        maps = ProcessMaps.read()
+        assert maps.covers_one(alias, 2 * PAGE, write=False)
+        assert not maps.covers_one(alias, 2 * PAGE, write=True)
+        with pytest.raises(OSError) as exc:
+            hostmem.map_file_fixed(alias, PAGE, fd, 1, writable=True)  # unaligned offset
+        assert exc.value.errno == errno.EINVAL
+    finally:
+        hostmem.unmap(alias, 2 * PAGE)
+        hostmem.unmap(base, 4 * PAGE)
+        os.close(fd)
+    assert not ProcessMaps.read().covers_one(alias, PAGE, write=False)
+    assert hostmem.view(0, 0).size == 0
+
+
+def test_copy_user_reports_efault_instead_of_crashing() -> None:
+    buf = ctypes.create_string_buffer(b"kernel reads this", 32)
+    addr = ctypes.addressof(buf)
+    assert copy_from_user(addr, 6) == b"kernel"
+    copy_to_user(addr, b"KERNEL")
+    assert buf.value == b"KERNEL reads this"
+    assert copy_from_user(addr, 0) == b""
+    for bad in (0, PAGE):
+        with pytest.raises(OSError) as exc:
+            copy_from_user(bad, 8)
+        assert exc.value.errno == errno.EFAULT
+        with pytest.raises(OSError) as exc:
+            copy_to_user(bad, b"x")
+        assert exc.value.errno == errno.EFAULT
+    reserved = hostmem.reserve(PAGE)  # mapped but PROT_NONE
+    try:
+        with pytest.raises(OSError):
+            copy_from_user(reserved, 8)
+    finally:
+        hostmem.unmap(reserved, PAGE)
+
+
+def test_process_maps_merges_adjacent_mappings() -> None:
+    three = hostmem.map_anonymous(3 * PAGE)
+    hostmem.unmap(three + 2 * PAGE, PAGE)
+    libc = ctypes.CDLL(None, use_errno=True)
+    # page 1 read-only: two VMAs side by side, then a hole
+    assert libc.mprotect(ctypes.c_void_p(three + PAGE), PAGE, mmap.PROT_READ) == 0
+    try:
+        maps = ProcessMaps.read()
+        starts = np.array([three, three, three + PAGE], dtype=np.int64)
+        sizes = np.array([2 * PAGE, 3 * PAGE, PAGE], dtype=np.int64)
+        assert maps.first_uncovered(starts, sizes, write=False) == 1   # the hole
+        assert maps.first_uncovered(starts[[0, 2]], sizes[[0, 2]], write=False) == -1
+        assert maps.first_uncovered(starts[[0, 2]], sizes[[0, 2]], write=True) == 0
+        assert maps.covers_one(three, PAGE, write=True)
+    finally:
+        hostmem.unmap(three, 2 * PAGE)
+
+
+def test_procmap_query_agrees_with_the_maps_file() -> None:
+    four = hostmem.map_anonymous(4 * PAGE)
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.mprotect(ctypes.c_void_p(four + PAGE), PAGE, mmap.PROT_READ) == 0
+    assert libc.mprotect(ctypes.c_void_p(four + 2 * PAGE), PAGE, 0) == 0  # PROT_NONE
+    hostmem.unmap(four + 3 * PAGE, PAGE)
+    cases = [(0, 1), (0, 2), (1, 1), (1, 2), (2, 1), (3, 1), (0, 4)]  # (page, count)
+    try:
+        maps = ProcessMaps.read()
+        for write in (False, True):
+            for page, count in cases:
+                starts = np.array([four, four + page * PAGE], dtype=np.int64)
+                sizes = np.array([PAGE, count * PAGE], dtype=np.int64)
+                expected = maps.first_uncovered(starts, sizes, write=write)
+                got = query_first_uncovered(starts, sizes, write=write)
+                if got is None:
+                    pytest.skip("this kernel has no PROCMAP_QUERY (Linux < 6.11)")
+                assert got == expected, (page, count, write)
+                assert first_uncovered(starts, sizes, write=write) == expected
+        many = np.full(40, four, dtype=np.int64)   # beyond QUERY_MAX_RANGES: maps file
+        assert first_uncovered(many, np.full(40, PAGE, np.int64), write=True) == -1
+    finally:
+        hostmem.unmap(four, 3 * PAGE)

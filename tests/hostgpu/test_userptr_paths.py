@@ -1,0 +1,227 @@
+"""Each userptr path end to end over the simulated KFD, on real guest RAM (a memfd):
+the GPU sees the memfd's pages in buffer order, with zero copies."""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+
+import numpy as np
+import pytest
+
+from vgpu_backend.hostgpu import hostmem
+from vgpu_backend.hostgpu.base import GpuFault, HostGpuError, HostRanges, UserptrPath
+from vgpu_backend.hostgpu.sim_config import SimKfdConfig
+
+from .helpers import PAGE, GuestRam, MakeGpu, maps_lines, read_runs
+
+# (path option, sim kernel): alias/per-range are also exercised on a batch kernel
+PATHS = [
+    ("batch", SimKfdConfig()),
+    ("auto", SimKfdConfig(batch_userptr=False)),   # auto on a pre-batch kernel -> alias
+    ("alias", SimKfdConfig()),
+    ("per-range", SimKfdConfig(batch_userptr=False)),
+]
+EXPECTED = {"batch": UserptrPath.BATCH, "auto": UserptrPath.ALIAS,
+            "alias": UserptrPath.ALIAS, "per-range": UserptrPath.PER_RANGE}
+
+# scattered, shuffled, some multi-page, two file-contiguous neighbours (30 then 31)
+PAGES = [200, 17, 30, 31, 3, 99, 64, 5, 150, 42]
+COUNTS = [1, 2, 1, 3, 1, 1, 4, 1, 2, 1]
+
+
+@pytest.mark.parametrize("gpus", [1, 2])
+@pytest.mark.parametrize(("path", "sim"), PATHS, ids=[p for p, _ in PATHS])
+def test_register_resolve_zero_copy_release(make_gpu: MakeGpu, guest_ram: GuestRam,
+                                            path: str, sim: SimKfdConfig, gpus: int) -> None:
+    cfg = SimKfdConfig(gpu_count=gpus, batch_userptr=sim.batch_userptr)
+    gpu, transport = make_gpu(cfg, userptr_path=path)
+    ranges = guest_ram.ranges(PAGES, COUNTS)
+    mapping = gpu.register_userptr(ranges, readonly=False)
+    assert mapping.path is EXPECTED[path]
+    assert mapping.size == sum(COUNTS) * PAGE
+    assert mapping.gpu_ids == tuple(g.gpu_id for g in transport.kernel.gpus)
+    assert gpu.live_mappings() == 1
+    expected = guest_ram.file_bytes(ranges)
+    for gpu_id in mapping.gpu_ids:
+        memory = gpu.gpu_memory(gpu_id)
+        assert memory is not None
+        runs = memory.resolve(mapping.gpu_va, mapping.size, write=True)
+        assert read_runs(runs) == expected
+        # a window in the middle: GPU offset 5 pages + 100 bytes, 3 pages long
+        window = memory.resolve(mapping.gpu_va + 5 * PAGE + 100, 3 * PAGE, write=False)
+        assert read_runs(window) == expected[5 * PAGE + 100:8 * PAGE + 100]
+
+    # buffer page index of every file page, in buffer order
+    file_pages = [p + k for p, c in zip(PAGES, COUNTS, strict=True) for k in range(c)]
+    memory = gpu.gpu_memory()
+    assert memory is not None
+    # zero copy, GPU -> memfd: write through the GPU's view of file page 31
+    [(addr, n)] = memory.resolve(mapping.gpu_va + file_pages.index(31) * PAGE, PAGE,
+                                 write=True)
+    hostmem.view(addr, n)[:] = 0xA5
+    assert os.pread(guest_ram.fd, PAGE, 31 * PAGE) == b"\xa5" * PAGE
+    assert bytes(guest_ram.mem[31 * PAGE:32 * PAGE]) == b"\xa5" * PAGE
+    # memfd -> GPU: a pwrite into file page 64 shows through the GPU's view
+    os.pwrite(guest_ram.fd, b"guest wrote this", 64 * PAGE + 8)
+    [(addr, n)] = memory.resolve(mapping.gpu_va + file_pages.index(64) * PAGE + 8, 16,
+                                 write=False)
+    assert hostmem.view(addr, n).tobytes() == b"guest wrote this"
+
+    gpu.release(mapping)
+    gpu.release(mapping)  # idempotent
+    assert gpu.live_mappings() == 0
+    assert transport.kernel.live_bos() == 0
+    assert maps_lines(guest_ram.name) == 1  # only the test's own mapping of the memfd
+    with pytest.raises(GpuFault, match="not mapped"):
+        memory.resolve(mapping.gpu_va, 1, write=False)
+
+
+@pytest.mark.parametrize(("path", "sim"), PATHS, ids=[p for p, _ in PATHS])
+def test_readonly_mapping(make_gpu: MakeGpu, guest_ram: GuestRam, path: str,
+                          sim: SimKfdConfig) -> None:
+    gpu, _ = make_gpu(sim, userptr_path=path)
+    ranges = guest_ram.ranges([9, 4], [2, 1])
+    mapping = gpu.register_userptr(ranges, readonly=True)
+    assert mapping.readonly
+    memory = gpu.gpu_memory()
+    assert memory is not None
+    assert read_runs(memory.resolve(mapping.gpu_va, 3 * PAGE, write=False)) == \
+        guest_ram.file_bytes(ranges)
+    with pytest.raises(GpuFault, match="read-only") as exc:
+        memory.resolve(mapping.gpu_va + PAGE, 8, write=True)
+    assert exc.value.write and exc.value.address == mapping.gpu_va + PAGE
+    if mapping.path is UserptrPath.ALIAS:  # the alias itself is mapped without PROT_WRITE
+        with open("/proc/self/maps") as f:
+            perms = {line.split()[1] for line in f if guest_ram.name in line}
+        assert perms == {"rw-s", "r--s"}
+    gpu.release(mapping)
+
+
+@pytest.mark.parametrize(("path", "sim"), PATHS, ids=[p for p, _ in PATHS])
+def test_invalidation_tears_down_touching_mappings(make_gpu: MakeGpu, guest_ram: GuestRam,
+                                                   path: str, sim: SimKfdConfig) -> None:
+    gpu, transport = make_gpu(sim, userptr_path=path)
+    first = gpu.register_userptr(guest_ram.ranges([10, 50]), readonly=False)
+    second = gpu.register_userptr(guest_ram.ranges([60, 11]), readonly=False)
+    memory = gpu.gpu_memory()
+    assert memory is not None
+    # host memory of page 50 (in `first` only) is about to go away
+    hit = gpu.invalidate_host_range(guest_ram.base + 50 * PAGE, PAGE)
+    assert hit == [first]
+    assert first.invalidated and not second.invalidated
+    assert gpu.live_mappings() == 1
+    with pytest.raises(GpuFault):
+        memory.resolve(first.gpu_va, 2 * PAGE, write=False)
+    assert read_runs(memory.resolve(second.gpu_va, 2 * PAGE, write=False)) == \
+        guest_ram.file_bytes(guest_ram.ranges([60, 11]))
+    gpu.release(first)  # never raises for an invalidated mapping
+    assert gpu.invalidate_host_range(guest_ram.base + 100 * PAGE, 10 * PAGE) == []
+    assert transport.kernel.live_bos() == len(second.private.handles)
+    gpu.release(second)
+
+
+def test_invalidation_before_any_teardown_faults_in_the_kernel(
+        make_gpu: MakeGpu, guest_ram: GuestRam) -> None:
+    """The simulated MMU notifier alone (what a real kernel does when memory is unmapped)
+    already makes GPU access fault."""
+    gpu, transport = make_gpu(userptr_path="batch")
+    mapping = gpu.register_userptr(guest_ram.ranges([1, 2, 8]), readonly=False)
+    transport.mmu_notify(guest_ram.base + 8 * PAGE, PAGE)
+    memory = gpu.gpu_memory()
+    assert memory is not None
+    with pytest.raises(GpuFault, match="invalidated"):
+        memory.resolve(mapping.gpu_va, PAGE, write=False)
+    gpu.release(mapping)
+
+
+def test_many_mappings_get_distinct_gpu_vas_and_vas_are_reused(make_gpu: MakeGpu,
+                                                                guest_ram: GuestRam) -> None:
+    gpu, _ = make_gpu(userptr_path="batch")
+    mappings = [gpu.register_userptr(guest_ram.ranges([i, i + 100]), readonly=False)
+                for i in range(20)]
+    spans = sorted((m.gpu_va, m.gpu_va + m.size) for m in mappings)
+    assert all(a_end <= b for (_, a_end), (b, _) in itertools.pairwise(spans))
+    vas = {m.gpu_va for m in mappings}
+    for m in mappings:
+        gpu.release(m)
+    again = gpu.register_userptr(guest_ram.ranges([0, 1]), readonly=False)
+    assert again.gpu_va in vas
+    gpu.release(again)
+
+
+def test_rangeless_fd_falls_back_to_per_range_in_auto(make_gpu: MakeGpu,
+                                                      guest_ram: GuestRam) -> None:
+    ranges = guest_ram.ranges([5, 7])
+    anon = HostRanges(ranges.addr, ranges.length, np.full(2, -1, np.int32), ranges.file_offset)
+    gpu, _ = make_gpu(SimKfdConfig(batch_userptr=False))
+    mapping = gpu.register_userptr(anon, readonly=False)
+    assert mapping.path is UserptrPath.PER_RANGE
+    gpu.release(mapping)
+    explicit, _ = make_gpu(userptr_path="alias")
+    with pytest.raises(HostGpuError, match="no backing file") as exc:
+        explicit.register_userptr(anon, readonly=False)
+    assert exc.value.errno == errno.EINVAL
+
+
+def test_gpu_selection(make_gpu: MakeGpu, guest_ram: GuestRam) -> None:
+    _, probe_t = make_gpu(SimKfdConfig(gpu_count=3))
+    second = probe_t.kernel.gpus[1].gpu_id
+    gpu, transport = make_gpu(SimKfdConfig(gpu_count=3), gpu_ids=(second,))
+    assert gpu.info().gpu_ids == (second,)
+    mapping = gpu.register_userptr(guest_ram.ranges([3]), readonly=False)
+    assert mapping.gpu_ids == (second,)
+    memory = gpu.gpu_memory(second)
+    assert memory is not None
+    assert memory.resolve(mapping.gpu_va, PAGE, write=False) == [(guest_ram.base + 3 * PAGE,
+                                                                   PAGE)]
+    assert gpu.gpu_memory(transport.kernel.gpus[0].gpu_id) is None  # never acquired
+    gpu.release(mapping)
+
+
+@pytest.mark.parametrize(("addr_delta", "length", "message"), [
+    (8, PAGE, "not page aligned"),
+    (0, PAGE + 8, "not page aligned"),
+    (0, 0, "zero"),
+])
+def test_bad_ranges_are_refused(make_gpu: MakeGpu, guest_ram: GuestRam, addr_delta: int,
+                                length: int, message: str) -> None:
+    gpu, transport = make_gpu()
+    ranges = guest_ram.ranges([1, 2])
+    bad = HostRanges(ranges.addr + np.uint64(addr_delta),
+                     np.array([PAGE, length], dtype=np.uint64), ranges.fd, ranges.file_offset)
+    with pytest.raises(HostGpuError, match=message) as exc:
+        gpu.register_userptr(bad, readonly=False)
+    assert exc.value.errno == errno.EINVAL
+    empty = HostRanges(ranges.addr[:0], ranges.length[:0], ranges.fd[:0],
+                       ranges.file_offset[:0])
+    with pytest.raises(HostGpuError, match="empty"):
+        gpu.register_userptr(empty, readonly=False)
+    assert transport.kernel.live_bos() == 0
+
+
+def test_unmapped_host_memory_is_refused(make_gpu: MakeGpu, guest_ram: GuestRam) -> None:
+    gpu, transport = make_gpu(userptr_path="batch")
+    gone = hostmem.map_anonymous(PAGE)
+    hostmem.unmap(gone, PAGE)
+    ranges = HostRanges(np.array([guest_ram.base, gone], np.uint64),
+                        np.full(2, PAGE, np.uint64), np.full(2, -1, np.int32),
+                        np.zeros(2, np.uint64))
+    with pytest.raises(HostGpuError, match="ALLOC_MEMORY_OF_GPU") as exc:
+        gpu.register_userptr(ranges, readonly=False)
+    assert exc.value.errno == errno.EFAULT
+    assert transport.kernel.live_bos() == 0 and gpu.live_mappings() == 0
+
+
+def test_close_releases_live_mappings(make_gpu: MakeGpu, guest_ram: GuestRam) -> None:
+    gpu, transport = make_gpu(userptr_path="alias")
+    for i in range(3):
+        gpu.register_userptr(guest_ram.ranges([i * 10, i * 10 + 5]), readonly=False)
+    assert maps_lines(guest_ram.name) > 1
+    gpu.close()
+    gpu.close()
+    assert gpu.live_mappings() == 0 and transport.kernel.live_bos() == 0
+    assert maps_lines(guest_ram.name) == 1
+    with pytest.raises(HostGpuError, match="closed"):
+        gpu.register_userptr(guest_ram.ranges([1]), readonly=False)
