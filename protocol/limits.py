@@ -38,12 +38,19 @@ class Limits:
     max_hostmem: int = _limit(
         256 * MiB, "host memory budget for 2D resource images (QEMU's max_hostmem)",
         "max-hostmem")
+    max_host_buffers: int = _limit(
+        4 * GiB, "host memory for compute buffers (RESOURCE_CREATE_3D, the copy path)",
+        "max-host-buffers")
     max_resources: int = _limit(65536, "max live resources", "max-resources")
     max_dimension: int = _limit(16384, "max width or height of a 2D resource")
     max_scanouts: int = _limit(16, "VIRTIO_GPU_MAX_SCANOUTS")
     max_contexts: int = _limit(256, "max live virtio-gpu contexts", "max-contexts")
     max_submit_bytes: int = _limit(1 * MiB, "max SUBMIT_3D command-stream size",
                                    "max-submit-bytes")
+    max_stream_commands: int = _limit(4096, "max commands in one compute stream")
+    compute_workers: int = _limit(2, "threads running compute jobs", "compute-workers")
+    compute_drain_timeout: float = _limit(
+        120.0, "seconds to wait for compute jobs when rings stop or memory goes away")
     max_capset_bytes: int = _limit(64 * KiB, "max size of a capset we publish")
     # --- virtqueues --------------------------------------------------------------
     max_queue_size: int = _limit(32768, "max split virtqueue size (virtio limit)")

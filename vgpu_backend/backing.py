@@ -49,53 +49,83 @@ class Backing:
 
         :raise GuestProtocolError: the range is beyond the backing.
         """
+        direct = self._direct(start, size)
+        if direct is not None:
+            return direct
+        out = np.empty(size, dtype=np.uint8)
+        self._move(start, out, to_guest=False)
+        return out
+
+    def write(self, start: int, data: Bytes) -> None:
+        """Store ``data`` at ``[start, start+len(data))`` of the backing (guest RAM).
+
+        :raise GuestProtocolError: the range is beyond the backing.
+        """
+        direct = self._direct(start, data.shape[0])
+        if direct is not None:
+            direct[:] = data
+        else:
+            self._move(start, data, to_guest=True)
+
+    def _direct(self, start: int, size: int) -> Bytes | None:
+        """A view of ``[start, start+size)`` if it lies in one segment, else ``None``."""
         if start < 0 or size < 0 or start + size > self.size:
             raise GuestProtocolError(
                 f"bytes {start}..{start + size} are beyond the {self.size}-byte backing")
         if size == 0:
             return np.zeros(0, dtype=np.uint8)
         first = int(np.searchsorted(self._ends, np.uint64(start), side="right"))
-        last = int(np.searchsorted(self._ends, np.uint64(start + size - 1), side="right"))
+        if start + size > int(self._ends[first]):
+            return None
         seg_start = int(self._ends[first]) - int(self.segments.length[first])
         region = self._memory.region(int(self.segments.region_id[first]))
-        if first == last:
-            off = int(self.segments.offset[first]) + start - seg_start
-            return region.array[off:off + size]
-        return self._gather(first, last, start, size)
+        off = int(self.segments.offset[first]) + start - seg_start
+        return region.array[off:off + size]
 
-    def _gather(self, first: int, last: int, start: int, size: int) -> Bytes:
+    def _move(self, start: int, buf: Bytes, *, to_guest: bool) -> None:
+        """Copy between ``buf`` and the backing bytes from ``start`` on, over several
+        segments: vectorised as rows of ``unit`` bytes, ``unit`` the largest power-of-two
+        granule (<= 4 KiB) dividing every piece."""
+        size = buf.shape[0]
+        first = int(np.searchsorted(self._ends, np.uint64(start), side="right"))
+        last = int(np.searchsorted(self._ends, np.uint64(start + size - 1), side="right"))
         sel = slice(first, last + 1)
         region_id = self.segments.region_id[sel]
         src = self.segments.offset[sel].astype(np.int64)
         length = self.segments.length[sel].astype(np.int64)
-        dst = (self._ends[sel].astype(np.int64) - length) - start  # piece start in ``out``
+        dst = (self._ends[sel].astype(np.int64) - length) - start  # piece start in ``buf``
         head_cut = -int(dst[0])  # the first piece starts before ``start``
         src[0] += head_cut
         length[0] -= head_cut
         dst[0] = 0
         length[-1] = size - int(dst[-1])  # the last piece may end after the range
-        out = np.empty(size, dtype=np.uint8)
         unit = gcd(int(np.gcd.reduce(src)), int(np.gcd.reduce(length)),
                    int(np.gcd.reduce(dst)), 4096)
         if unit < _MIN_GATHER_UNIT:
-            # Unaligned entries: copy piece by piece (as QEMU's iov_to_buf does); the
-            # count is bounded by the entry limit.
+            # Unaligned entries: piece by piece (as QEMU's iov_to_buf does); the count
+            # is bounded by the entry limit.
             for rid, s, n, d in zip(region_id.tolist(), src.tolist(), length.tolist(),
                                     dst.tolist(), strict=True):
-                out[d:d + n] = self._memory.region(rid).array[s:s + n]
-            return out
+                guest = self._memory.region(rid).array[s:s + n]
+                if to_guest:
+                    guest[:] = buf[d:d + n]
+                else:
+                    buf[d:d + n] = guest
+            return
         units = length // unit
         piece = np.repeat(np.arange(units.shape[0]), units)
         within = np.arange(piece.shape[0]) - np.repeat(np.cumsum(units) - units, units)
         src_units = src[piece] // unit + within
         dst_units = dst[piece] // unit + within
-        out_rows = out.reshape(-1, unit)  # unit divides every piece, hence the size
+        buf_rows = buf.reshape(-1, unit)  # unit divides every piece, hence the size
         for rid in np.unique(region_id).tolist():
             mask = region_id[piece] == rid
             array = self._memory.region(rid).array
             rows = array[:array.shape[0] - array.shape[0] % unit].reshape(-1, unit)
-            out_rows[dst_units[mask]] = rows[src_units[mask]]
-        return out
+            if to_guest:
+                rows[src_units[mask]] = buf_rows[dst_units[mask]]
+            else:
+                buf_rows[dst_units[mask]] = rows[src_units[mask]]
 
 
 def read_mem_entries(chain: DescriptorChain, offset: int, count: int,

@@ -147,10 +147,18 @@ class Commands2D:
         return OK
 
     def resource_unref(self, hdr: CtrlHdr, body: ResourceUnref,
-                       chain: DescriptorChain) -> Reply:
-        """Destroy a resource (blobs release their host GPU mapping first)."""
+                       chain: DescriptorChain) -> Reply | Deferred:
+        """Destroy a resource (blobs release their host GPU mapping first).  While compute
+        work that may use it is in flight, the queue waits for that work first."""
         res = self.s.resources.get(body.resource_id)
-        self.destroy(res)
+        barrier = self.s.compute_barrier
+        wait = barrier() if res.contexts and barrier is not None else None
+        if wait is not None:
+            return wait.then(lambda: self._unref_now(body.resource_id))
+        return self._unref_now(body.resource_id)
+
+    def _unref_now(self, resource_id: int) -> Reply:
+        self.destroy(self.s.resources.get(resource_id))
         return OK
 
     def destroy(self, res: Resource) -> None:

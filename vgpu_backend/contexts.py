@@ -18,7 +18,7 @@ from typing import Any
 from protocol.errors import GuestProtocolError
 from protocol.virtio_gpu import CtrlHdr, CtxCreate, CtxResource
 from protocol.virtio_gpu_codes import Cmd, Resp
-from vgpu_backend.device_state import OK, DeviceState, Handler, Reply, with_body
+from vgpu_backend.device_state import OK, Deferred, DeviceState, Handler, Reply, with_body
 from vgpu_backend.hostgpu.base import HostGpuError
 from vgpu_backend.resources import Resource
 from vgpu_backend.virtqueue import DescriptorChain
@@ -119,10 +119,15 @@ class ContextTable:
         log.info("context %d (%r) created, type capset %#x", ctx_id, name, capset_id)
         return OK
 
-    def destroy_command(self, hdr: CtrlHdr, data: bytes, chain: DescriptorChain) -> Reply:
-        """CTX_DESTROY of ``hdr.ctx_id``."""
-        self.destroy(self.get(hdr.ctx_id))
-        return OK
+    def destroy_command(self, hdr: CtrlHdr, data: bytes,
+                        chain: DescriptorChain) -> Reply | Deferred:
+        """CTX_DESTROY of ``hdr.ctx_id`` (after its in-flight compute work)."""
+        self.get(hdr.ctx_id)
+
+        def now() -> Reply:
+            self.destroy(self.get(hdr.ctx_id))
+            return OK
+        return self._after_compute(now)
 
     def attach(self, hdr: CtrlHdr, body: CtxResource, chain: DescriptorChain) -> Reply:
         """Make a resource usable in a context (idempotent)."""
@@ -131,12 +136,21 @@ class ContextTable:
         self.link(ctx, res)
         return OK
 
-    def detach_command(self, hdr: CtrlHdr, body: CtxResource, chain: DescriptorChain) -> Reply:
-        """Remove a resource from a context (idempotent)."""
-        ctx = self.get(hdr.ctx_id)
-        res = self.s.resources.get(body.resource_id)
-        self.unlink(ctx, res)
-        return OK
+    def detach_command(self, hdr: CtrlHdr, body: CtxResource,
+                       chain: DescriptorChain) -> Reply | Deferred:
+        """Remove a resource from a context (idempotent; after in-flight compute work)."""
+        self.get(hdr.ctx_id)
+        self.s.resources.get(body.resource_id)
+
+        def now() -> Reply:
+            self.unlink(self.get(hdr.ctx_id), self.s.resources.get(body.resource_id))
+            return OK
+        return self._after_compute(now)
+
+    def _after_compute(self, action: Callable[[], Reply]) -> Reply | Deferred:
+        barrier = self.s.compute_barrier
+        wait = barrier() if barrier is not None else None
+        return wait.then(action) if wait is not None else action()
 
     # --- operations ----------------------------------------------------------------
 

@@ -13,6 +13,7 @@ import logging
 import socket
 import struct
 from collections.abc import Callable
+from dataclasses import replace
 
 from protocol.errors import GuestProtocolError
 from protocol.limits import Limits
@@ -21,6 +22,8 @@ from protocol.virtio_gpu_codes import Cmd, CtrlFlag, Feature, Resp
 from protocol.wire import decode, encode
 from vgpu_backend.commands_2d import Commands2D
 from vgpu_backend.commands_blob import BlobCommands, userptr_capset
+from vgpu_backend.commands_compute import ComputeCommands, compute_capset
+from vgpu_backend.compute.engine import Engine
 from vgpu_backend.contexts import ContextTable
 from vgpu_backend.device_state import (
     Deferred,
@@ -62,12 +65,23 @@ class VirtioGpuDevice:
             host_gpu=host_gpu)
         self.commands_2d = Commands2D(self.state)
         self._handlers: dict[int, Handler] = self.commands_2d.handlers()
+        gpu_memory = host_gpu.gpu_memory() if host_gpu is not None else None
+        if options.compute and gpu_memory is None:
+            log.warning("compute contexts need the simulated GPU's page table (--gpu sim); "
+                        "they are disabled")
+            options = replace(options, compute=False)
+            self.state.options = options
         context_types = {options.compute_capset_id: 0} if options.compute else {}
         self.contexts = ContextTable(self.state, context_types)
         self._handlers.update(self.contexts.handlers())
         if options.blob:
             self.blobs = BlobCommands(self.state, self.contexts)
             self._handlers.update(self.blobs.handlers())
+        self.compute: ComputeCommands | None = None
+        if options.compute and gpu_memory is not None:
+            self.compute = ComputeCommands(self.state, self.contexts, Engine(gpu_memory))
+            self._handlers.update(self.compute.handlers())
+            self.state.capsets.append(compute_capset(self.state))
         if options.userptr_protocol is not UserptrProtocol.OFF:
             self.state.capsets.append(userptr_capset(self.state))
         self.queues: list[Virtqueue] = [Virtqueue(i, memory, limits) for i in range(2)]
@@ -169,6 +183,14 @@ class VirtioGpuDevice:
         data = chain.read(_COMMAND_READ)
         hdr = decode(CtrlHdr, data) if len(data) >= CTRL_HDR_SIZE else CtrlHdr(0)
         result = self._execute(hdr, data, chain)
+        if isinstance(result, Reply) and hdr.flags & CtrlFlag.FENCE and \
+                not hdr.flags & CtrlFlag.INFO_RING_IDX and self.state.fence_barrier:
+            # A fence on the global timeline completes after earlier compute work.
+            wait = self.state.fence_barrier()
+            if wait is not None:
+                reply = result
+                result = wait.then(lambda: reply)
+                result.pause = False
         if isinstance(result, Reply):
             self._respond(queue, chain, hdr, result)
             return False
@@ -234,7 +256,9 @@ class VirtioGpuDevice:
             log.info("guest error on the cursor queue: %s", err)
 
     def quiesce(self) -> None:
-        """Answer every in-flight deferred command now (before a ring stops)."""
+        """Finish in-flight work and answer every deferred command (a ring stops)."""
+        for hook in self.state.quiesce_hooks:
+            hook()
         for deferred, fallback in list(self._inflight):
             deferred.resolve(fallback())
         self._inflight.clear()
@@ -243,6 +267,8 @@ class VirtioGpuDevice:
     # --- lifecycle -----------------------------------------------------------------
 
     def _region_unmapping(self, region: MemoryRegion) -> None:
+        for drain in self.state.quiesce_hooks:  # no compute job may run on it any more
+            drain()
         for queue in self.queues:
             if queue.uses_region(region):
                 queue.drop_memory()
@@ -269,6 +295,8 @@ class VirtioGpuDevice:
     def close(self) -> None:
         """Free everything (disconnect)."""
         self.reset()
+        if self.compute is not None:
+            self.compute.close()
         display = self.state.scanouts.display
         if display is not None:
             display.close()

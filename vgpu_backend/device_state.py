@@ -95,6 +95,19 @@ class Deferred:
         else:
             self._callback = callback
 
+    def then(self, action: Callable[[], Reply]) -> Deferred:
+        """A queue-holding Deferred answered by ``action()`` once this one resolves
+        (a :class:`GuestProtocolError` from ``action`` becomes its error reply)."""
+        follow = Deferred(pause=True, fallback=lambda: Reply(Resp.ERR_UNSPEC))
+
+        def run(_: Reply) -> None:
+            try:
+                follow.resolve(action())
+            except GuestProtocolError as err:
+                follow.resolve(Reply(err.resp_code))
+        self.on_resolve(run)
+        return follow
+
     def resolve(self, reply: Reply) -> None:
         """Deliver the reply (once)."""
         if self.reply is not None:
@@ -136,6 +149,12 @@ class DeviceState:
     destroy_hooks: list[Callable[[Resource], None]] = field(default_factory=list)
     #: run before a resource's backing is dropped by DETACH_BACKING
     detach_hooks: list[Callable[[Resource], None]] = field(default_factory=list)
+    #: blocking waits run before rings stop or guest memory is unmapped
+    quiesce_hooks: list[Callable[[], None]] = field(default_factory=list)
+    #: a Deferred that resolves when no compute work is in flight (None when idle)
+    compute_barrier: Callable[[], Deferred | None] | None = None
+    #: for fenced commands without a ring: wait for earlier global-timeline work
+    fence_barrier: Callable[[], Deferred | None] | None = None
 
     @property
     def num_scanouts(self) -> int:

@@ -17,7 +17,7 @@ from vgpu_backend.backing import Backing
 from vgpu_backend.hostgpu.base import GpuMapping
 from vgpu_backend.pixels import BYTES_PER_PIXEL
 
-__all__ = ["BlobResource", "Image2D", "Resource", "ResourceTable"]
+__all__ = ["BlobResource", "HostBuffer", "Image2D", "Resource", "ResourceTable"]
 
 log = logging.getLogger(__name__)
 _NO_FLAGS = BlobFlag(0)
@@ -170,3 +170,18 @@ class ResourceTable:
         if res.uuid is None:
             res.uuid = uuid.uuid4().bytes
         return res.uuid
+
+
+@dataclass(slots=True, eq=False)
+class HostBuffer(Resource):
+    """RESOURCE_CREATE_3D with target PIPE_BUFFER: host-owned memory the guest fills and
+    reads back with TRANSFER_TO/FROM_HOST_3D (the copy path), usable by compute
+    contexts through its host GPU mapping."""
+
+    size: int = 0
+    #: host address of the (page-aligned, anonymous) memory
+    host_addr: int = 0
+    mapped_bytes: int = 0
+    gpu_mapping: GpuMapping | None = None
+    invalidated: str | None = None
+    readonly: bool = False

@@ -1,0 +1,307 @@
+"""Compute contexts: SUBMIT_3D command streams, fences on per-context rings, the compute
+capset, and host buffers for the copy path (RESOURCE_CREATE_3D, TRANSFER_*_HOST_3D).
+
+Submissions are decoded and checked on the loop thread, then run off the loop on their
+timeline: ring ``ring_idx`` of the context with ``VIRTIO_GPU_FLAG_INFO_RING_IDX``, else
+the global timeline.  A fenced submission is answered when its work is done, which is
+after everything submitted before it on the same timeline.  A bad stream fails the
+submission (ERR_INVALID_PARAMETER); a failure while running is written to the
+submission's result blob and, when fenced, answered with an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Hashable
+
+import numpy as np
+
+from protocol.compute import (
+    COMPUTE_CAPSET_MAGIC,
+    KERNEL_SIGNATURES,
+    STREAM_VERSION,
+    CmdResult,
+    ComputeCapsetHeader,
+    KernelDescriptor,
+    MapResource,
+    ResultHeader,
+    Status,
+    decode_stream,
+)
+from protocol.errors import GuestProtocolError
+from protocol.virtio_gpu import (
+    CTRL_HDR_SIZE,
+    CtrlHdr,
+    ResourceCreate3d,
+    Submit3d,
+    TransferHost3d,
+)
+from protocol.virtio_gpu_codes import Cmd, CtrlFlag, Resp
+from protocol.wire import encode, layout
+from vgpu_backend.compute.engine import ContextVm, Engine, Mapping, Outcome, ResultTarget
+from vgpu_backend.compute.timelines import Timelines
+from vgpu_backend.contexts import Context, ContextTable
+from vgpu_backend.device_state import (
+    OK,
+    Capset,
+    Deferred,
+    DeviceState,
+    Handler,
+    Reply,
+    with_body,
+)
+from vgpu_backend.hostgpu import hostmem
+from vgpu_backend.hostgpu.base import HostGpuError, HostRanges
+from vgpu_backend.resources import BlobResource, HostBuffer, Resource
+from vgpu_backend.virtqueue import DescriptorChain
+
+__all__ = ["COMPUTE_CAPSET_VERSION", "ComputeCommands", "compute_capset"]
+
+log = logging.getLogger(__name__)
+
+COMPUTE_CAPSET_VERSION = 1
+NUM_RINGS = 64
+PIPE_BUFFER = 0
+ENGINE_SIMULATED = 1
+_SUBMIT_SIZE = CTRL_HDR_SIZE + layout(Submit3d).size
+_GLOBAL = "global"
+_PAGE = 4096
+
+
+def compute_capset(state: DeviceState) -> Capset:
+    """The compute capset: stream version, limits, engine and kernel table."""
+    kernels = b"".join(
+        encode(KernelDescriptor(int(k), len(sig), sum(int(kind) << (4 * i)
+                                                       for i, kind in enumerate(sig))))
+        for k, sig in KERNEL_SIGNATURES.items())
+    head = ComputeCapsetHeader(
+        COMPUTE_CAPSET_MAGIC, COMPUTE_CAPSET_VERSION, layout(ComputeCapsetHeader).size,
+        STREAM_VERSION, len(KERNEL_SIGNATURES), state.limits.max_submit_bytes, NUM_RINGS,
+        ENGINE_SIMULATED, 0)
+    return Capset(state.options.compute_capset_id, COMPUTE_CAPSET_VERSION,
+                  encode(head) + kernels)
+
+
+def _mapping_of(res: Resource) -> Mapping | None:
+    """The GPU virtual range a resource can be mapped at, if it has one."""
+    if isinstance(res, BlobResource | HostBuffer) and res.gpu_mapping is not None \
+            and res.invalidated is None:
+        return Mapping(res.resource_id, res.gpu_mapping.gpu_va, res.gpu_mapping.size,
+                       res.gpu_mapping.readonly)
+    return None
+
+
+class ComputeCommands:
+    """SUBMIT_3D and the copy-path resources for compute contexts."""
+
+    def __init__(self, state: DeviceState, contexts: ContextTable, engine: Engine) -> None:
+        self.s = state
+        self.contexts = contexts
+        self.engine = engine
+        self.timelines = Timelines(state.loop, state.limits.compute_workers)
+        self.buffer_bytes = 0
+        contexts.create_hooks.append(self._context_created)
+        contexts.detach_hooks.append(self._resource_detached)
+        state.destroy_hooks.append(self._resource_destroyed)
+        state.quiesce_hooks.append(self._drain)
+        state.compute_barrier = self._barrier
+        state.fence_barrier = self._global_barrier
+
+    def handlers(self) -> dict[int, Handler]:
+        """Command type -> handler."""
+        return {
+            Cmd.SUBMIT_3D: with_body(Submit3d, self.submit_3d),
+            Cmd.RESOURCE_CREATE_3D: with_body(ResourceCreate3d, self.create_3d),
+            Cmd.TRANSFER_TO_HOST_3D: with_body(TransferHost3d, self.transfer_to_host),
+            Cmd.TRANSFER_FROM_HOST_3D: with_body(TransferHost3d, self.transfer_from_host),
+        }
+
+    # --- context state -----------------------------------------------------------
+
+    def _context_created(self, ctx: Context) -> None:
+        ctx.engine = ContextVm(ctx.ctx_id)
+
+    def _resource_detached(self, ctx: Context, res: Resource) -> None:
+        vm: ContextVm = ctx.engine
+        with vm.lock:
+            vm.mappings.pop(res.resource_id, None)
+
+    def _barrier(self) -> Deferred | None:
+        if not self.timelines.busy():
+            return None
+        wait = Deferred(pause=True)
+        self.timelines.when_idle(None, lambda: wait.resolve(OK))
+        return wait
+
+    def _global_barrier(self) -> Deferred | None:
+        keys = frozenset({_GLOBAL})
+        if not self.timelines.busy(keys):
+            return None
+        wait = Deferred(pause=False)
+        self.timelines.when_idle(keys, lambda: wait.resolve(OK))
+        return wait
+
+    def _drain(self) -> None:
+        if not self.timelines.drain(self.s.limits.compute_drain_timeout):
+            log.error("compute work still running after %.0fs",
+                      self.s.limits.compute_drain_timeout)
+
+    def close(self) -> None:
+        """Stop the workers."""
+        self.timelines.close()
+
+    # --- SUBMIT_3D -----------------------------------------------------------------
+
+    def submit_3d(self, hdr: CtrlHdr, body: Submit3d, chain: DescriptorChain) -> Reply | Deferred:
+        """Check a compute stream and queue it on its timeline."""
+        ctx = self.contexts.get(hdr.ctx_id)
+        if ctx.capset_id != self.s.options.compute_capset_id:
+            raise GuestProtocolError(f"context {ctx.ctx_id} is not a compute context")
+        if body.num_in_fences:
+            raise GuestProtocolError("in-fences are not supported")
+        if body.size > self.s.limits.max_submit_bytes:
+            raise GuestProtocolError(f"submission of {body.size} bytes (limit "
+                                     f"{self.s.limits.max_submit_bytes})")
+        data = chain.read_array(_SUBMIT_SIZE, body.size).tobytes()
+        head, commands = decode_stream(data, self.s.limits.max_stream_commands)
+        key: Hashable = _GLOBAL
+        if hdr.flags & CtrlFlag.INFO_RING_IDX:
+            if hdr.ring_idx >= NUM_RINGS:
+                raise GuestProtocolError(f"ring_idx {hdr.ring_idx}")
+            key = (ctx.ctx_id, hdr.ring_idx)
+        target = self._result_target(ctx, head.result_resource_id, head.result_offset,
+                                     len(commands))
+        prepared: dict[int, Mapping] = {}
+        for cmd in commands:
+            if isinstance(cmd.body, MapResource):
+                mapping = self._mappable(ctx, cmd.body.resource_id)
+                if mapping is not None:
+                    prepared[cmd.index] = mapping
+        vm: ContextVm = ctx.engine
+        fenced = bool(hdr.flags & CtrlFlag.FENCE)
+        deferred = Deferred(pause=False, fallback=lambda: Reply(Resp.ERR_UNSPEC))
+
+        def done(outcome: Outcome | None) -> None:
+            if outcome is None:  # the job raised: already logged
+                deferred.resolve(Reply(Resp.ERR_UNSPEC))
+                return
+            if outcome.status != Status.OK:
+                log.info("context %d: submission stopped at command %d: %s (%s)",
+                         ctx.ctx_id, outcome.failed_index, outcome.message,
+                         Status(outcome.status).name)
+            deferred.resolve(OK if outcome.status == Status.OK else Reply(
+                Resp.ERR_INVALID_PARAMETER if outcome.status != Status.FAULT
+                else Resp.ERR_UNSPEC))
+
+        self.timelines.submit(key, lambda: self.engine.run(vm, commands, prepared, target),
+                              done)
+        return deferred if fenced else OK
+
+    def _mappable(self, ctx: Context, resource_id: int) -> Mapping | None:
+        try:
+            res = self.s.resources.get(resource_id)
+        except GuestProtocolError:
+            return None
+        if ctx.ctx_id not in res.contexts:
+            return None
+        return _mapping_of(res)
+
+    def _result_target(self, ctx: Context, resource_id: int, offset: int,
+                       count: int) -> ResultTarget | None:
+        if resource_id == 0:
+            return None
+        mapping = self._mappable(ctx, resource_id)
+        size = layout(ResultHeader).size + count * layout(CmdResult).size
+        if mapping is None or mapping.readonly or offset + size > mapping.size:
+            raise GuestProtocolError(f"result resource {resource_id} at {offset} cannot "
+                                     f"take {size} bytes of results")
+        return ResultTarget(mapping.gpu_va + offset, size)
+
+    # --- host buffers (the copy path) ----------------------------------------------
+
+    def create_3d(self, hdr: CtrlHdr, body: ResourceCreate3d, chain: DescriptorChain) -> Reply:
+        """A host-owned buffer (target PIPE_BUFFER, width = bytes) mapped on the GPU."""
+        self.s.resources.check_new_id(body.resource_id)
+        if body.target != PIPE_BUFFER or body.height != 1 or body.depth != 1 or \
+                body.array_size != 1 or body.last_level != 0 or body.nr_samples > 1:
+            raise GuestProtocolError("only buffers (PIPE_BUFFER, width x 1 x 1) are supported")
+        if body.width == 0:
+            raise GuestProtocolError("buffer of 0 bytes")
+        gpu = self.s.host_gpu
+        if gpu is None:
+            raise GuestProtocolError("no host GPU", Resp.ERR_UNSPEC)
+        mapped = -(-body.width // _PAGE) * _PAGE
+        if self.buffer_bytes + mapped > self.s.limits.max_host_buffers:
+            raise GuestProtocolError(f"{mapped} more bytes of host buffers exceed "
+                                     f"{self.s.limits.max_host_buffers}", Resp.ERR_OUT_OF_MEMORY)
+        try:
+            addr = hostmem.map_anonymous(mapped)
+        except OSError:
+            raise GuestProtocolError("host out of memory", Resp.ERR_OUT_OF_MEMORY) from None
+        ranges = HostRanges(np.array([addr], np.uint64), np.array([mapped], np.uint64),
+                            np.array([-1], np.int32), np.zeros(1, np.uint64))
+        try:
+            gpu_mapping = gpu.register_userptr(ranges, readonly=False,
+                                               context=hdr.ctx_id or None)
+        except HostGpuError as err:
+            hostmem.unmap(addr, mapped)
+            raise GuestProtocolError(f"host GPU: {err}", Resp.ERR_UNSPEC) from None
+        self.buffer_bytes += mapped
+        res = HostBuffer(body.resource_id, size=body.width, host_addr=addr, mapped_bytes=mapped,
+                         gpu_mapping=gpu_mapping)
+        self.s.resources.add(res)
+        if hdr.ctx_id:  # outside a known context, CTX_ATTACH_RESOURCE links it later
+            with contextlib.suppress(GuestProtocolError):
+                self.contexts.link(self.contexts.get(hdr.ctx_id), res)
+        return OK
+
+    def _resource_destroyed(self, res: Resource) -> None:
+        if isinstance(res, HostBuffer) and res.host_addr:
+            if res.gpu_mapping is not None and self.s.host_gpu is not None:
+                self.s.host_gpu.release(res.gpu_mapping)
+                res.gpu_mapping = None
+            hostmem.unmap(res.host_addr, res.mapped_bytes)
+            self.buffer_bytes -= res.mapped_bytes
+            res.host_addr = 0
+
+    def _transfer_args(self, body: TransferHost3d) -> tuple[HostBuffer, int, int]:
+        res = self.s.resources.get(body.resource_id)
+        if not isinstance(res, HostBuffer):
+            raise GuestProtocolError(f"resource {body.resource_id} is not a host buffer")
+        if res.backing is None:
+            raise GuestProtocolError(f"buffer {body.resource_id} has no backing",
+                                     Resp.ERR_UNSPEC)
+        if body.level or body.y or body.z or body.h != 1 or body.d != 1 or \
+                body.x + body.w > res.size:
+            raise GuestProtocolError(f"transfer box x={body.x} w={body.w} outside a "
+                                     f"{res.size}-byte buffer")
+        return res, body.x, body.w
+
+    def transfer_to_host(self, hdr: CtrlHdr, body: TransferHost3d,
+                         chain: DescriptorChain) -> Reply | Deferred:
+        """Copy guest backing -> host buffer (after compute work that may use it)."""
+        res, start, size = self._transfer_args(body)
+
+        def now() -> Reply:
+            if res.backing is None or not res.host_addr:
+                raise GuestProtocolError("buffer went away", Resp.ERR_UNSPEC)
+            hostmem.view(res.host_addr + start, size)[:] = res.backing.read(body.offset, size)
+            return OK
+        return self._after_compute(now)
+
+    def transfer_from_host(self, hdr: CtrlHdr, body: TransferHost3d,
+                           chain: DescriptorChain) -> Reply | Deferred:
+        """Copy host buffer -> guest backing (after compute work that may write it)."""
+        res, start, size = self._transfer_args(body)
+
+        def now() -> Reply:
+            if res.backing is None or not res.host_addr:
+                raise GuestProtocolError("buffer went away", Resp.ERR_UNSPEC)
+            res.backing.write(body.offset, hostmem.view(res.host_addr + start, size))
+            return OK
+        return self._after_compute(now)
+
+    def _after_compute(self, action: Callable[[], Reply]) -> Reply | Deferred:
+        wait = self._barrier()
+        return action() if wait is None else wait.then(action)
