@@ -39,7 +39,7 @@ def _chain_with_entries(memory: GuestMemory, entries: np.ndarray, at: int) -> De
     """Write ``entries`` into guest RAM at ``at`` and wrap them like a popped chain."""
     region, off = memory.gpa_to_region(at, entries.nbytes)
     region.array[off:off + entries.nbytes] = entries.view(np.uint8)
-    return DescriptorChain(0, out=[region.array[off:off + entries.nbytes]],
+    return DescriptorChain(0, out=[region.view[off:off + entries.nbytes]],
                            out_len=entries.nbytes)
 
 

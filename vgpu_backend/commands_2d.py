@@ -50,6 +50,7 @@ __all__ = ["Commands2D"]
 log = logging.getLogger(__name__)
 
 _ATTACH_SIZE = CTRL_HDR_SIZE + layout(ResourceAttachBacking).size
+_FORMATS = {int(f): f for f in Format}
 
 
 def check_rect(x: int, y: int, width: int, height: int, res_w: int, res_h: int) -> None:
@@ -129,21 +130,21 @@ class Commands2D:
         """A host image of ``width`` x ``height`` in ``format``."""
         resources = self.s.resources
         resources.check_new_id(body.resource_id)
-        try:
-            fmt = Format(body.format)
-        except ValueError:
-            raise GuestProtocolError(f"unknown format {body.format}") from None
+        fmt = _FORMATS.get(body.format)
+        if fmt is None:
+            raise GuestProtocolError(f"unknown format {body.format}")
         limit = self.s.limits.max_dimension
         if not (0 < body.width <= limit and 0 < body.height <= limit):
             raise GuestProtocolError(f"size {body.width}x{body.height} (limit {limit})")
-        res = Image2D(body.resource_id, format=fmt, width=body.width, height=body.height)
-        resources.reserve_hostmem(res.host_bytes)
+        nbytes = body.height * body.width * 4
+        resources.reserve_hostmem(nbytes)
         try:
-            res.image = np.zeros((body.height, body.width * 4), dtype=np.uint8)
+            image = np.zeros((body.height, body.width * 4), dtype=np.uint8)
         except MemoryError:
-            resources.hostmem_used -= res.host_bytes
+            resources.hostmem_used -= nbytes
             raise GuestProtocolError("host out of memory", Resp.ERR_OUT_OF_MEMORY) from None
-        resources.add(res)
+        resources.add(Image2D(body.resource_id, format=fmt, width=body.width,
+                              height=body.height, image=image))
         return OK
 
     def resource_unref(self, hdr: CtrlHdr, body: ResourceUnref,

@@ -49,7 +49,10 @@ CONTROL_QUEUE = 0
 CURSOR_QUEUE = 1
 #: the largest fixed command struct (SET_SCANOUT_BLOB / CTX_CREATE: 96 bytes), rounded up
 _COMMAND_READ = 128
-_FENCE_FLAGS = int(CtrlFlag.FENCE | CtrlFlag.INFO_RING_IDX)
+# plain ints: IntFlag arithmetic builds enum members, far too slow per command
+_FENCE = int(CtrlFlag.FENCE)
+_INFO_RING_IDX = int(CtrlFlag.INFO_RING_IDX)
+_FENCE_FLAGS = _FENCE | _INFO_RING_IDX
 _HDR = struct.Struct("<IIQIB3x")
 
 
@@ -183,8 +186,8 @@ class VirtioGpuDevice:
         data = chain.read(_COMMAND_READ)
         hdr = decode(CtrlHdr, data) if len(data) >= CTRL_HDR_SIZE else CtrlHdr(0)
         result = self._execute(hdr, data, chain)
-        if isinstance(result, Reply) and hdr.flags & CtrlFlag.FENCE and \
-                not hdr.flags & CtrlFlag.INFO_RING_IDX and self.state.fence_barrier:
+        if isinstance(result, Reply) and hdr.flags & _FENCE and \
+                not hdr.flags & _INFO_RING_IDX and self.state.fence_barrier:
             # A fence on the global timeline completes after earlier compute work.
             wait = self.state.fence_barrier()
             if wait is not None:
@@ -236,14 +239,14 @@ class VirtioGpuDevice:
     def _respond(self, queue: Virtqueue, chain: DescriptorChain, hdr: CtrlHdr,
                  reply: Reply) -> None:
         flags = fence_id = ctx_id = ring_idx = 0
-        if hdr.flags & CtrlFlag.FENCE:
+        if hdr.flags & _FENCE:
             flags = hdr.flags & _FENCE_FLAGS
             fence_id, ctx_id = hdr.fence_id, hdr.ctx_id
-            if hdr.flags & CtrlFlag.INFO_RING_IDX:
+            if hdr.flags & _INFO_RING_IDX:
                 ring_idx = hdr.ring_idx
         response = _HDR.pack(reply.resp, flags, fence_id, ctx_id, ring_idx) + reply.body
-        written = chain.write(response) if chain.error is None else 0
-        if written < len(response) and chain.error is None:
+        written = chain.write(response) if chain.writable_ok else 0
+        if written < len(response) and chain.writable_ok:
             log.info("response of %d bytes truncated to %d", len(response), written)
         queue.push(chain.head, written)
 

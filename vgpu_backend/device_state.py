@@ -11,7 +11,7 @@ from protocol.errors import GuestProtocolError
 from protocol.limits import Limits
 from protocol.virtio_gpu import CTRL_HDR_SIZE, CtrlHdr, DisplayOne
 from protocol.virtio_gpu_codes import Resp
-from protocol.wire import decode, layout
+from protocol.wire import layout
 from vgpu_backend.eventloop import EventLoop
 from vgpu_backend.guest_memory import GuestMemory
 from vgpu_backend.hostgpu.base import HostGpu
@@ -172,11 +172,12 @@ def with_body(body_type: type[Any],
               handler: Callable[[CtrlHdr, Any, DescriptorChain], Reply | Deferred]) -> Handler:
     """Wrap a handler taking a decoded command body; short commands get
     ERR_INVALID_PARAMETER."""
-    size = layout(body_type).size
+    codec = layout(body_type)
+    need = CTRL_HDR_SIZE + codec.size
+    unpack, make = codec.struct.unpack_from, body_type._make
 
     def handle(hdr: CtrlHdr, data: bytes, chain: DescriptorChain) -> Reply | Deferred:
-        if len(data) < CTRL_HDR_SIZE + size:
-            raise GuestProtocolError(
-                f"{layout(body_type).c_name}: {len(data)} bytes, needs {CTRL_HDR_SIZE + size}")
-        return handler(hdr, decode(body_type, data, CTRL_HDR_SIZE), chain)
+        if len(data) < need:
+            raise GuestProtocolError(f"{codec.c_name}: {len(data)} bytes, needs {need}")
+        return handler(hdr, make(unpack(data, CTRL_HDR_SIZE)), chain)
     return handle

@@ -62,6 +62,8 @@ class MemoryRegion:
             raise FrontendProtocolError(f"cannot map memory region {desc}: {err}") from err
         whole = np.frombuffer(self._mmap, dtype=np.uint8)
         self.array: npt.NDArray[np.uint8] = whole[desc.mmap_offset:]
+        #: the same bytes as a memoryview (cheaper than numpy for small scalar access)
+        self.view = memoryview(self._mmap)[desc.mmap_offset:]
         #: host virtual address of the guest byte at ``gpa``
         self.host_addr = int(self.array.ctypes.data)
 
@@ -80,6 +82,7 @@ class MemoryRegion:
         until they die (never a dangling pointer)."""
         mapping, self._mmap = self._mmap, None
         del self.array
+        self.view.release()
         if mapping is not None:
             try:
                 mapping.close()

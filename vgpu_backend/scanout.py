@@ -131,6 +131,8 @@ class ScanoutManager:
 
     def forget_resource(self, res: Resource) -> None:
         """A resource is going away: disable every scanout showing it."""
+        if not res.scanouts:
+            return
         for index in sorted(res.scanouts):
             if self.scanouts[index].resource_id == res.resource_id:
                 self.disable(index)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from dataclasses import dataclass, field
+import struct
 
 import numpy as np
 import numpy.typing as npt
@@ -25,14 +25,16 @@ from protocol.errors import FrontendProtocolError, GuestProtocolError
 from protocol.limits import Limits
 from protocol.virtio_gpu_codes import Resp
 from protocol.virtqueue import (
-    DESC_DTYPE,
     AvailFlag,
     DescFlag,
+    VirtqDesc,
+    VirtqUsedElem,
     avail_ring_size,
     desc_table_size,
     used_ring_size,
     vring_need_event,
 )
+from protocol.wire import layout
 from vgpu_backend.guest_memory import GuestMemory, MemoryRegion
 
 __all__ = ["DescriptorChain", "Virtqueue"]
@@ -41,29 +43,43 @@ log = logging.getLogger(__name__)
 
 Bytes = npt.NDArray[np.uint8]
 _NEXT, _WRITE, _INDIRECT = int(DescFlag.NEXT), int(DescFlag.WRITE), int(DescFlag.INDIRECT)
+_NO_INTERRUPT = int(AvailFlag.NO_INTERRUPT)
+#: codecs derived from the ``@wire`` declarations in protocol.virtqueue
+_DESC = layout(VirtqDesc).struct
+_USED_ELEM = layout(VirtqUsedElem).struct
+_U16 = struct.Struct("<H")
 
 
 def _ring_fatal(message: str) -> GuestProtocolError:
     return GuestProtocolError(message, Resp.ERR_UNSPEC, ring_fatal=True)
 
 
-@dataclass(slots=True)
 class DescriptorChain:
     """One popped request: device-readable (``out``) and device-writable (``inp``)
-    buffers as uint8 views of guest memory."""
+    buffers as byte memoryviews of guest memory.
 
-    head: int
-    out: list[Bytes] = field(default_factory=list)
-    inp: list[Bytes] = field(default_factory=list)
-    out_len: int = 0
-    in_len: int = 0
-    #: set when a buffer of this chain is unusable (the device answers with an error)
-    error: GuestProtocolError | None = None
+    :ivar error: set when a buffer of the chain is unusable (the device answers with
+        an error response).
+    :ivar writable_ok: every writable buffer is usable (a response may be written).
+    """
+
+    __slots__ = ("error", "head", "in_len", "inp", "out", "out_len", "writable_ok")
+
+    def __init__(self, head: int, out: list[memoryview] | None = None,
+                 inp: list[memoryview] | None = None, out_len: int = 0,
+                 in_len: int = 0) -> None:
+        self.head = head
+        self.out: list[memoryview] = out if out is not None else []
+        self.inp: list[memoryview] = inp if inp is not None else []
+        self.out_len = out_len
+        self.in_len = in_len
+        self.error: GuestProtocolError | None = None
+        self.writable_ok = True
 
     def read(self, size: int, offset: int = 0) -> bytes:
         """Copy up to ``size`` readable bytes starting at ``offset`` (a snapshot)."""
         if len(self.out) == 1:
-            return self.out[0][offset:offset + size].tobytes()
+            return bytes(self.out[0][offset:offset + size])
         return self.read_array(offset, min(size, max(0, self.out_len - offset))).tobytes()
 
     def read_array(self, offset: int, size: int) -> Bytes:
@@ -79,24 +95,28 @@ class DescriptorChain:
         for buf in self.out:
             if filled == size:
                 break
-            if offset >= buf.shape[0]:
-                offset -= buf.shape[0]
+            if offset >= len(buf):
+                offset -= len(buf)
                 continue
             piece = buf[offset:offset + size - filled]
-            out[filled:filled + piece.shape[0]] = piece
-            filled += piece.shape[0]
+            out[filled:filled + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
+            filled += len(piece)
             offset = 0
         return out
 
-    def write(self, data: bytes | memoryview) -> int:
+    def write(self, data: bytes) -> int:
         """Scatter ``data`` into the writable buffers; returns the bytes written."""
-        src = np.frombuffer(data, dtype=np.uint8)
+        if len(self.inp) == 1:
+            buf = self.inp[0]
+            n = min(len(buf), len(data))
+            buf[:n] = data[:n]
+            return n
         written = 0
         for buf in self.inp:
-            if written == src.shape[0]:
+            if written == len(data):
                 break
-            n = min(buf.shape[0], src.shape[0] - written)
-            buf[:n] = src[written:written + n]
+            n = min(len(buf), len(data) - written)
+            buf[:n] = data[written:written + n]
             written += n
         return written
 
@@ -123,6 +143,7 @@ class Virtqueue:
         self._signalled_valid = False
         self._mapped = False
         self._region_ids: set[int] = set()
+        self._last_region: MemoryRegion | None = None
 
     # --- configuration (vhost-user requests) ---------------------------------------
 
@@ -150,7 +171,7 @@ class Virtqueue:
         self._unmap()
         self.map_rings()
         if self._mapped:
-            self.used_idx = int(self._used_idx[0])
+            self.used_idx = _U16.unpack_from(self._used, 2)[0]
             self._signalled_valid = False
 
     def map_rings(self) -> None:
@@ -167,14 +188,11 @@ class Virtqueue:
             log.warning("queue %d: rings not mapped yet: %s", self.index, err)
             return
         n = self.num
-        self._desc = d_reg.array[d_off:d_off + desc_table_size(n)].view(DESC_DTYPE)
-        avail_u16 = a_reg.array[a_off:a_off + avail_ring_size(n)].view("<u2")
-        self._avail_flags, self._avail_idx = avail_u16[0:1], avail_u16[1:2]
-        self._avail_ring, self._used_event = avail_u16[2:2 + n], avail_u16[2 + n:3 + n]
-        used_bytes = u_reg.array[u_off:u_off + used_ring_size(n)]
-        self._used_idx = used_bytes[2:4].view("<u2")
-        self._used_ring = used_bytes[4:4 + 8 * n].view("<u4")
-        self._avail_event = used_bytes[4 + 8 * n:6 + 8 * n].view("<u2")
+        self._desc = d_reg.view[d_off:d_off + desc_table_size(n)]
+        self._avail = a_reg.view[a_off:a_off + avail_ring_size(n)]
+        self._used = u_reg.view[u_off:u_off + used_ring_size(n)]
+        self._avail_event_at = 4 + 8 * n
+        self._used_event_at = 4 + 2 * n
         self._region_ids = {d_reg.id, a_reg.id, u_reg.id}
         self._mapped = True
 
@@ -184,14 +202,14 @@ class Virtqueue:
 
     def _unmap(self) -> None:
         if self._mapped:
-            del self._desc, self._avail_flags, self._avail_idx, self._avail_ring
-            del self._used_event, self._used_idx, self._used_ring, self._avail_event
+            del self._desc, self._avail, self._used
         self._mapped = False
         self._region_ids = set()
 
     def drop_memory(self) -> None:
         """Forget the ring views (their memory is going away)."""
         self._unmap()
+        self._last_region = None
 
     def stop(self) -> int:
         """GET_VRING_BASE: stop the ring and return the next avail index."""
@@ -209,7 +227,7 @@ class Virtqueue:
 
     def pending(self) -> int:
         """Number of chains the driver made available that we have not popped."""
-        return (int(self._avail_idx[0]) - self.last_avail) & 0xFFFF
+        return int(_U16.unpack_from(self._avail, 2)[0] - self.last_avail) & 0xFFFF
 
     def pop(self) -> DescriptorChain | None:
         """The next available chain, or ``None`` when the ring is empty.
@@ -219,18 +237,18 @@ class Virtqueue:
         pending = self.pending()
         if pending == 0:
             if self.event_idx:
-                self._avail_event[0] = self.last_avail
+                _U16.pack_into(self._used, self._avail_event_at, self.last_avail)
                 pending = self.pending()  # re-check after publishing
             if pending == 0:
                 return None
         if pending > self.num:
             raise _ring_fatal(f"avail index moved by {pending} on a ring of {self.num}")
-        head = int(self._avail_ring[self.last_avail % self.num])
+        head = _U16.unpack_from(self._avail, 4 + 2 * (self.last_avail % self.num))[0]
         if head >= self.num:
             raise _ring_fatal(f"head index {head} >= queue size {self.num}")
         self.last_avail = (self.last_avail + 1) & 0xFFFF
         if self.event_idx:
-            self._avail_event[0] = self.last_avail
+            _U16.pack_into(self._used, self._avail_event_at, self.last_avail)
         return self._walk(head)
 
     def _walk(self, head: int) -> DescriptorChain:
@@ -244,7 +262,7 @@ class Virtqueue:
             seen += 1
             if seen > table_len:
                 raise _ring_fatal(f"descriptor chain from head {head} loops")
-            addr, length, flags, nxt = table[index].item()
+            addr, length, flags, nxt = _DESC.unpack_from(table, 16 * index)
             if flags & _INDIRECT:
                 if indirect or flags & _NEXT:
                     raise _ring_fatal(f"head {head}: nested or chained INDIRECT descriptor")
@@ -252,13 +270,13 @@ class Virtqueue:
                         self._limits.max_indirect_descriptors:
                     raise _ring_fatal(f"head {head}: INDIRECT table of {length} bytes")
                 try:
-                    region, off = self._memory.gpa_to_region(addr, length)
+                    region, off = self._region_of(addr, length)
                 except GuestProtocolError as err:
                     raise _ring_fatal(f"head {head}: INDIRECT table: {err}") from None
-                table = region.array[off:off + length].view(DESC_DTYPE)
+                table = region.view[off:off + length]
                 table_len, index, seen, indirect = length // 16, 0, 0, True
                 continue
-            if length and chain.error is None:
+            if length:
                 self._add_buffer(chain, addr, length, bool(flags & _WRITE))
             if not flags & _NEXT:
                 return chain
@@ -266,25 +284,47 @@ class Virtqueue:
             if index >= table_len:
                 raise _ring_fatal(f"head {head}: next index {index} >= {table_len}")
 
+    def _region_of(self, addr: int, length: int) -> tuple[MemoryRegion, int]:
+        region = self._last_region  # most buffers live in the region of the previous one
+        if region is not None and region.gpa <= addr and addr + length <= region.gpa + \
+                region.size and region.fd >= 0:
+            return region, addr - region.gpa
+        region, off = self._memory.gpa_to_region(addr, length)
+        self._last_region = region
+        return region, off
+
     def _add_buffer(self, chain: DescriptorChain, addr: int, length: int,
                     writable: bool) -> None:
         if not writable and chain.inp:
-            chain.error = GuestProtocolError("readable descriptor after a writable one")
+            chain.error = chain.error or GuestProtocolError(
+                "readable descriptor after a writable one")
+            return
+        region = self._last_region
+        if region is not None and region.gpa <= addr and \
+                addr + length <= region.gpa + region.size and region.fd >= 0:
+            view = region.view[addr - region.gpa:addr - region.gpa + length]
+            if writable:
+                chain.inp.append(view)
+                chain.in_len += length
+            else:
+                chain.out.append(view)
+                chain.out_len += length
             return
         try:
-            region, off = self._memory.gpa_to_region(addr, length)
-            views = [region.array[off:off + length]]
+            region, off = self._region_of(addr, length)
+            views = [region.view[off:off + length]]
         except GuestProtocolError:
             try:
                 segs = self._memory.translate(np.array([addr], dtype=np.uint64),
                                               np.array([length], dtype=np.uint64))
             except GuestProtocolError as err:
-                chain.error = GuestProtocolError(f"buffer {addr:#x}+{length:#x}: {err}")
+                chain.error = chain.error or GuestProtocolError(
+                    f"buffer {addr:#x}+{length:#x}: {err}")
+                chain.writable_ok &= not writable
                 return
-            views = []
-            for rid, o, n in zip(segs.region_id.tolist(), segs.offset.tolist(),
-                                 segs.length.tolist(), strict=True):
-                views.append(self._memory.region(rid).array[o:o + n])
+            views = [self._memory.region(rid).view[o:o + n] for rid, o, n in zip(
+                segs.region_id.tolist(), segs.offset.tolist(), segs.length.tolist(),
+                strict=True)]
         if writable:
             chain.inp.extend(views)
             chain.in_len += length
@@ -294,11 +334,9 @@ class Virtqueue:
 
     def push(self, head: int, written: int) -> None:
         """Return a chain to the driver with ``written`` bytes in its writable part."""
-        slot = 2 * (self.used_idx % self.num)
-        self._used_ring[slot] = head
-        self._used_ring[slot + 1] = written
+        _USED_ELEM.pack_into(self._used, 4 + 8 * (self.used_idx % self.num), head, written)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
-        self._used_idx[0] = self.used_idx  # x86 is TSO: the entry is visible first
+        _U16.pack_into(self._used, 2, self.used_idx)  # x86 is TSO: the entry is seen first
 
     def notify(self) -> None:
         """Signal the call eventfd if the driver wants an interrupt now."""
@@ -308,9 +346,10 @@ class Virtqueue:
             new, old = self.used_idx, self._signalled_used
             valid, self._signalled_valid = self._signalled_valid, True
             self._signalled_used = new
-            if valid and not vring_need_event(int(self._used_event[0]), new, old):
+            if valid and not vring_need_event(
+                    _U16.unpack_from(self._avail, self._used_event_at)[0], new, old):
                 return
-        elif int(self._avail_flags[0]) & AvailFlag.NO_INTERRUPT:
+        elif _U16.unpack_from(self._avail, 0)[0] & _NO_INTERRUPT:
             return
         try:
             os.eventfd_write(self.call_fd, 1)
