@@ -1,7 +1,9 @@
 """The capability sets this device publishes (GET_CAPSET_INFO / GET_CAPSET).
 
-Capset ids 1-6 are upstream and 8 is both ROCM (proposed) and rutabaga's
-GFXSTREAM_GLES, so our ids default to 0x5650 ("VP") and 0x5651, far from both, and are
+Ids in use elsewhere: 1-6 upstream, 7 magma, 8 gfxstream-gles (rutabaga) and ROCM
+(proposed), 9 gfxstream-composer.  Linux rejects every capset when one has an id above
+``MAX_CAPSET_ID`` (63) ("invalid capset id"), and a context type is a capset id, so
+ours must lie in 10..63: they default to 48 (userptr) and 49 (compute) and are
 configurable.  Each capset starts with a magic and a version; fields are only ever
 appended, so a guest reading an older version reads a prefix.
 """
@@ -14,6 +16,10 @@ from typing import Final, NamedTuple
 from protocol.wire import U16, U32, U64, wire
 
 __all__ = [
+    "DEFAULT_COMPUTE_CAPSET",
+    "DEFAULT_USERPTR_CAPSET",
+    "MAX_CAPSET_ID",
+    "RESERVED_CAPSET_IDS",
     "USERPTR_CAPSET_MAGIC",
     "USERPTR_CAPSET_VERSION",
     "HostBackend",
@@ -22,6 +28,12 @@ __all__ = [
     "UserptrCapset",
 ]
 
+#: the largest capset id Linux accepts (``MAX_CAPSET_ID``)
+MAX_CAPSET_ID: Final = 63
+#: ids used by upstream, rutabaga and proposed series
+RESERVED_CAPSET_IDS: Final = frozenset(range(1, 10))
+DEFAULT_USERPTR_CAPSET: Final = 48
+DEFAULT_COMPUTE_CAPSET: Final = 49
 USERPTR_CAPSET_MAGIC: Final = 0x52545055  # "UPTR" little-endian
 USERPTR_CAPSET_VERSION: Final = 1
 

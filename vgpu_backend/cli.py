@@ -10,6 +10,7 @@ import socket
 import sys
 from collections.abc import Sequence
 
+from protocol.capsets import DEFAULT_COMPUTE_CAPSET, DEFAULT_USERPTR_CAPSET
 from protocol.limits import cli_fields
 from vgpu_backend import __version__
 from vgpu_backend.config import BackendConfig, ConfigError, build_config, listening_socket
@@ -63,10 +64,14 @@ def parser() -> argparse.ArgumentParser:
                           "feature bit 5 as RESOURCE_USERPTR; only for guests built from "
                           "the v3 series, never with Linux >= 7.2 where bit 5 is "
                           "BLOB_ALIGNMENT), off")
-    dev.add_argument("--userptr-capset-id", type=lambda v: int(v, 0), default=0x5650,
-                     metavar="ID", help="capset id of the userptr capset (default 0x5650)")
-    dev.add_argument("--compute-capset-id", type=lambda v: int(v, 0), default=0x5651,
-                     metavar="ID", help="capset id of the compute capset (default 0x5651)")
+    dev.add_argument("--userptr-capset-id", type=lambda v: int(v, 0),
+                     default=DEFAULT_USERPTR_CAPSET, metavar="ID",
+                     help=f"capset id of the userptr capset, 10..63 (default "
+                          f"{DEFAULT_USERPTR_CAPSET})")
+    dev.add_argument("--compute-capset-id", type=lambda v: int(v, 0),
+                     default=DEFAULT_COMPUTE_CAPSET, metavar="ID",
+                     help=f"capset id (= context type) of the compute capset, 10..63 "
+                          f"(default {DEFAULT_COMPUTE_CAPSET})")
     gpu = p.add_argument_group("host GPU")
     gpu.add_argument("--gpu", default="auto", choices=["auto", "kfd", "sim"],
                      help="auto: /dev/kfd if present, else the simulated KFD (default)")

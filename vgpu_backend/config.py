@@ -14,6 +14,7 @@ import stat
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from protocol.capsets import MAX_CAPSET_ID, RESERVED_CAPSET_IDS
 from protocol.limits import Limits, cli_fields
 from vgpu_backend.device_state import DeviceOptions, UserptrProtocol
 
@@ -72,9 +73,9 @@ def build_config(args: argparse.Namespace) -> BackendConfig:
         raise ConfigError(f"--max-outputs must be 1..{limits.max_scanouts}")
     for name in ("userptr_capset_id", "compute_capset_id"):
         value = getattr(args, name)
-        if not 9 <= value <= 0xFFFFFFFF:
-            raise ConfigError(f"--{name.replace('_', '-')} {value}: ids 1-8 are taken by "
-                              "upstream and proposed capsets")
+        if value in RESERVED_CAPSET_IDS or not 1 <= value <= MAX_CAPSET_ID:
+            raise ConfigError(f"--{name.replace('_', '-')} {value}: must be 10..63 (1-9 "
+                              "are taken by other capsets; Linux rejects ids above 63)")
     if args.userptr_capset_id == args.compute_capset_id:
         raise ConfigError("the userptr and compute capsets need different ids")
     device = DeviceOptions(

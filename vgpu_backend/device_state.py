@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from protocol.capsets import DEFAULT_COMPUTE_CAPSET, DEFAULT_USERPTR_CAPSET
 from protocol.errors import GuestProtocolError
 from protocol.limits import Limits
 from protocol.virtio_gpu import CTRL_HDR_SIZE, CtrlHdr, DisplayOne
@@ -55,10 +56,10 @@ class DeviceOptions:
     blob: bool = True
     userptr_protocol: UserptrProtocol = UserptrProtocol.V5
     #: capset id of the userptr capset
-    userptr_capset_id: int = 0x5650
+    userptr_capset_id: int = DEFAULT_USERPTR_CAPSET
     #: compute (3D) contexts
     compute: bool = True
-    compute_capset_id: int = 0x5651
+    compute_capset_id: int = DEFAULT_COMPUTE_CAPSET
 
 
 @dataclass(frozen=True, slots=True)

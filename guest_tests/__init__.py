@@ -1,0 +1,1 @@
+"""Tests that run inside the scripts/vm.py guest (a package, so its modules have unique names)."""

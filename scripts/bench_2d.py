@@ -1,0 +1,351 @@
+#!/usr/bin/env python3
+"""Benchmark: our back-end against QEMU's C reference, on identical 2D work, in one run.
+
+Each back-end is started as a process and driven by the test front-end simulator
+(``tests/frontend``: memfd guest RAM, eventfds, a display peer thread that reads and
+composites UPDATEs as fast as they come).  Chains are laid out once and re-submitted,
+so the simulator's own cost per command is a few microseconds.  Measured:
+
+* GET_DISPLAY_INFO round-trip latency (median, p99) -- it includes the back-end's
+  display-socket round trip to the (simulated) QEMU;
+* batched 2D throughput: RESOURCE_CREATE_2D + RESOURCE_UNREF pairs, 64 per kick;
+* RESOURCE_ATTACH_BACKING of 16384 scattered page entries, and its DETACH_BACKING;
+* full-frame 1280x800 TRANSFER_TO_HOST_2D + RESOURCE_FLUSH per kick (frames/s, until
+  the display peer has the last frame).
+
+    python3 scripts/bench_2d.py [--backends ours,reference] [--latency-iterations 2000]
+        [--batches 200] [--attach-iterations 20] [--frames 120] [--flavour 10.x] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import struct
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from protocol.display import DisplayReq
+from protocol.virtio_gpu_codes import Feature, Format, Resp
+from protocol.virtqueue import DescFlag
+from tests.frontend import gpu_commands as cmds
+from tests.frontend.backend_process import (
+    OURS_COMMAND,
+    REFERENCE_BINARY,
+    BackendProcess,
+)
+from tests.frontend.flavour import FLAVOURS, QEMU_7_2
+from tests.frontend.gpu_commands import Rect
+from tests.frontend.session import Session, SessionConfig
+
+MiB = 1 << 20
+SLOT = 512  # bytes per command slot in a batch arena: command, then response at +256
+WIDTH, HEIGHT = 1280, 800
+
+
+class FixedBatch:
+    """Commands laid out once in guest RAM as chains that are re-submitted unchanged.
+
+    :param indirect: one INDIRECT descriptor per command (64 commands fit a 64-ring).
+    """
+
+    def __init__(self, s: Session, commands: Sequence[bytes], response_size: int, *,
+                 indirect: bool, extra: Sequence[bytes] = ()) -> None:
+        self.s, self.q = s, s.queues[0]
+        self.response_size = response_size
+        extras = list(extra) or [b""] * len(commands)
+        sizes = [len(c) + len(e) for c, e in zip(commands, extras, strict=True)]
+        slot = max(SLOT, max(sizes) + response_size + 64)
+        self.arena_size = slot * len(commands)
+        self.arena = s.ram.alloc_contiguous(self.arena_size)
+        tables: list[tuple[int, int]] = []
+        self.responses: list[int] = []
+        self.heads: list[int] = []
+        q = self.q
+        for k, command in enumerate(commands):
+            data = command + extras[k]
+            base = self.arena + k * slot
+            resp = base + slot - response_size
+            s.ram.write(base, data)
+            self.responses.append(resp)
+            segments = [(base, len(command), 0)]
+            if extras[k]:
+                segments.append((base + len(command), len(extras[k]), 0))
+            segments.append((resp, response_size, int(DescFlag.WRITE)))
+            if indirect:
+                table = s.ram.alloc_contiguous(16 * len(segments))
+                tables.append((table, 16 * len(segments)))
+                entries = b"".join(
+                    struct.pack("<QIHH", gpa, length,
+                                flags | (int(DescFlag.NEXT) if i < len(segments) - 1 else 0),
+                                i + 1 if i < len(segments) - 1 else 0)
+                    for i, (gpa, length, flags) in enumerate(segments))
+                s.ram.write(table, entries)
+                head = q.take_descriptors(1)[0]
+                q.write_desc(head, table, len(entries), int(DescFlag.INDIRECT), 0)
+                q.claim(head, descriptors=[head])
+            else:
+                ids = q.take_descriptors(len(segments))
+                for i, (gpa, length, flags) in enumerate(segments):
+                    last = i == len(segments) - 1
+                    q.write_desc(ids[i], gpa, length,
+                                 flags | (0 if last else int(DescFlag.NEXT)),
+                                 0 if last else ids[i + 1])
+                head = ids[0]
+                q.claim(head, descriptors=ids)
+            self.heads.append(head)
+
+        self.tables = tables
+
+    def release(self) -> None:
+        """Give the descriptors and guest RAM back."""
+        for head in self.heads:
+            self.q.release(head)
+        for gpa, length in self.tables:
+            self.s.ram.free(gpa, length)
+        self.s.ram.free(self.arena, self.arena_size)
+
+    def run(self, timeout: float = 10.0) -> None:
+        """Publish every chain with one kick and wait for all of them."""
+        for head in self.heads:
+            self.q.put_head(head)
+        self.q.submit(force_kick=True)
+        self.q.wait_used_raw(len(self.heads), timeout)
+
+    def response_types(self) -> list[int]:
+        """The response header types written by the device."""
+        return [int.from_bytes(self.s.ram.read(r, 4), "little") for r in self.responses]
+
+    def check(self, expected: Sequence[int]) -> None:
+        """Raise unless every response has the expected type."""
+        got = self.response_types()
+        if got != list(expected):
+            names = sorted({Resp(t).name if t in Resp._value2member_map_ else hex(t)
+                            for t in got})
+            raise RuntimeError(f"unexpected responses: {names}")
+
+
+@dataclass(slots=True)
+class Results:
+    """Measured numbers of one back-end (None where a phase failed)."""
+
+    name: str
+    metrics: dict[str, float | None] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+
+def percentiles(samples_ns: list[int]) -> tuple[float, float]:
+    """Median and p99 in microseconds."""
+    arr = np.asarray(samples_ns, dtype=np.float64) / 1000.0
+    return float(np.median(arr)), float(np.percentile(arr, 99))
+
+
+def bench_latency(s: Session, iterations: int) -> dict[str, float | None]:
+    """Single GET_DISPLAY_INFO round trips."""
+    batch = FixedBatch(s, [cmds.get_display_info()], cmds.DISPLAY_INFO_RESP_SIZE,
+                       indirect=False)
+    for _ in range(20):
+        batch.run()
+    samples = []
+    for _ in range(iterations):
+        start = time.perf_counter_ns()
+        batch.run()
+        samples.append(time.perf_counter_ns() - start)
+    batch.check([Resp.OK_DISPLAY_INFO])
+    batch.release()
+    median, p99 = percentiles(samples)
+    return {"display_info_median_us": median, "display_info_p99_us": p99}
+
+
+def bench_throughput(s: Session, batches: int) -> dict[str, float | None]:
+    """RESOURCE_CREATE_2D + RESOURCE_UNREF pairs, 64 commands per kick."""
+    commands = []
+    for i in range(32):
+        commands.append(cmds.resource_create_2d(5000 + i, Format.B8G8R8X8_UNORM, 64, 64))
+        commands.append(cmds.resource_unref(5000 + i))
+    batch = FixedBatch(s, commands, cmds.NODATA_RESP_SIZE, indirect=True)
+    for _ in range(5):
+        batch.run()
+    start = time.perf_counter()
+    for _ in range(batches):
+        batch.run()
+    elapsed = time.perf_counter() - start
+    batch.check([Resp.OK_NODATA] * 64)
+    batch.release()
+    return {"commands_per_s": batches * 64 / elapsed,
+            "batch_us": elapsed / batches * 1e6}
+
+
+def bench_attach(s: Session, iterations: int) -> dict[str, float | None]:
+    """ATTACH_BACKING of 16384 scattered pages, then DETACH_BACKING."""
+    rid = 6000
+    side = 4096  # 64 MiB image = 16384 pages
+    s.gpu.create_2d(rid, Format.B8G8R8X8_UNORM, side, side).expect(Resp.OK_NODATA)
+    backing = s.gpu.alloc_backing(side * side * 4)
+    assert len(backing) == 16384
+    attach = FixedBatch(s, [cmds.attach_backing(rid, len(backing))], cmds.NODATA_RESP_SIZE,
+                        indirect=False, extra=[cmds.mem_entries(backing)])
+    detach = FixedBatch(s, [cmds.detach_backing(rid)], cmds.NODATA_RESP_SIZE, indirect=False)
+    attach_ns, detach_ns = [], []
+    for i in range(iterations + 2):
+        start = time.perf_counter_ns()
+        attach.run()
+        middle = time.perf_counter_ns()
+        attach.check([Resp.OK_NODATA])
+        detach_start = time.perf_counter_ns()
+        detach.run()
+        end = time.perf_counter_ns()
+        detach.check([Resp.OK_NODATA])
+        if i >= 2:  # warm-up
+            attach_ns.append(middle - start)
+            detach_ns.append(end - detach_start)
+    attach.release()
+    detach.release()
+    s.gpu.unref(rid).expect(Resp.OK_NODATA)
+    return {"attach_16384_median_us": percentiles(attach_ns)[0],
+            "detach_median_us": percentiles(detach_ns)[0]}
+
+
+def bench_frames(s: Session, frames: int) -> dict[str, float | None]:
+    """Full-frame TRANSFER + FLUSH per kick until the display has the last frame."""
+    image = s.gpu.create_image(WIDTH, HEIGHT)
+    full = Rect(0, 0, WIDTH, HEIGHT)
+    image.write_pixels(s.ram, np.zeros((HEIGHT, WIDTH, 4), dtype=np.uint8))
+    s.gpu.show(image)
+    display = s.display
+    display.wait_count(DisplayReq.UPDATE, 1, timeout=20)
+    frame = FixedBatch(s, [cmds.transfer_to_host_2d(image.resource_id, full),
+                           cmds.resource_flush(image.resource_id, full)],
+                       cmds.NODATA_RESP_SIZE, indirect=False)
+    updates_before, bytes_before = display.count(DisplayReq.UPDATE), display.update_bytes
+    start = time.perf_counter()
+    for n in range(1, frames + 1):
+        image.write(s.ram, 0, np.array([n & 0xFF, (n >> 8) & 0xFF, 0x5A, 0], dtype=np.uint8))
+        frame.run(timeout=30)
+    last = frames
+    display.wait_for(lambda: bool(display.console.scanouts[0].surface is not None and
+                                  int(display.console.scanouts[0].surface[0, 0, 0]) ==
+                                  last & 0xFF and
+                                  int(display.console.scanouts[0].surface[0, 0, 1]) ==
+                                  (last >> 8) & 0xFF), 60, "the last frame on the display")
+    elapsed = time.perf_counter() - start
+    frame.check([Resp.OK_NODATA] * 2)
+    frame.release()
+    updates = display.count(DisplayReq.UPDATE) - updates_before
+    moved = display.update_bytes - bytes_before
+    return {"frames_per_s": frames / elapsed, "updates_per_frame": updates / frames,
+            "display_mb_per_s": moved / elapsed / MiB}
+
+
+PHASES: list[tuple[str, Callable[[Session, int], dict[str, float | None]], str]] = [
+    ("latency", bench_latency, "latency_iterations"),
+    ("throughput", bench_throughput, "batches"),
+    ("attach", bench_attach, "attach_iterations"),
+    ("frames", bench_frames, "frames"),
+]
+
+
+def run_backend(name: str, command: Sequence[str], args: argparse.Namespace) -> Results:
+    """Start one back-end, run every phase, close the session."""
+    results = Results(name)
+    flavour = FLAVOURS[args.flavour]
+    config = SessionConfig(flavour=flavour, ram_size=256 * MiB, timeout=30.0)
+    if name == "reference" and flavour is QEMU_7_2:
+        config.drop_guest_features = int(Feature.EDID)  # else the reference exits (no EDID)
+    try:
+        process = BackendProcess(command, name=name)
+    except RuntimeError as exc:
+        results.errors.append(f"start: {exc}")
+        return results
+    s = Session(process, config)
+    try:
+        s.realize()
+        s.probe()
+        s.driver_ok()
+        for phase, bench, option in PHASES:
+            try:
+                results.metrics.update(bench(s, int(getattr(args, option))))
+            except Exception as exc:  # report and go on with the next phase
+                results.errors.append(f"{phase}: {type(exc).__name__}: {exc}")
+        code = s.close(exit_timeout=20)
+        results.metrics["exit_status"] = code
+    except Exception as exc:
+        results.errors.append(f"session: {type(exc).__name__}: {exc}")
+        s.close(expect_exit=None)
+    return results
+
+
+ROWS = [
+    ("display_info_median_us", "GET_DISPLAY_INFO round trip, median", "us", False),
+    ("display_info_p99_us", "GET_DISPLAY_INFO round trip, p99", "us", False),
+    ("commands_per_s", "CREATE_2D+UNREF, 64 per kick", "cmd/s", True),
+    ("batch_us", "  time per 64-command batch", "us", False),
+    ("attach_16384_median_us", "ATTACH_BACKING 16384 entries, median", "us", False),
+    ("detach_median_us", "DETACH_BACKING, median", "us", False),
+    ("frames_per_s", "1280x800 TRANSFER+FLUSH", "frames/s", True),
+    ("updates_per_frame", "  display UPDATEs per frame", "", True),
+    ("display_mb_per_s", "  display socket throughput", "MiB/s", True),
+]
+
+
+def print_table(all_results: list[Results]) -> None:
+    """Absolute numbers per back-end and the ours/reference ratio."""
+    by_name = {r.name: r for r in all_results}
+    names = [r.name for r in all_results]
+    header = f"{'metric':<40} {'unit':<9}" + "".join(f"{n:>14}" for n in names)
+    show_ratio = {"ours", "reference"} <= set(by_name)
+    print(header + (f"{'ours/ref':>10}" if show_ratio else ""))
+    print("-" * (len(header) + (10 if show_ratio else 0)))
+    for key, label, unit, _higher_better in ROWS:
+        cells = []
+        for n in names:
+            value = by_name[n].metrics.get(key)
+            cells.append(f"{value:>14.1f}" if value is not None else f"{'n/a':>14}")
+        line = f"{label:<40} {unit:<9}" + "".join(cells)
+        if show_ratio:
+            ours, ref = by_name["ours"].metrics.get(key), by_name["reference"].metrics.get(key)
+            line += f"{ours / ref:>10.2f}" if ours is not None and ref else f"{'n/a':>10}"
+        print(line)
+    print("(latency includes the display-socket round trip to the simulated QEMU; "
+          "ours/ref > 1 means more time or more throughput for ours)")
+    for r in all_results:
+        for err in r.errors:
+            print(f"{r.name}: {err}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse options, run the chosen back-ends, print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
+    parser.add_argument("--backends", default="ours,reference",
+                        help="comma-separated: ours, reference (default both)")
+    parser.add_argument("--reference-binary", default=REFERENCE_BINARY)
+    parser.add_argument("--flavour", default="10.x", choices=sorted(FLAVOURS))
+    parser.add_argument("--latency-iterations", type=int, default=2000)
+    parser.add_argument("--batches", type=int, default=200)
+    parser.add_argument("--attach-iterations", type=int, default=20)
+    parser.add_argument("--frames", type=int, default=120)
+    parser.add_argument("--json", action="store_true", help="also print JSON results")
+    args = parser.parse_args(argv)
+    commands = {"ours": list(OURS_COMMAND),
+                "reference": [args.reference_binary, "--socket-path", "{socket}"]}
+    wanted = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = set(wanted) - set(commands)
+    if unknown:
+        parser.error(f"unknown back-ends {sorted(unknown)}")
+    all_results = [run_backend(name, commands[name], args) for name in wanted]
+    print_table(all_results)
+    if args.json:
+        print(json.dumps({r.name: {"metrics": r.metrics, "errors": r.errors}
+                          for r in all_results}, indent=2))
+    return 0 if all(not r.errors for r in all_results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+#!/usr/bin/env python3
+"""Boot a TCG guest with vhost-user-gpu and run the in-guest tests or the console check.
+
+Run ``python3 scripts/vm.py --help`` for the commands; ``scripts/setup-host.sh`` installs
+what they need on a Debian 12 host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from vmrunner.artifacts import cache_dir, prepare_artifacts
+from vmrunner.backend import PRESETS, REFERENCE_BACKEND, backend_spec
+from vmrunner.commands import run_console_check, run_test
+from vmrunner.errors import (
+    EXIT_CONSOLE_CHECK_FAILED,
+    EXIT_HARNESS_ERROR,
+    EXIT_TIMEOUT,
+    HarnessError,
+)
+from vmrunner.qemu import USERSPACE_GPU_PCI
+from vmrunner.rootfs import ROOT_KINDS
+from vmrunner.session import SessionOptions
+
+DESCRIPTION = f"""\
+Boot a Linux 6.1 guest under QEMU 10 (TCG) with a vhost-user-gpu-pci device served by the
+back-end under test, and run checks inside it.
+
+commands:
+  test           boot the guest root and run `pytest guest_tests/` in it (as root, from this
+                 checkout shared read-only); exits with the guest pytest's exit code
+  console-check  boot only the busybox initramfs; the guest draws text on the fbcon console
+                 and a pattern into /dev/fb0, the host checks a screendump pixel by pixel
+  artifacts      build or check the cached guest kernel, initramfs and root image
+
+back-ends (the device under test; each listens on --socket-path and exits when QEMU leaves):
+  --backend ours        python3 -m vgpu_backend --socket-path {{socket}}   (from the repo root)
+  --backend reference   {REFERENCE_BACKEND} --socket-path {{socket}}   (default)
+  --backend-cmd 'CMD'   any command line containing {{socket}}, e.g.
+                        'python3 -m vgpu_backend --socket-path {{socket}} --log-level debug'
+
+exit codes:
+  0-5   the guest pytest's own
+  {EXIT_HARNESS_ERROR}    harness error: boot, back-end or guest init failed, or a back-end did
+        not exit 0 after QEMU disconnected
+  {EXIT_CONSOLE_CHECK_FAILED}    console-check ran and the screen was wrong
+  {EXIT_TIMEOUT}   a time limit passed (the tails of the serial and back-end logs are printed)
+
+Every run keeps serial.log, backend-N.log, qemu.log, qemu-command.txt, control.log,
+screendumps/ and junit.xml in its results directory.
+
+environment: VGPU_CACHE_DIR (artifact cache, default ~/.cache/vgpu-backend),
+VGPU_RESULTS_DIR (parent of per-run results directories, default /tmp/vgpu-results).
+
+examples:
+  python3 scripts/vm.py console-check --backend reference --screenshot console.png
+  python3 scripts/vm.py test --backend ours --second-gpu -- -k smoke -x
+"""
+
+
+def _add_vm_options(parser: argparse.ArgumentParser) -> None:
+    vm = parser.add_argument_group("virtual machine")
+    vm.add_argument("--backend", choices=sorted(PRESETS), default=None,
+                    help="back-end preset (default: reference)")
+    vm.add_argument("--backend-cmd", metavar="TEMPLATE",
+                    help="back-end command line with {socket}; overrides --backend")
+    vm.add_argument("--results-dir", type=Path,
+                    help="where logs, screendumps and junit.xml go "
+                         "(default: $VGPU_RESULTS_DIR/COMMAND-TIME)")
+    vm.add_argument("--boot-timeout", type=float, default=180.0, metavar="S",
+                    help="limit for QEMU start to guest init and for init to pytest/console "
+                         "start (default: %(default)s)")
+    vm.add_argument("--timeout", type=float, default=1800.0, metavar="S",
+                    help="limit for the whole VM run from back-end start (default: %(default)s)")
+    vm.add_argument("--shutdown-timeout", type=float, default=60.0, metavar="S",
+                    help="limit for QEMU and the back-ends to exit (default: %(default)s)")
+    vm.add_argument("--memory", type=int, default=2048, metavar="MIB",
+                    help="guest RAM, memfd-backed and shared (default: %(default)s)")
+    vm.add_argument("--smp", type=int, default=1, help="guest vCPUs (default: %(default)s)")
+    vm.add_argument("--hugepages", type=int, default=64,
+                    help="2 MiB hugepages reserved on the guest kernel command line "
+                         "(default: %(default)s)")
+    vm.add_argument("--append", default="", metavar="ARGS",
+                    help="extra guest kernel command line")
+    vm.add_argument("--kernel-package", metavar="NAME",
+                    help="Debian kernel package (default: newest linux-image-6.1.0-N-amd64)")
+    vm.add_argument("--show-console", action="store_true",
+                    help="echo the guest serial console while it runs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The vm.py argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="vm.py", description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    test = commands.add_parser(
+        "test", help="run guest_tests/ with pytest inside the guest",
+        usage="vm.py test [options] [-- PYTEST ARGS]",
+        description="Boot the guest root and run `python3 -m pytest guest_tests/ -v "
+                    "--junitxml=RESULTS/junit.xml [PYTEST ARGS]` in it.  Guest environment: "
+                    "VGPU_BACKEND (ours|reference|custom), VGPU_RESULTS_DIR, VGPU_PROJECT_DIR, "
+                    "VGPU_CONTROL_PORT, VGPU_USERSPACE_PCI (with --second-gpu).")
+    _add_vm_options(test)
+    test.add_argument("--second-gpu", action="store_true",
+                      help=f"add a second vhost-user-gpu-pci at {USERSPACE_GPU_PCI}, with its "
+                           "own back-end, kept away from the guest's virtio driver for a "
+                           "userspace driver (VGPU_USERSPACE_PCI)")
+    test.add_argument("--guest-root", choices=ROOT_KINDS, default="host",
+                      help="host: this host's / read-only over 9p (default; needs Debian's "
+                           "python3-numpy/pytest); image: a debootstrap ext4 image over "
+                           "virtio-blk")
+
+    console = commands.add_parser(
+        "console-check", help="check the fbcon console and /dev/fb0 through a screendump",
+        description="Boot only the initramfs; pass if the screendump shows the guest's "
+                    "console text and framebuffer pattern exactly.")
+    _add_vm_options(console)
+    console.add_argument("--screenshot", type=Path, metavar="PNG",
+                         help="also save the checked screen as this PNG")
+
+    artifacts = commands.add_parser("artifacts", help="build or check the cached guest artifacts")
+    artifacts.add_argument("--guest-root", choices=(*ROOT_KINDS, "none"), default="host")
+    artifacts.add_argument("--kernel-package", metavar="NAME")
+    return parser
+
+
+def _results_dir(args: argparse.Namespace) -> Path:
+    if args.results_dir is not None:
+        return Path(args.results_dir).resolve()
+    base = Path(os.environ.get("VGPU_RESULTS_DIR") or "/tmp/vgpu-results")
+    return base / f"{args.command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+
+
+def _options(args: argparse.Namespace, mode: str) -> SessionOptions:
+    return SessionOptions(
+        mode=mode, backend=backend_spec(args.backend, args.backend_cmd),
+        results_dir=_results_dir(args), second_gpu=getattr(args, "second_gpu", False),
+        guest_root=getattr(args, "guest_root", "host"), boot_timeout=args.boot_timeout,
+        timeout=args.timeout, shutdown_timeout=args.shutdown_timeout,
+        memory_mib=args.memory, smp=args.smp, hugepages=args.hugepages,
+        extra_cmdline=args.append, show_console=args.show_console)
+
+
+def main(argv: list[str]) -> int:
+    """Parse `argv` (without the program name) and run the command."""
+    extra: list[str] = []
+    if "--" in argv:
+        extra = argv[argv.index("--") + 1:]
+        argv = argv[:argv.index("--")]
+    args = build_parser().parse_args(argv)
+    if extra and args.command != "test":
+        build_parser().error("only `test` takes extra pytest arguments after --")
+    try:
+        if args.command == "artifacts":
+            started = time.monotonic()
+            built = prepare_artifacts(args.guest_root, args.kernel_package)
+            print(f"cache: {cache_dir()}\nkernel: {built.kernel.image}\n"
+                  f"initramfs: {built.initramfs}\nroot image: {built.root_image}\n"
+                  f"built: {', '.join(built.built) or 'nothing'} "
+                  f"in {time.monotonic() - started:.1f} s")
+            return 0
+        if args.command == "test":
+            return run_test(_options(args, "test"), extra, args.kernel_package)
+        return run_console_check(_options(args, "console"), args.screenshot,
+                                 args.kernel_package)
+    except HarnessError as error:
+        print(f"vm: ERROR: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("vm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,104 @@
+"""The QEMU 10 command line: TCG q35 guest, vhost-user-gpu device(s), shares, control port.
+
+Every PCI function sits at a fixed address on pcie.0, so the guest sees the same layout
+on every run: the DRM GPU at 00:02.0, the userspace-driver GPU (--second-gpu) at 00:0a.0.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import HarnessError
+
+QEMU_BINARY = "qemu-system-x86_64"
+CONTROL_PORT_NAME = "org.vgpu.control"
+GPU_IDS = ("gpu0", "gpu1")
+GPU_SLOTS = ("02.0", "0a.0")
+DRM_GPU_PCI = "0000:00:02.0"
+USERSPACE_GPU_PCI = "0000:00:0a.0"
+CONTROL_SLOT = "03.0"
+SHARE_SLOTS = {"results": "04.0", "project": "05.0", "hostroot": "06.0"}
+ROOT_DISK_SLOT = "06.0"  # the image root replaces the hostroot share
+
+
+@dataclass(frozen=True)
+class Share:
+    """A host directory exported to the guest over virtio-9p as mount tag `tag`."""
+
+    tag: str
+    path: Path
+    readonly: bool
+
+
+@dataclass(frozen=True)
+class VmLayout:
+    """Everything the QEMU command line is made of."""
+
+    kernel_image: Path
+    initramfs: Path
+    cmdline: str
+    gpu_sockets: tuple[Path, ...]
+    control_socket: Path
+    qmp_socket: Path
+    serial_log: Path
+    shares: tuple[Share, ...] = ()
+    root_image: Path | None = None
+    memory_mib: int = 2048
+    smp: int = 1
+
+
+def kernel_cmdline(mode: str, root: str, userspace_pci: str | None, hugepages: int,
+                   extra: str = "") -> str:
+    """The guest kernel command line read by guest_tests/boot/init."""
+    words = ["console=ttyS0", "panic=-1", "quiet", "loglevel=4", f"hugepages={hugepages}",
+             f"vgpu.mode={mode}", f"vgpu.root={root}"]
+    if userspace_pci:
+        words.append(f"vgpu.userspace_pci={userspace_pci}")
+    return " ".join([*words, extra]).strip()
+
+
+def find_qemu() -> str:
+    """Path of qemu-system-x86_64 or a HarnessError telling how to install it."""
+    found = shutil.which(QEMU_BINARY)
+    if found is None:
+        raise HarnessError(f"{QEMU_BINARY} not found: run scripts/setup-host.sh")
+    return found
+
+
+def qemu_command(layout: VmLayout, qemu: str = QEMU_BINARY) -> list[str]:
+    """The argv that boots `layout`."""
+    memory = f"{layout.memory_mib}M"
+    argv = [
+        qemu, "-machine", "q35,accel=tcg", "-cpu", "max", "-smp", str(layout.smp),
+        "-m", memory,
+        "-object", f"memory-backend-memfd,id=mem,size={memory},share=on",
+        "-numa", "node,memdev=mem",
+        "-nodefaults", "-display", "none", "-no-reboot",
+        "-kernel", str(layout.kernel_image), "-initrd", str(layout.initramfs),
+        "-append", layout.cmdline,
+        "-chardev", f"file,id=serial0,path={layout.serial_log}", "-serial", "chardev:serial0",
+        "-chardev", f"socket,id=qmp,path={layout.qmp_socket},server=on,wait=off",
+        "-mon", "chardev=qmp,mode=control",
+        "-chardev", f"socket,id=control,path={layout.control_socket}",
+        "-device", f"virtio-serial-pci,id=vserial,addr={CONTROL_SLOT}",
+        "-device", f"virtserialport,bus=vserial.0,chardev=control,name={CONTROL_PORT_NAME}",
+    ]
+    for index, socket in enumerate(layout.gpu_sockets):
+        argv += ["-chardev", f"socket,id=vgpu{index},path={socket}",
+                 "-device", f"vhost-user-gpu-pci,chardev=vgpu{index},id={GPU_IDS[index]},"
+                            f"addr={GPU_SLOTS[index]}"]
+    for share in layout.shares:
+        options = f"local,id=fs-{share.tag},path={share.path},security_model=none"
+        if share.readonly:
+            options += ",readonly=on"
+        if share.tag == "hostroot":
+            options += ",multidevs=remap"
+        argv += ["-fsdev", options,
+                 "-device", f"virtio-9p-pci,fsdev=fs-{share.tag},mount_tag={share.tag},"
+                            f"addr={SHARE_SLOTS[share.tag]}"]
+    if layout.root_image is not None:
+        argv += ["-drive", f"file={layout.root_image},if=none,id=root,format=raw,readonly=on",
+                 "-device", f"virtio-blk-pci,drive=root,addr={ROOT_DISK_SLOT}"]
+    return argv

@@ -1,0 +1,1 @@
+"""vgpu-backend host-side tests (unit tests, the front-end simulator, integration tests)."""
