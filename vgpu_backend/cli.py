@@ -25,6 +25,8 @@ log = logging.getLogger("vgpu_backend")
 #: ``--print-capabilities`` output (``VHostUserBackendCapabilities`` for type "gpu";
 #: we support neither --render-node nor --virgl)
 CAPABILITIES = {"type": "gpu", "features": []}
+#: exit status when the shutdown leak check finds something still allocated (EX_SOFTWARE)
+EXIT_LEAK = 70
 
 
 def parser() -> argparse.ArgumentParser:
@@ -90,6 +92,11 @@ def parser() -> argparse.ArgumentParser:
                      help="number of simulated GPUs (default 1)")
     gpu.add_argument("--sim-kfd-minor", type=int, metavar="N",
                      help="KFD minor version the simulated kernel reports (default 19)")
+    gpu.add_argument("--sim-fault", action="append", default=[],
+                     metavar="IOCTL:ERRNO[:COUNT[:AFTER[:DEVICE]]]",
+                     help="make the simulated KFD fail an ioctl (testing), e.g. "
+                          "MAP_MEMORY_TO_GPU:EINTR or ALLOC_MEMORY_OF_GPU:ENOMEM:1:2; "
+                          "armed after the start-up probes; repeatable")
     gpu.add_argument("--sim-pre-batch", action="store_true",
                      help="simulate a kernel without the batch-userptr series (the "
                           "alias/per-range fallbacks are used)")
@@ -120,7 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(config: BackendConfig) -> int:
-    """Serve one front-end connection, then exit 0 (1 on a start-up failure)."""
+    """Serve one front-end connection, then exit 0 (1: start-up failure; 70: something
+    was still allocated at the end, see the log)."""
     loop = EventLoop()
     try:
         backend = Backend(loop, config)
@@ -144,4 +152,4 @@ def run(config: BackendConfig) -> int:
     finally:
         backend.close()
         loop.close()
-    return 0
+    return EXIT_LEAK if backend.leaks else 0

@@ -8,6 +8,7 @@ what was requested must fail at start-up.
 from __future__ import annotations
 
 import argparse
+import errno as errno_module
 import os
 import socket
 import stat
@@ -46,6 +47,24 @@ def _mode(text: str) -> tuple[int, int]:
     if not (1 <= width <= 16384 and 1 <= height <= 16384):
         raise ConfigError(f"--default-mode {text}: out of range")
     return width, height
+
+
+def _sim_fault(spec: str) -> dict[str, Any]:
+    """``IOCTL:ERRNO[:COUNT[:AFTER[:DEVICE]]]`` -> SimFault keyword arguments."""
+    parts = spec.split(":")
+    if not 2 <= len(parts) <= 5:
+        raise ConfigError(f"--sim-fault {spec!r}: expected IOCTL:ERRNO[:COUNT[:AFTER[:DEVICE]]]")
+    code = getattr(errno_module, parts[1], None)
+    if not isinstance(code, int):
+        raise ConfigError(f"--sim-fault {spec!r}: unknown errno {parts[1]!r}")
+    try:
+        numbers = [int(p) for p in parts[2:]]
+    except ValueError:
+        raise ConfigError(f"--sim-fault {spec!r}: COUNT, AFTER and DEVICE are numbers") from None
+    fault: dict[str, Any] = {"ioctl": parts[0], "errno": code}
+    for key, value in zip(("count", "after", "device_index"), numbers, strict=False):
+        fault[key] = value
+    return fault
 
 
 def build_config(args: argparse.Namespace) -> BackendConfig:
@@ -93,9 +112,12 @@ def build_config(args: argparse.Namespace) -> BackendConfig:
         sim["kfd_minor"] = args.sim_kfd_minor
     if args.sim_pre_batch:
         sim["batch_userptr"] = False
+    faults = [_sim_fault(spec) for spec in args.sim_fault]
+    if faults:
+        host_gpu["sim_faults"] = faults
+    if (sim or faults) and args.gpu == "kfd":
+        raise ConfigError("--sim-* options need --gpu sim (or auto without /dev/kfd)")
     if sim:
-        if args.gpu == "kfd":
-            raise ConfigError("--sim-* options need --gpu sim (or auto without /dev/kfd)")
         host_gpu["sim"] = sim
     return BackendConfig(args.socket_path, args.fd, args.log_level, device, limits, host_gpu)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 
 from vgpu_backend import __version__
@@ -23,28 +24,41 @@ def _open_host_gpu(config: BackendConfig) -> HostGpu | None:
     if config.device.userptr_protocol is UserptrProtocol.OFF and not config.device.compute:
         return None
     from vgpu_backend.hostgpu.factory import HostGpuOptions, create_host_gpu
-    from vgpu_backend.hostgpu.sim_config import SimKfdConfig
+    from vgpu_backend.hostgpu.sim_config import SimFault, SimKfdConfig
     options = dict(config.host_gpu)
     if "sim" in options:
         options["sim"] = SimKfdConfig(**options["sim"])
+    if "sim_faults" in options:
+        options["sim_faults"] = tuple(SimFault(**f) for f in options["sim_faults"])
     try:
         return create_host_gpu(HostGpuOptions(**options))
     except (HostGpuError, ValueError) as err:
         raise ConfigError(f"host GPU: {err}") from err
 
 
+def open_fds() -> set[int]:
+    """This process's open file descriptors."""
+    return {int(name) for name in os.listdir("/proc/self/fd")}
+
+
 class Backend:
-    """One back-end instance: serves a single front-end connection."""
+    """One back-end instance: serves a single front-end connection.
+
+    :ivar leaks: what :meth:`close` found still allocated (empty when clean).
+    """
 
     def __init__(self, loop: EventLoop, config: BackendConfig) -> None:
         self.loop = loop
         self.config = config
         self.memory = GuestMemory()
+        self.leaks: list[str] = []
+        self._fds_at_start = open_fds()
         self.host_gpu = _open_host_gpu(config)
         self.device = VirtioGpuDevice(loop, self.memory, config.limits, config.device,
                                       self.host_gpu)
         self.session: VhostUserSession | None = None
         self._listener: socket.socket | None = None
+        self._fds_with_gpu = open_fds()
         gpu = self.host_gpu.info() if self.host_gpu is not None else None
         log.info("vgpu-backend %s: offering virtio features %#x, protocol features %#x; "
                  "userptr protocol %s; host GPU %s", __version__,
@@ -79,7 +93,8 @@ class Backend:
                                         self.config.limits, self.loop.stop)
 
     def close(self) -> None:
-        """Free everything: session, guest memory, host GPU."""
+        """Free everything (session, guest memory, host GPU) and check that nothing is
+        left: no host GPU mapping, no guest memory, no fd beyond those at start-up."""
         if self._listener is not None:
             self.loop.forget_fd(self._listener.fileno())
             self._listener.close()
@@ -89,7 +104,29 @@ class Backend:
         else:
             self.device.close()
             self.memory.clear()
+        if self.host_gpu is not None and self.host_gpu.live_mappings():
+            self.leaks.append(f"{self.host_gpu.live_mappings()} host GPU mapping(s)")
+        if self.memory.regions:
+            self.leaks.append(f"{len(self.memory.regions)} guest memory region(s)")
+        extra = open_fds() - self._fds_with_gpu
         if self.host_gpu is not None:
             self.host_gpu.close()
             self.host_gpu = None
-        log.info("back-end stopped")
+        extra |= open_fds() - self._fds_at_start
+        if extra:
+            self.leaks.append(f"fds {sorted(extra)} ({_describe_fds(extra)})")
+        if self.leaks:
+            log.error("leak check failed: %s", "; ".join(self.leaks))
+        else:
+            log.info("back-end stopped; leak check: no host GPU mapping, guest memory or "
+                     "fd left")
+
+
+def _describe_fds(fds: set[int]) -> str:
+    out = []
+    for fd in sorted(fds):
+        try:
+            out.append(f"{fd}->{os.readlink(f'/proc/self/fd/{fd}')}")
+        except OSError:
+            out.append(f"{fd}->?")
+    return ", ".join(out)

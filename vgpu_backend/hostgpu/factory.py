@@ -8,6 +8,7 @@ support for ``userptr_path='batch'``, ``/dev/kfd`` presence) is checked by
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from collections.abc import Sequence
@@ -16,7 +17,7 @@ from typing import Final
 
 from vgpu_backend.hostgpu.base import HostGpu, HostGpuError
 from vgpu_backend.hostgpu.kfd import KfdHostGpu
-from vgpu_backend.hostgpu.sim_config import SimKfdConfig
+from vgpu_backend.hostgpu.sim_config import SimFault, SimKfdConfig
 from vgpu_backend.hostgpu.sim_kfd import SimTransport
 from vgpu_backend.hostgpu.transport import KfdTransport, OsTransport
 
@@ -50,6 +51,8 @@ class HostGpuOptions:
     userptr_path: str = "auto"
     sim: SimKfdConfig = field(default_factory=SimKfdConfig)
     sim_gpus: int | None = None
+    #: faults the simulated kernel injects, armed after the start-up probes
+    sim_faults: tuple[SimFault, ...] = ()
 
     def __post_init__(self) -> None:
         if self.gpu_ids is not None:
@@ -73,7 +76,7 @@ class HostGpuOptions:
             raise ValueError(f"userptr_path {self.userptr_path!r} with isolation 'context': "
                              "USERPTR is unavailable on secondary KFD processes, so no "
                              "userptr path applies")
-        if self.gpu == "kfd" and self.sim != SimKfdConfig():
+        if self.gpu == "kfd" and (self.sim != SimKfdConfig() or self.sim_faults):
             raise ValueError("sim options were given with gpu 'kfd'")
 
 
@@ -102,8 +105,17 @@ def create_host_gpu(options: HostGpuOptions | None = None, *,
         context isolation, batch requested on a pre-batch kernel, unknown gpu_ids).
     """
     options = options or HostGpuOptions()
-    gpu = KfdHostGpu(transport or _transport(options), gpu_ids=options.gpu_ids,
+    transport = transport or _transport(options)
+    gpu = KfdHostGpu(transport, gpu_ids=options.gpu_ids,
                      isolation=options.isolation, userptr_path=options.userptr_path)
+    if options.sim_faults:
+        if not isinstance(transport, SimTransport):
+            raise HostGpuError("fault injection needs the simulated KFD", unsupported=True)
+        for fault in options.sim_faults:
+            transport.kernel.inject(fault)
+        log.warning("simulated KFD will inject %d fault(s): %s", len(options.sim_faults),
+                    ", ".join(f"{f.ioctl}:{errno.errorcode.get(f.errno, f.errno)}"
+                              for f in options.sim_faults))
     info = gpu.info()
     memory = gpu.available_memory()
     log.info("host GPU: backend=%s KFD %d.%d isolation=%s userptr=%s path=%s "
