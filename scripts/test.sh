@@ -1,0 +1,35 @@
+#!/bin/sh
+# Set up a fresh Debian 12 machine and run every test: lint, types, host-side tests
+# (unit, protocol, simulated KFD, front-end simulator against our back-end and QEMU's C
+# reference), then the guest suite in a real VM (QEMU 10, TCG) against our back-end
+# (Linux DRM path + userspace driver) and the 2D subset against the C reference.
+#
+#   sh scripts/test.sh            (as root, or with sudo available)
+#
+# VM logs and screendumps go to $VGPU_RESULTS_DIR (default /tmp/vgpu-results).
+set -eu
+cd "$(dirname "$0")/.."
+if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
+
+step() { printf '\n=== %s (%s)\n' "$1" "$(date +%T)"; }
+
+step "host setup: QEMU 10 from bookworm-backports, guest tooling"
+$SUDO sh scripts/setup-host.sh
+step "python packages"
+python3 -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+
+step "ruff"
+python3 -m ruff check .
+step "mypy --strict"
+python3 -m mypy
+step "host tests (pytest tests/)"
+python3 -m pytest -q -p no:cacheprovider tests
+
+step "VM: guest console on vgpu-backend (QMP screendump check)"
+python3 scripts/vm.py console-check --backend ours \
+    --screenshot "${VGPU_RESULTS_DIR:-/tmp/vgpu-results}/console-ours.png"
+step "VM: guest suite on vgpu-backend (DRM path + userspace driver)"
+python3 scripts/vm.py test --backend ours --second-gpu
+step "VM: guest suite on QEMU's C reference back-end (2D subset)"
+python3 scripts/vm.py test --backend reference --second-gpu
+step "all tests passed"
