@@ -56,6 +56,17 @@ class Backing:
         self._move(start, out, to_guest=False)
         return out
 
+    def read_into(self, start: int, out: Bytes) -> None:
+        """Copy backing bytes ``[start, start+len(out))`` into ``out`` (contiguous).
+
+        :raise GuestProtocolError: the range is beyond the backing.
+        """
+        direct = self._direct(start, out.shape[0])
+        if direct is not None:
+            out[:] = direct
+        else:
+            self._move(start, out, to_guest=False)
+
     def write(self, start: int, data: Bytes) -> None:
         """Store ``data`` at ``[start, start+len(data))`` of the backing (guest RAM).
 
@@ -118,10 +129,17 @@ class Backing:
         src_units = src[piece] // unit + within
         dst_units = dst[piece] // unit + within
         buf_rows = buf.reshape(-1, unit)  # unit divides every piece, hence the size
-        for rid in np.unique(region_id).tolist():
-            mask = region_id[piece] == rid
+        regions = np.unique(region_id).tolist()
+        for rid in regions:
             array = self._memory.region(rid).array
             rows = array[:array.shape[0] - array.shape[0] % unit].reshape(-1, unit)
+            if len(regions) == 1:  # dst_units is 0..n-1: gather straight into ``buf``
+                if to_guest:
+                    rows[src_units] = buf_rows
+                else:
+                    np.take(rows, src_units, axis=0, out=buf_rows)
+                continue
+            mask = region_id[piece] == rid
             if to_guest:
                 rows[src_units[mask]] = buf_rows[dst_units[mask]]
             else:

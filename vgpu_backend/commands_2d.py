@@ -66,6 +66,7 @@ class Commands2D:
 
     def __init__(self, state: DeviceState) -> None:
         self.s = state
+        self._last_info = b""  # QEMU's last display-info reply (decoded once per change)
 
     def handlers(self) -> dict[int, Handler]:
         """Command type -> handler."""
@@ -95,9 +96,10 @@ class Commands2D:
         deferred = Deferred(pause=True, fallback=self._display_info_reply)
 
         def got(reply: DisplayMessage | None) -> None:
-            if reply is not None:
+            if reply is not None and reply.payload != self._last_info:
                 try:
-                    self.s.modes = decode_display_info(reply.payload)
+                    self.s.set_modes(decode_display_info(reply.payload), reply.payload)
+                    self._last_info = reply.payload
                 except DisplayProtocolError as err:
                     log.warning("display info: %s", err)
             deferred.resolve(self._display_info_reply())
@@ -108,8 +110,9 @@ class Commands2D:
     def _display_info_reply(self) -> Reply:
         if not self.s.modes:
             w, h = self.s.options.default_mode
-            self.s.modes = [DisplayOne(0, 0, w, h, 1, 0)]
-        return Reply(Resp.OK_DISPLAY_INFO, encode_display_info(self.s.modes)[CTRL_HDR_SIZE:])
+            modes = [DisplayOne(0, 0, w, h, 1, 0)]
+            self.s.set_modes(modes, encode_display_info(modes))
+        return Reply(Resp.OK_DISPLAY_INFO, self.s.display_info_body)
 
     def get_edid(self, hdr: CtrlHdr, body: GetEdid, chain: DescriptorChain) -> Reply:
         """An EDID built from the scanout's current mode (never asks QEMU)."""
@@ -204,9 +207,9 @@ class Commands2D:
         if body.width == 0 or body.height == 0:
             return OK
         stride, row = res.stride, body.width * 4
-        if body.x == 0 and body.width == res.width:  # whole rows: one contiguous copy
-            src = res.backing.read(body.offset, body.height * stride)
-            res.image[body.y:body.y + body.height] = src.reshape(body.height, stride)
+        if body.x == 0 and body.width == res.width:  # whole rows: gather straight in
+            rows = res.image[body.y:body.y + body.height].reshape(-1)
+            res.backing.read_into(body.offset, rows)
         else:
             src = res.backing.read(body.offset, (body.height - 1) * stride + row)
             rows = np.lib.stride_tricks.as_strided(src, (body.height, row), (stride, 1))

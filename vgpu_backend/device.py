@@ -156,7 +156,7 @@ class VirtioGpuDevice:
             return
         if index == CONTROL_QUEUE and not self._control_may_run():
             return
-        handled = False
+        used_before = queue.used_idx
         while queue.ready:
             try:
                 chain = queue.pop()
@@ -165,14 +165,13 @@ class VirtioGpuDevice:
                 break
             if chain is None:
                 break
-            handled = True
             if index == CURSOR_QUEUE:
                 self._run_cursor(chain)
                 queue.push(chain.head, 0)
                 continue
             if self._run_control(queue, chain):
                 break  # a Deferred holds the queue
-        if handled:
+        if queue.used_idx != used_before:
             queue.notify()
 
     def _control_may_run(self) -> bool:
@@ -219,9 +218,10 @@ class VirtioGpuDevice:
         return False
 
     def _execute(self, hdr: CtrlHdr, data: bytes, chain: DescriptorChain) -> Reply | Deferred:
+        if chain.error is not None:  # not raised: a traceback would keep the chain alive
+            log.info("guest error: %s: %s", _command_name(hdr.type), chain.error)
+            return Reply(chain.error.resp_code)
         try:
-            if chain.error is not None:
-                raise chain.error
             if len(data) < CTRL_HDR_SIZE:
                 raise GuestProtocolError(f"command of {len(data)} bytes has no header")
             handler = self._handlers.get(hdr.type)
@@ -251,9 +251,10 @@ class VirtioGpuDevice:
         queue.push(chain.head, written)
 
     def _run_cursor(self, chain: DescriptorChain) -> None:
+        if chain.error is not None:
+            log.info("guest error on the cursor queue: %s", chain.error)
+            return
         try:
-            if chain.error is not None:
-                raise chain.error
             self.commands_2d.cursor(chain.read(_COMMAND_READ))
         except GuestProtocolError as err:
             log.info("guest error on the cursor queue: %s", err)

@@ -139,8 +139,12 @@ class DeviceState:
     resources: ResourceTable
     scanouts: ScanoutManager
     host_gpu: HostGpu | None
-    #: the last display info (from QEMU, or the default mode)
+    #: the last display info (from QEMU, or the default mode); see :meth:`set_modes`
     modes: list[DisplayOne] = field(default_factory=list)
+    #: its ``virtio_gpu_resp_display_info`` body (after the header), ready to send
+    display_info_body: bytes = b""
+    #: scanouts the guest may address (see :meth:`set_modes`)
+    num_scanouts: int = 1
     capsets: list[Capset] = field(default_factory=list)
     #: virtio feature bits the driver acked (SET_FEATURES)
     acked_features: int = 0
@@ -157,13 +161,17 @@ class DeviceState:
     #: for fenced commands without a ring: wait for earlier global-timeline work
     fence_barrier: Callable[[], Deferred | None] | None = None
 
-    @property
-    def num_scanouts(self) -> int:
-        """Scanouts the guest may address: QEMU's max_outputs, or more if QEMU's
-        display info reports more enabled outputs."""
-        enabled = [i for i, m in enumerate(self.modes) if m.enabled]
-        return min(self.limits.max_scanouts,
-                   max(self.options.max_outputs, (max(enabled) + 1) if enabled else 0))
+    def __post_init__(self) -> None:
+        self.num_scanouts = self.options.max_outputs
+
+    def set_modes(self, modes: list[DisplayOne], info: bytes) -> None:
+        """New display info (``info`` is the whole 408-byte response).  The guest may
+        address QEMU's max_outputs scanouts, or more if QEMU reports more enabled."""
+        self.modes = modes
+        self.display_info_body = info[CTRL_HDR_SIZE:]
+        enabled = [i for i, m in enumerate(modes) if m.enabled]
+        self.num_scanouts = min(self.limits.max_scanouts, max(
+            self.options.max_outputs, (max(enabled) + 1) if enabled else 0))
 
 
 Handler = Callable[[CtrlHdr, bytes, DescriptorChain], Reply | Deferred]

@@ -134,7 +134,8 @@ class DisplayChannel:
 
     def _readable(self) -> None:
         try:
-            data, fds, _flags, _addr = socket.recv_fds(self._sock, 65536, 4)
+            # QEMU never sends fds here; plain recv makes the kernel drop any that come
+            data = self._sock.recv(65536)
         except BlockingIOError:
             return
         except OSError as err:
@@ -146,15 +147,13 @@ class DisplayChannel:
             self.close()
             return
         try:
-            for message in self._reader.receive(data, tuple(fds)):
+            for message in self._reader.receive(data):
                 self._dispatch(message)
         except DisplayProtocolError as err:
             log.error("display: %s; dropping the socket", err)
             self.close()
 
     def _dispatch(self, message: DisplayMessage) -> None:
-        for fd in message.fds:  # we never expect fds from QEMU
-            socket.close(fd)
         if not message.is_reply:
             log.warning("display: ignoring unsolicited request %d", message.request)
             return

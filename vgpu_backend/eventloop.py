@@ -1,4 +1,4 @@
-"""The single-threaded, non-blocking event loop (epoll through ``selectors``).
+"""The single-threaded, non-blocking event loop (epoll).
 
 Everything the back-end does happens in callbacks of this loop: vhost-user requests,
 virtqueue kicks, display-socket traffic, timers, and completions that worker threads
@@ -12,7 +12,7 @@ import heapq
 import itertools
 import logging
 import os
-import selectors
+import select
 import threading
 import time
 from collections import deque
@@ -24,6 +24,8 @@ __all__ = ["EventLoop", "TimerHandle"]
 log = logging.getLogger(__name__)
 
 Callback = Callable[[], None]
+_READABLE = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR | select.EPOLLRDHUP
+_WRITABLE = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
 
 
 @dataclass(order=True, slots=True)
@@ -43,7 +45,8 @@ class EventLoop:
     """Dispatch fd readiness, timers and thread-safe calls until :meth:`stop`."""
 
     def __init__(self) -> None:
-        self._selector = selectors.DefaultSelector()
+        self._epoll = select.epoll()
+        self._registered: dict[int, int] = {}
         self._readers: dict[int, Callback] = {}
         self._writers: dict[int, Callback] = {}
         self._timers: list[TimerHandle] = []
@@ -57,19 +60,20 @@ class EventLoop:
     # --- fd watches -------------------------------------------------------------------
 
     def _update(self, fd: int) -> None:
-        events = (selectors.EVENT_READ if fd in self._readers else 0) | (
-            selectors.EVENT_WRITE if fd in self._writers else 0)
-        try:
-            registered = self._selector.get_key(fd)
-        except KeyError:
-            registered = None
+        events = (select.EPOLLIN if fd in self._readers else 0) | (
+            select.EPOLLOUT if fd in self._writers else 0)
+        registered = self._registered.get(fd)
         if events == 0:
             if registered is not None:
-                self._selector.unregister(fd)
-        elif registered is None:
-            self._selector.register(fd, events)
-        elif registered.events != events:
-            self._selector.modify(fd, events)
+                del self._registered[fd]
+                with contextlib.suppress(OSError):  # already closed: epoll forgot it
+                    self._epoll.unregister(fd)
+        elif registered != events:
+            try:
+                self._epoll.modify(fd, events)
+            except FileNotFoundError:  # new, or closed and its number reused
+                self._epoll.register(fd, events)
+            self._registered[fd] = events
 
     def add_reader(self, fd: int, callback: Callback) -> None:
         """Call ``callback`` whenever ``fd`` is readable."""
@@ -133,16 +137,16 @@ class EventLoop:
         """Dispatch events until :meth:`stop`."""
         self._running = True
         while self._running:
-            timeout = None
+            timeout = -1.0
             while self._timers and self._timers[0].callback is None:
                 heapq.heappop(self._timers)
             if self._timers:
                 timeout = max(0.0, self._timers[0].when - time.monotonic())
-            for key, events in self._selector.select(timeout):
-                fd = key.fd
-                if events & selectors.EVENT_READ and (reader := self._readers.get(fd)):
+            for fd, events in self._epoll.poll(timeout):
+                # errors and hang-ups are reported to the reader, which sees EOF or an error
+                if events & _READABLE and (reader := self._readers.get(fd)):
                     reader()
-                if events & selectors.EVENT_WRITE and (writer := self._writers.get(fd)):
+                if events & _WRITABLE and (writer := self._writers.get(fd)):
                     writer()
             now = time.monotonic()
             while self._timers and self._timers[0].when <= now:
@@ -153,5 +157,5 @@ class EventLoop:
 
     def close(self) -> None:
         """Release the selector and the wake-up eventfd."""
-        self._selector.close()
+        self._epoll.close()
         os.close(self._wakeup_fd)

@@ -16,6 +16,7 @@ Two address spaces are translated:
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import mmap
@@ -86,8 +87,13 @@ class MemoryRegion:
         if mapping is not None:
             try:
                 mapping.close()
-            except BufferError:
-                log.debug("region %#x: views still alive, unmapped when they die", self.gpa)
+            except BufferError:  # views may only be held by garbage cycles: collect them
+                gc.collect()
+                try:
+                    mapping.close()
+                except BufferError:
+                    log.debug("region %#x: views still alive, unmapped when they die",
+                              self.gpa)
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

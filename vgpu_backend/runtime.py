@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import socket
@@ -104,6 +105,7 @@ class Backend:
         else:
             self.device.close()
             self.memory.clear()
+        gc.collect()  # garbage cycles may still hold views of guest memory
         if self.host_gpu is not None and self.host_gpu.live_mappings():
             self.leaks.append(f"{self.host_gpu.live_mappings()} host GPU mapping(s)")
         if self.memory.regions:
