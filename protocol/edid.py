@@ -26,24 +26,34 @@ _HBLANK: Final = 160
 _HFRONT, _HSYNC = 48, 32
 _VFRONT, _VSYNC = 3, 6
 _MIN_VBLANK_US: Final = 460
+_MIN_REFRESH_HZ: Final = 24
+#: a detailed timing descriptor holds the clock in 16 bits of 10 kHz
+_DTD_MAX_CLOCK_KHZ: Final = 0xFFFF * 10
+#: a DisplayID Type I timing holds it in 24 bits of 10 kHz
+_DISPLAYID_MAX_CLOCK_KHZ: Final = 0xFFFFFF * 10
 
 
 def _checksum(block: bytearray) -> None:
     block[-1] = (-sum(block[:-1])) & 0xFF
 
 
-def _timing(width: int, height: int) -> tuple[int, int, int]:
-    """(pixel clock in kHz, horizontal blank, vertical blank) for ``width``x``height``."""
-    line_us = 1e6 / _REFRESH_HZ / height  # upper bound on the line time
-    vblank = max(_VFRONT + _VSYNC + 6, int(_MIN_VBLANK_US / line_us) + 1)
-    clock_khz = (width + _HBLANK) * (height + vblank) * _REFRESH_HZ // 1000
-    return clock_khz, _HBLANK, vblank
+def _timing(width: int, height: int, max_clock_khz: int) -> tuple[int, int, int]:
+    """(pixel clock in kHz, horizontal blank, vertical blank) for ``width``x``height``
+    at 60 Hz, or at the highest refresh whose clock fits ``max_clock_khz``."""
+    refresh = _REFRESH_HZ
+    while True:
+        line_us = 1e6 / refresh / height  # upper bound on the line time
+        vblank = max(_VFRONT + _VSYNC + 6, int(_MIN_VBLANK_US / line_us) + 1)
+        clock_khz = (width + _HBLANK) * (height + vblank) * refresh // 1000
+        if clock_khz <= max_clock_khz or refresh <= _MIN_REFRESH_HZ:
+            return min(clock_khz, max_clock_khz), _HBLANK, vblank
+        refresh -= 1
 
 
 def _detailed_timing(width: int, height: int, width_mm: int, height_mm: int) -> bytes:
     """An 18-byte EDID detailed timing descriptor (needs width, height <= 4095)."""
-    clock_khz, hblank, vblank = _timing(width, height)
-    clock = min(clock_khz // 10, 0xFFFF)  # 10 kHz units
+    clock_khz, hblank, vblank = _timing(width, height, _DTD_MAX_CLOCK_KHZ)
+    clock = clock_khz // 10  # 10 kHz units
     return struct.pack(
         "<H16B", clock,
         width & 0xFF, hblank & 0xFF, ((width >> 8) << 4) | (hblank >> 8),
@@ -58,15 +68,18 @@ def _text_descriptor(tag: int, text: bytes) -> bytes:
     return bytes([0, 0, 0, tag, 0]) + body
 
 
-def _range_limits() -> bytes:
-    # 0xFD: vertical 50-125 Hz, horizontal 30-255 kHz, max clock 650 MHz, no extended info
-    return bytes([0, 0, 0, 0xFD, 0, 50, 125, 30, 255, 65, 0x00, 0x0A]) + b" " * 6
+def _range_limits(clock_khz: int) -> bytes:
+    # 0xFD: vertical 24-125 Hz, horizontal 30-255 kHz, the preferred mode's pixel clock
+    # rounded up to 10 MHz units, no extended timing information
+    max_clock = min(255, -(-clock_khz // 10000))
+    return bytes([0, 0, 0, 0xFD, 0, _MIN_REFRESH_HZ, 125, 30, 255, max_clock, 0x00,
+                  0x0A]) + b" " * 6
 
 
 def _displayid_extension(width: int, height: int) -> bytes:
     """A DisplayID 1.3 extension block with one Type I detailed timing (the layout
     QEMU's ``qemu_displayid_generate`` uses)."""
-    clock_khz, hblank, vblank = _timing(width, height)
+    clock_khz, hblank, vblank = _timing(width, height, _DISPLAYID_MAX_CLOCK_KHZ)
     timing = struct.pack(
         "<3sB8H", (clock_khz // 10).to_bytes(3, "little"),
         0x88,  # preferred timing, aspect ratio undefined
@@ -118,7 +131,7 @@ def build_edid(width: int, height: int, serial: int = 0) -> bytes:
             block[38 + 2 * i:40 + 2 * i] = b"\x01\x01"
     preferred = (min(width, 4095), min(height, 4095))
     block[54:72] = _detailed_timing(*preferred, min(width_mm, 4095), min(height_mm, 4095))
-    block[72:90] = _range_limits()
+    block[72:90] = _range_limits(_timing(*preferred, _DTD_MAX_CLOCK_KHZ)[0])
     block[90:108] = _text_descriptor(0xFC, _NAME)
     block[108:126] = _text_descriptor(0xFF, f"{serial:08d}".encode())
     block[126] = 1 if large else 0

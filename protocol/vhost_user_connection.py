@@ -121,6 +121,11 @@ class BackendConnection:
             ``fds`` attribute so the caller can close them.
         """
         self._fds.extend(fds)
+        if len(self._fds) > self._limits.max_fds_per_message:
+            held, self._fds = tuple(self._fds), []
+            raise FrontendProtocolError(
+                f"{len(held)} fds with one message (limit "
+                f"{self._limits.max_fds_per_message})", held)
         out: list[Request] = []
         view = memoryview(data)
         while True:

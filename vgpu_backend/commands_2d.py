@@ -119,9 +119,11 @@ class Commands2D:
         if body.scanout >= self.s.num_scanouts:
             raise GuestProtocolError(f"GET_EDID for scanout {body.scanout}")
         width, height = self.s.options.default_mode
-        if body.scanout < len(self.s.modes) and self.s.modes[body.scanout].width:
+        limit = self.s.limits.max_dimension
+        if body.scanout < len(self.s.modes):  # QEMU's mode, when it is a sane one
             mode = self.s.modes[body.scanout]
-            width, height = mode.width, mode.height
+            if 0 < mode.width <= limit and 0 < mode.height <= limit:
+                width, height = mode.width, mode.height
         edid = build_edid(width, height, serial=body.scanout)
         return Reply(Resp.OK_EDID, encode(RespEdidHeader(len(edid)))
                      + edid.ljust(EDID_BLOB_SIZE, b"\0"))

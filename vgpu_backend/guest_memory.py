@@ -46,9 +46,9 @@ class MemoryRegion:
     def __init__(self, desc: MemRegion, fd: int) -> None:
         if desc.memory_size == 0:
             raise FrontendProtocolError("memory region of size 0")
-        if desc.guest_phys_addr + desc.memory_size - 1 > _MAX_U64 or \
-                desc.userspace_addr + desc.memory_size - 1 > _MAX_U64:
-            raise FrontendProtocolError("memory region wraps 2^64")
+        if desc.guest_phys_addr + desc.memory_size > _MAX_U64 or \
+                desc.userspace_addr + desc.memory_size > _MAX_U64:
+            raise FrontendProtocolError("memory region reaches or wraps 2^64")
         self.id = next(_ids)
         self.gpa = desc.guest_phys_addr
         self.size = desc.memory_size

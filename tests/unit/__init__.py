@@ -1,0 +1,1 @@
+"""Unit tests of the back-end's pure components (in-process, no QEMU)."""

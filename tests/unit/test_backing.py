@@ -1,0 +1,136 @@
+"""``Backing.read`` against a concatenation model; ``read_mem_entries`` snapshots."""
+
+from __future__ import annotations
+
+import random
+import struct
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocol.errors import GuestProtocolError
+from tests.unit.driver_ring import DriverRing
+from tests.unit.guest_ram import GuestRam
+from vgpu_backend.backing import Backing, read_mem_entries
+
+PAGE = 4096
+#: two adjacent regions (the second at an odd mmap offset) and one further away
+LAYOUT = [(0x100000, 16 * PAGE), (0x110000, 8 * PAGE, 100), (0x200000, 16 * PAGE)]
+
+
+@pytest.fixture(scope="module")
+def ram() -> Iterator[GuestRam]:
+    """Guest RAM filled with random bytes (the tests only read it)."""
+    ram = GuestRam(LAYOUT)
+    rng = random.Random(7)
+    for gpa, size, *_ in LAYOUT:
+        ram.write(gpa, rng.randbytes(size))
+    yield ram
+    ram.close()
+
+
+@st.composite
+def entries(draw: st.DrawFn, aligned: bool) -> list[tuple[int, int]]:
+    """Guest ranges inside RAM; aligned ones are whole pages or 64-byte multiples."""
+    out = []
+    unit = draw(st.sampled_from([64, PAGE])) if aligned else 1
+    for _ in range(draw(st.integers(1, 8))):
+        gpa, size, *_ = draw(st.sampled_from(LAYOUT))
+        span = size + (8 * PAGE if gpa == 0x100000 else 0)  # may run into the next region
+        start = draw(st.integers(0, span // unit - 1)) * unit
+        length = draw(st.integers(1, (span - start) // unit)) * unit
+        out.append((gpa + start, length))
+    return out
+
+
+def make_backing(ram: GuestRam, ranges: list[tuple[int, int]], coalesce: bool) -> Backing:
+    segs = ram.memory.translate(np.array([a for a, _ in ranges], np.uint64),
+                                np.array([n for _, n in ranges], np.uint64))
+    return Backing(ram.memory, segs.coalesced() if coalesce else segs)
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data(), aligned=st.booleans(), coalesce=st.booleans())
+def test_read_matches_the_concatenation(ram: GuestRam, data: st.DataObject, aligned: bool,
+                                        coalesce: bool) -> None:
+    ranges = data.draw(entries(aligned))
+    model = b"".join(ram.read(a, n) for a, n in ranges)
+    backing = make_backing(ram, ranges, coalesce)
+    assert backing.size == len(model)
+    for _ in range(4):
+        start = data.draw(st.integers(0, len(model)))
+        size = data.draw(st.integers(0, len(model) - start))
+        got = backing.read(start, size)
+        assert got.dtype == np.uint8 and got.shape == (size,)
+        assert got.tobytes() == model[start:start + size]
+    assert backing.read(0, len(model)).tobytes() == model
+
+
+@settings(max_examples=50, deadline=None)
+@given(data=st.data())
+def test_reads_beyond_the_backing_are_refused(ram: GuestRam, data: st.DataObject) -> None:
+    ranges = data.draw(entries(aligned=False))
+    backing = make_backing(ram, ranges, coalesce=True)
+    start = data.draw(st.integers(-5, backing.size + 5))
+    size = data.draw(st.integers(-5, backing.size + 5))
+    if start < 0 or size < 0 or start + size > backing.size:
+        with pytest.raises(GuestProtocolError):
+            backing.read(start, size)
+    else:
+        assert backing.read(start, size).shape == (size,)
+
+
+def test_contiguous_reads_are_views_of_guest_memory(ram: GuestRam) -> None:
+    backing = make_backing(ram, [(0x200000, PAGE)], coalesce=True)
+    view = backing.read(16, 32)
+    ram.write(0x200010, b"\xAB" * 32)
+    assert view.tobytes() == b"\xAB" * 32  # no copy was made
+
+
+def test_regions_used(ram: GuestRam) -> None:
+    backing = make_backing(ram, [(0x10F000, 2 * PAGE), (0x200000, PAGE)], coalesce=True)
+    ids = {r.id for r in ram.memory.regions}
+    assert backing.region_ids == ids
+    assert all(backing.uses_region(i) for i in ids)
+    assert not backing.uses_region(max(ids) + 1)
+
+
+# --- read_mem_entries --------------------------------------------------------------
+
+
+@pytest.fixture
+def ring_and_queue() -> Iterator[tuple[DriverRing, GuestRam]]:
+    ram = GuestRam([(0, 1 << 20)])
+    ring = DriverRing(ram, 8, 0)
+    yield ring, ram
+    ring.close()
+    ram.close()
+
+
+def test_read_mem_entries_checks_count_and_bytes_and_snapshots(
+        ring_and_queue: tuple[DriverRing, GuestRam]) -> None:
+    ring, ram = ring_and_queue
+    queue = ring.queue()
+    payload = b"H" * 32 + b"".join(struct.pack("<QII", 0x1000 * i, 100 + i, 0)
+                                   for i in range(4))
+    ram.write(0x8000, payload[:40])  # split over two descriptors at an odd boundary
+    ram.write(0x9000, payload[40:])
+    ring.set_desc(0, 0x8000, 40, 1, 1)
+    ring.set_desc(1, 0x9000, len(payload) - 40, 0, 0)
+    ring.publish(0)
+    chain = queue.pop()
+    assert chain is not None
+    addr, length = read_mem_entries(chain, 32, 4, limit=4)
+    assert addr.tolist() == [0, 0x1000, 0x2000, 0x3000]
+    assert length.tolist() == [100, 101, 102, 103] and length.dtype == np.uint64
+    ram.write(0x9000, b"\xFF" * 8)  # the guest changes its mind afterwards
+    assert addr.tolist()[1] == 0x1000
+    with pytest.raises(GuestProtocolError, match="limit"):
+        read_mem_entries(chain, 32, 5, limit=4)
+    with pytest.raises(GuestProtocolError, match="need"):
+        read_mem_entries(chain, 32, 5, limit=100)
+    with pytest.raises(GuestProtocolError):
+        read_mem_entries(chain, 32, 1 << 31, limit=1 << 32)

@@ -1,0 +1,168 @@
+"""Command line: argument validation, ``--print-capabilities``, the listening socket."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from protocol.capsets import (
+    DEFAULT_COMPUTE_CAPSET,
+    DEFAULT_USERPTR_CAPSET,
+    MAX_CAPSET_ID,
+    RESERVED_CAPSET_IDS,
+)
+from protocol.limits import DEFAULT_LIMITS, cli_fields
+from vgpu_backend.cli import CAPABILITIES, main, parser
+from vgpu_backend.config import ConfigError, build_config, listening_socket, with_limits
+from vgpu_backend.device_state import UserptrProtocol
+
+
+@pytest.fixture
+def connected_fd() -> Iterator[int]:
+    a, b = socket.socketpair()
+    yield a.fileno()
+    a.close()
+    b.close()
+
+
+def config_from(*argv: str) -> object:
+    return build_config(parser().parse_args(list(argv)))
+
+
+def test_defaults(tmp_path: Path) -> None:
+    config = build_config(parser().parse_args(["--socket-path", str(tmp_path / "s")]))
+    assert config.fd is None and config.socket_path == str(tmp_path / "s")
+    assert config.limits == DEFAULT_LIMITS
+    device = config.device
+    assert (device.max_outputs, device.default_mode, device.edid, device.blob) == (
+        1, (1280, 800), True, True)
+    assert device.userptr_protocol is UserptrProtocol.V5
+    assert (device.userptr_capset_id, device.compute_capset_id) == (
+        DEFAULT_USERPTR_CAPSET, DEFAULT_COMPUTE_CAPSET)
+    assert {k: config.host_gpu[k] for k in ("gpu", "gpu_ids", "isolation", "userptr_path")} \
+        == {"gpu": "auto", "gpu_ids": None, "isolation": "vm", "userptr_path": "auto"}
+
+
+def test_fd_must_be_a_socket(connected_fd: int) -> None:
+    config = build_config(parser().parse_args(["--fd", str(connected_fd)]))
+    assert config.fd == connected_fd and config.socket_path is None
+    read_end, write_end = os.pipe()
+    try:
+        with pytest.raises(ConfigError, match="not a socket"):
+            config_from("--fd", str(read_end))
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    with pytest.raises(ConfigError, match="--fd"):
+        config_from("--fd", str(write_end))  # closed now
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "exactly one"),
+    (["--socket-path", "s", "--fd", "0"], "exactly one"),
+    (["--socket-path", "s", "--no-blob"], "USERPTR blobs need blob"),
+    (["--socket-path", "s", "--no-blob", "--userptr-protocol", "v3"], "USERPTR blobs need"),
+    (["--socket-path", "s", "--max-outputs", "0"], "max-outputs"),
+    (["--socket-path", "s", "--max-outputs", "17"], "max-outputs"),
+    (["--socket-path", "s", "--userptr-capset-id", "0"], "userptr-capset-id"),
+    (["--socket-path", "s", "--compute-capset-id", "0x1_0000_0000"], "compute-capset-id"),
+    (["--socket-path", "s", "--compute-capset-id", str(MAX_CAPSET_ID + 1)],
+     "compute-capset-id"),
+    (["--socket-path", "s", "--userptr-capset-id", str(DEFAULT_COMPUTE_CAPSET)],
+     "different ids"),
+    (["--socket-path", "s", "--default-mode", "1280"], "WIDTHxHEIGHT"),
+    (["--socket-path", "s", "--default-mode", "0x800"], "out of range"),
+    (["--socket-path", "s", "--default-mode", "16385x10"], "out of range"),
+    (["--socket-path", "s", "--max-backing-entries", "0"], "max_backing_entries"),
+    (["--socket-path", "s", "--display-timeout", "-1"], "display_reply_timeout"),
+])
+def test_bad_combinations_are_refused(argv: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config_from(*argv)
+
+
+@pytest.mark.parametrize("capset_id", sorted(RESERVED_CAPSET_IDS))
+@pytest.mark.parametrize("option", ["--userptr-capset-id", "--compute-capset-id"])
+def test_reserved_capset_ids_are_refused(option: str, capset_id: int) -> None:
+    with pytest.raises(ConfigError, match=option):
+        config_from("--socket-path", "s", option, str(capset_id))
+
+
+def test_no_blob_with_userptr_off_is_fine() -> None:
+    free_id = max(RESERVED_CAPSET_IDS) + 1
+    config = build_config(parser().parse_args(
+        ["--socket-path", "s", "--no-blob", "--userptr-protocol", "off", "--no-edid",
+         "--default-mode", "1024X768", "--max-outputs", "16", "--userptr-capset-id",
+         hex(free_id), "--compute-capset-id", str(MAX_CAPSET_ID)]))
+    assert (config.device.blob, config.device.edid) == (False, False)
+    assert config.device.default_mode == (1024, 768)
+    assert config.device.max_outputs == 16
+    assert (config.device.userptr_capset_id, config.device.compute_capset_id) == (
+        free_id, MAX_CAPSET_ID)
+
+
+def test_every_limit_option_overrides_its_limit() -> None:
+    argv = ["--socket-path", "s"]
+    expected = {}
+    for name, option, _, kind in cli_fields():
+        value = kind(getattr(DEFAULT_LIMITS, name)) + kind(1)
+        argv += [f"--{option}", str(value)]
+        expected[name] = value
+    config = build_config(parser().parse_args(argv))
+    assert {name: getattr(config.limits, name) for name in expected} == expected
+    shrunk = with_limits(config, max_resources=3)
+    assert shrunk.limits.max_resources == 3 and config.limits.max_resources != 3
+
+
+def test_print_capabilities_ignores_other_options(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--print-capabilities", "--socket-path", "a", "--fd", "99",
+                 "--max-outputs", "99"]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out) == {"type": "gpu", "features": []} == CAPABILITIES
+
+
+def test_bad_options_exit_with_status_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--socket-path", "s", "--max-outputs", "0"]) == 2
+    assert "vgpu-backend: --max-outputs" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["--gpu", "nonsense"])
+    assert info.value.code == 2
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == "vgpu-backend 0.1.0"
+
+
+def test_help_lists_the_limit_options() -> None:
+    text = parser().format_help()
+    for _, option, _, _ in cli_fields():
+        assert f"--{option}" in text
+
+
+def test_listening_socket_replaces_a_stale_socket(tmp_path: Path) -> None:
+    path = str(tmp_path / "vgpu.sock")
+    first = listening_socket(path)
+    first.close()  # the socket file stays behind
+    second = listening_socket(path)
+    try:
+        client = socket.socket(socket.AF_UNIX)
+        client.connect(path)
+        client.close()
+    finally:
+        second.close()
+
+
+def test_listening_socket_does_not_remove_other_files(tmp_path: Path) -> None:
+    path = tmp_path / "not-a-socket"
+    path.write_text("keep me")
+    with pytest.raises(ConfigError, match="--socket-path"):
+        listening_socket(str(path))
+    assert path.read_text() == "keep me"

@@ -1,0 +1,151 @@
+"""Device life cycle: display socket replaced or lost, quiesce, reset, memory removal."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from protocol.display import DisplayReq, VhostUserGpuScanout, decode_display_info
+from protocol.limits import Limits
+from protocol.vhost_user import MemRegion
+from protocol.virtio_gpu import (
+    DisplayOne,
+    ResourceCreate2d,
+    SetScanout,
+    TransferToHost2d,
+)
+from protocol.virtio_gpu_codes import Cmd, Resp
+from protocol.wire import decode
+from tests.unit.device_harness import DeviceHarness, command
+from tests.unit.display_peer import DisplayPeer
+from tests.unit.loop_runner import run_until
+from vgpu_backend.display import DisplayState
+
+DEFAULT_MODE = DisplayOne(0, 0, 1280, 800, 1, 0)
+
+
+@pytest.fixture
+def shown() -> Iterator[DeviceHarness]:
+    harness = DeviceHarness(limits=Limits(max_hostmem=16 << 20, display_reply_timeout=5.0),
+                            display=True)
+    yield harness
+    assert harness.device.internal_errors == 0
+    harness.close()
+
+
+def peer_of(harness: DeviceHarness) -> DisplayPeer:
+    assert harness.peer is not None
+    return harness.peer
+
+
+def show_resource(harness: DeviceHarness, width: int = 8, height: int = 4) -> None:
+    harness.create_2d(1, width, height)
+    harness.ok(command(Cmd.TRANSFER_TO_HOST_2D, TransferToHost2d(0, 0, width, height, 0, 1)))
+    harness.ok(command(Cmd.SET_SCANOUT, SetScanout(0, 0, width, height, 0, 1)))
+
+
+def test_display_loss_answers_the_waiting_command(shown: DeviceHarness) -> None:
+    peer = peer_of(shown)
+    peer.answer_display_info = False
+    assert shown.submit(command(Cmd.GET_DISPLAY_INFO)) == []
+    assert shown.submit(command(Cmd.RESOURCE_CREATE_2D, ResourceCreate2d(1, 2, 4, 4))) == []
+    peer.close()
+    run_until(shown.loop, lambda: shown.control.used_idx() == 2)
+    first, second = shown.collect()
+    assert first.type == Resp.OK_DISPLAY_INFO
+    assert decode_display_info(first.raw[:408])[0] == DEFAULT_MODE
+    assert second.type == Resp.OK_NODATA
+    # without a display the device answers at once
+    assert shown.run(command(Cmd.GET_DISPLAY_INFO)).type == Resp.OK_DISPLAY_INFO
+
+
+def test_quiesce_answers_in_flight_commands(shown: DeviceHarness) -> None:
+    peer_of(shown).answer_display_info = False
+    assert shown.submit(command(Cmd.GET_DISPLAY_INFO)) == []
+    shown.device.quiesce()
+    got = shown.collect()
+    assert [Resp(r.type).name for r in got] == ["OK_DISPLAY_INFO"]
+    assert shown.control.take_used() == []  # answered once only
+    peer_of(shown).answer_display_info = True
+    assert shown.run(command(Cmd.GET_DISPLAY_INFO)).type == Resp.OK_DISPLAY_INFO
+
+
+def test_a_new_display_socket_replaces_the_old_and_gets_the_scanouts(
+        shown: DeviceHarness) -> None:
+    old_peer = peer_of(shown)
+    show_resource(shown)
+    run_until(shown.loop, lambda: bool(old_peer.of(DisplayReq.UPDATE)))
+    ours, theirs = socket.socketpair()
+    new_peer = DisplayPeer(shown.loop, theirs)
+    try:
+        shown.device.attach_display(ours.detach())
+        run_until(shown.loop, lambda: bool(new_peer.of(DisplayReq.UPDATE)))
+        assert old_peer.sock.recv(1) == b""  # the old socket was closed
+        kinds = [m.request for m in new_peer.received]
+        assert kinds[:3] == [DisplayReq.GET_PROTOCOL_FEATURES,
+                             DisplayReq.SET_PROTOCOL_FEATURES, DisplayReq.SCANOUT]
+        assert decode(VhostUserGpuScanout, new_peer.of(DisplayReq.SCANOUT)[0].payload) == \
+            VhostUserGpuScanout(0, 8, 4)
+        channel = shown.device.state.scanouts.display
+        assert channel is not None and channel.state is DisplayState.READY
+    finally:
+        new_peer.close()
+
+
+def test_reset_destroys_resources_and_scanouts(shown: DeviceHarness) -> None:
+    show_resource(shown, 512, 512)  # 1 MiB of the 16 MiB budget
+    shown.device.reset()
+    state = shown.device.state
+    assert len(state.resources) == 0 and state.resources.hostmem_used == 0
+    assert all(not s.enabled for s in state.scanouts.scanouts)
+    shown.ok(command(Cmd.RESOURCE_CREATE_2D, ResourceCreate2d(1, 2, 2048, 2048)))
+
+
+def test_removing_guest_memory_drops_backing_and_rings() -> None:
+    harness = DeviceHarness()
+    try:
+        harness.create_2d(1, 4, 4)
+        region = harness.ram.memory.regions[0]
+        resource = harness.device.state.resources.get(1)
+        assert resource.backing is not None
+        assert harness.ram.memory.remove(MemRegion(region.gpa, region.size, region.uaddr, 0))
+        assert resource.backing is None
+        assert not any(queue.ready for queue in harness.device.queues)
+        harness.control.publish(0)
+        harness.device.process(0)  # nothing to do, nothing to crash
+        assert harness.device.internal_errors == 0
+    finally:
+        harness.close()
+
+
+def test_modes_from_the_display_feed_edid_and_num_scanouts(shown: DeviceHarness) -> None:
+    peer_of(shown).modes = [DisplayOne(0, 0, 800, 600, 1, 0), DisplayOne(0, 0, 0, 0, 0, 0),
+                            DisplayOne(0, 0, 640, 480, 1, 0)]
+    shown.run(command(Cmd.GET_DISPLAY_INFO))
+    assert shown.device.state.num_scanouts == 3
+    edid = shown.run(command(Cmd.GET_EDID, np.array([2, 0], "<u4").tobytes()),
+                     response_size=2048).body
+    hactive = edid[8 + 56] | (edid[8 + 58] >> 4) << 8
+    vactive = edid[8 + 59] | (edid[8 + 61] >> 4) << 8
+    assert (hactive, vactive) == (640, 480)
+    assert shown.run(command(Cmd.SET_SCANOUT, SetScanout(0, 0, 1, 1, 2, 9))).type == \
+        Resp.ERR_INVALID_RESOURCE_ID  # scanout 2 exists now
+
+
+@pytest.mark.parametrize("mode", [DisplayOne(0, 0, 1024, 0, 1, 0),
+                                  DisplayOne(0, 0, 70000, 800, 1, 0)],
+                         ids=["zero-height", "too-wide"])
+def test_odd_display_modes_still_give_an_edid(mode: DisplayOne) -> None:
+    harness = DeviceHarness(display=True)
+    try:
+        peer_of(harness).modes = [mode]
+        harness.run(command(Cmd.GET_DISPLAY_INFO))
+        response = harness.run(command(Cmd.GET_EDID, np.array([0, 0], "<u4").tobytes()),
+                               response_size=2048)
+        assert response.type == Resp.OK_EDID
+        assert harness.device.internal_errors == 0
+    finally:
+        harness.close()
