@@ -78,6 +78,13 @@ class MemoryRegion:
         return (self.gpa, self.uaddr, self.size) == (
             desc.guest_phys_addr, desc.userspace_addr, desc.memory_size)
 
+    def same_as(self, desc: MemRegion, fd: int) -> bool:
+        """Mapped exactly as ``desc`` says, from the same file as ``fd``."""
+        if (self.gpa, self.size, self.uaddr, self.mmap_offset) != tuple(desc) or self.fd < 0:
+            return False
+        mine, theirs = os.fstat(self.fd), os.fstat(fd)
+        return (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino)
+
     def unmap(self) -> None:
         """Drop the mapping and close the fd.  Live numpy views keep the pages mapped
         until they die (never a dangling pointer)."""
@@ -181,6 +188,30 @@ class GuestMemory:
         self._index()
         log.info("mapped guest memory %s", region)
         return region
+
+    def replace_all(self, descs: list[MemRegion], fds: list[int], max_regions: int) -> None:
+        """SET_MEM_TABLE: make the regions exactly ``descs``.  A region that is already
+        mapped identically (same addresses, offset and backing file) is kept, so an
+        unchanged table (QEMU re-sends it at every start) invalidates nothing.  Takes
+        ownership of ``fds``."""
+        wanted = list(zip(descs, fds, strict=True))
+        keep: set[int] = set()
+        for region in self._regions:
+            for i, (desc, fd) in enumerate(wanted):
+                if region.same_as(desc, fd):
+                    keep.add(region.id)
+                    os.close(fd)
+                    del wanted[i]
+                    break
+        for region in [r for r in self._regions if r.id not in keep]:
+            self._drop(region)
+        for i, (desc, fd) in enumerate(wanted):
+            try:
+                self.add(desc, fd, max_regions)
+            except FrontendProtocolError:
+                for _, rest in wanted[i + 1:]:
+                    os.close(rest)
+                raise
 
     def remove(self, desc: MemRegion) -> bool:
         """Unmap the region matching ``desc`` (REM_MEM_REG); False if none matches."""

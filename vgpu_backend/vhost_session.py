@@ -252,14 +252,7 @@ class VhostUserSession:
             for fd in req.fds:
                 os.close(fd)
             raise
-        self._memory.clear()
-        for i, (region, fd) in enumerate(zip(regions, req.fds, strict=True)):
-            try:
-                self._memory.add(region, fd, self._limits.max_mem_slots)
-            except FrontendProtocolError:
-                for rest in req.fds[i + 1:]:
-                    os.close(rest)
-                raise
+        self._memory.replace_all(regions, list(req.fds), self._limits.max_mem_slots)
         self._remap_rings()
 
     def _add_mem_reg(self, req: Request) -> None:
