@@ -3,8 +3,9 @@
 Ids in use elsewhere: 1-6 upstream, 7 magma, 8 gfxstream-gles (rutabaga) and ROCM
 (proposed), 9 gfxstream-composer.  Linux rejects every capset when one has an id above
 ``MAX_CAPSET_ID`` (63) ("invalid capset id"), and a context type is a capset id, so
-ours must lie in 10..63: they default to 48 (userptr) and 49 (compute) and are
-configurable.  Each capset starts with a magic and a version; fields are only ever
+ours must lie in 10..63; Linux 6.1 also computes ``VIRTGPU_PARAM_SUPPORTED_CAPSET_IDs``
+as ``1 << id`` on an int, which garbles ids above 31.  They default to 28 (userptr) and
+29 (compute) and are configurable.  Each capset starts with a magic and a version; fields are only ever
 appended, so a guest reading an older version reads a prefix.
 """
 
@@ -32,8 +33,8 @@ __all__ = [
 MAX_CAPSET_ID: Final = 63
 #: ids used by upstream, rutabaga and proposed series
 RESERVED_CAPSET_IDS: Final = frozenset(range(1, 10))
-DEFAULT_USERPTR_CAPSET: Final = 48
-DEFAULT_COMPUTE_CAPSET: Final = 49
+DEFAULT_USERPTR_CAPSET: Final = 28
+DEFAULT_COMPUTE_CAPSET: Final = 29
 USERPTR_CAPSET_MAGIC: Final = 0x52545055  # "UPTR" little-endian
 USERPTR_CAPSET_VERSION: Final = 1
 
