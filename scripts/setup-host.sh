@@ -4,13 +4,14 @@
 #
 #   QEMU 10 from bookworm-backports (Debian 12's QEMU 7.2 refuses vhost-user without KVM),
 #   busybox-static for the guest initramfs, e2fsprogs + debootstrap for the optional
-#   Debian guest image, and Debian's python3-numpy/python3-pytest because the default
-#   guest root is this host's own root filesystem shared read-only over 9p.
+#   Debian guest image, and Debian's python3-numpy/python3-pytest/python3-construct because
+#   the default guest root is this host's own root filesystem shared read-only over 9p
+#   (the guest tests import the protocol package, which needs construct).
 set -eu
 
 BACKPORTS_SOURCES=/etc/apt/sources.list.d/bookworm-backports.sources
 BACKPORTS_PACKAGES="qemu-system-x86 qemu-system-gui qemu-utils"
-DEBIAN_PACKAGES="busybox-static cpio xz-utils e2fsprogs debootstrap python3 python3-numpy python3-pytest"
+DEBIAN_PACKAGES="busybox-static cpio xz-utils e2fsprogs debootstrap python3 python3-numpy python3-pytest python3-construct"
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "setup-host.sh: must run as root" >&2

@@ -16,6 +16,7 @@ from pathlib import Path
 from vmrunner.artifacts import cache_dir, prepare_artifacts
 from vmrunner.backend import PRESETS, REFERENCE_BACKEND, backend_spec
 from vmrunner.commands import run_console_check, run_test
+from vmrunner.demo import run_demo
 from vmrunner.errors import (
     EXIT_CONSOLE_CHECK_FAILED,
     EXIT_HARNESS_ERROR,
@@ -26,6 +27,9 @@ from vmrunner.qemu import USERSPACE_GPU_PCI
 from vmrunner.rootfs import ROOT_KINDS
 from vmrunner.session import SessionOptions
 
+#: the back-end a command uses without --backend (vm.py's general default is the reference)
+DEFAULT_BACKEND = {"demo": "ours"}
+
 DESCRIPTION = f"""\
 Boot a Linux 6.1 guest under QEMU 10 (TCG) with a vhost-user-gpu-pci device served by the
 back-end under test, and run checks inside it.
@@ -35,6 +39,9 @@ commands:
                  checkout shared read-only); exits with the guest pytest's exit code
   console-check  boot only the busybox initramfs; the guest draws text on the fbcon console
                  and a pattern into /dev/fb0, the host checks a screendump pixel by pixel
+  demo           boot with the userspace-driver GPU and run guest_tests/demo.py: a guest
+                 program registers its own memory as a USERPTR blob, the host engine runs
+                 saxpy and a matrix multiply on it, the guest verifies; exits 0 if verified
   artifacts      build or check the cached guest kernel, initramfs and root image
 
 back-ends (the device under test; each listens on --socket-path and exits when QEMU leaves):
@@ -59,6 +66,7 @@ VGPU_RESULTS_DIR (parent of per-run results directories, default /tmp/vgpu-resul
 examples:
   python3 scripts/vm.py console-check --backend reference --screenshot console.png
   python3 scripts/vm.py test --backend ours --second-gpu -- -k smoke -x
+  python3 scripts/vm.py demo --backend ours --size-mib 64
 """
 
 
@@ -124,6 +132,27 @@ def build_parser() -> argparse.ArgumentParser:
     console.add_argument("--screenshot", type=Path, metavar="PNG",
                          help="also save the checked screen as this PNG")
 
+    demo = commands.add_parser(
+        "demo", help="run the USERPTR zero-copy demo in the guest",
+        description="Boot the guest root with a second, driver-less vhost-user-gpu-pci and "
+                    "run `python3 -m guest_tests.demo` against it (via pytest's plugin hook, "
+                    "since the guest init starts pytest), streaming its output.  Exit status: "
+                    "0 verified, 1 verification failed (or the demo failed), 2 bad demo "
+                    "arguments, 77 the back-end cannot run it (no USERPTR), 10 harness error, "
+                    "124 timeout.  The back-end defaults to ours here.")
+    _add_vm_options(demo)
+    demo.add_argument("--size-mib", type=int, default=128, metavar="N",
+                      help="the guest program's buffer (default: %(default)s)")
+    demo.add_argument("--matmul", type=int, default=768, metavar="N",
+                      help="N x N x N float32 matrix multiply (default: %(default)s)")
+    demo.add_argument("--saxpy-rounds", type=int, default=8, metavar="N",
+                      help="saxpy passes over the vectors (default: %(default)s)")
+    demo.add_argument("--screenshot", type=Path, metavar="PNG",
+                      help="save the guest screen at the end of the demo (its summary is "
+                           "on the console) as this PNG")
+    demo.add_argument("--no-thp", action="store_true",
+                      help="4 KiB pages only in the guest buffer (many scattered mem entries)")
+
     artifacts = commands.add_parser("artifacts", help="build or check the cached guest artifacts")
     artifacts.add_argument("--guest-root", choices=(*ROOT_KINDS, "none"), default="host")
     artifacts.add_argument("--kernel-package", metavar="NAME")
@@ -139,8 +168,10 @@ def _results_dir(args: argparse.Namespace) -> Path:
 
 def _options(args: argparse.Namespace, mode: str) -> SessionOptions:
     return SessionOptions(
-        mode=mode, backend=backend_spec(args.backend, args.backend_cmd),
-        results_dir=_results_dir(args), second_gpu=getattr(args, "second_gpu", False),
+        mode=mode, backend=backend_spec(args.backend or DEFAULT_BACKEND.get(args.command),
+                                        args.backend_cmd),
+        results_dir=_results_dir(args),
+        second_gpu=getattr(args, "second_gpu", False) or args.command == "demo",
         guest_root=getattr(args, "guest_root", "host"), boot_timeout=args.boot_timeout,
         timeout=args.timeout, shutdown_timeout=args.shutdown_timeout,
         memory_mib=args.memory, smp=args.smp, hugepages=args.hugepages,
@@ -167,6 +198,13 @@ def main(argv: list[str]) -> int:
             return 0
         if args.command == "test":
             return run_test(_options(args, "test"), extra, args.kernel_package)
+        if args.command == "demo":
+            demo_args = [f"--size-mib={args.size_mib}", f"--matmul={args.matmul}",
+                         f"--saxpy-rounds={args.saxpy_rounds}"]
+            if args.no_thp:
+                demo_args.append("--no-thp")
+            return run_demo(_options(args, "demo"), demo_args, args.kernel_package,
+                            args.screenshot)
         return run_console_check(_options(args, "console"), args.screenshot,
                                  args.kernel_package)
     except HarnessError as error:

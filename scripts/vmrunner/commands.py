@@ -30,7 +30,7 @@ KERNEL_TROUBLE_RE = re.compile(r"BUG:|WARNING:|Oops|soft lockup|stall|Call Trace
 def _prepare(options: SessionOptions, clock: PhaseClock,
              kernel_package: str | None) -> GuestArtifacts:
     with clock.phase("artifacts (build/cache check)"):
-        root_kind = options.guest_root if options.mode == "test" else "none"
+        root_kind = options.guest_root if options.mode in ("test", "demo") else "none"
         artifacts = prepare_artifacts(root_kind, kernel_package)
     built = ", ".join(artifacts.built) or "nothing, all cached"
     print(f"vm: kernel {artifacts.kernel.release} ({artifacts.kernel.package_version}), "

@@ -1,9 +1,11 @@
 """The guest root filesystem that runs pytest: the host's own root over 9p, or a Debian image.
 
-``host``: the host's ``/`` exported read-only over virtio-9p; needs Debian's python3-numpy
-and python3-pytest on the host (scripts/setup-host.sh installs them).  Nothing to build.
+``host``: the host's ``/`` exported read-only over virtio-9p; needs Debian's python3-numpy,
+python3-pytest and python3-construct (the guest tests import ``protocol``) on the host
+(scripts/setup-host.sh installs them).  Nothing to build.
 
-``image``: ``debootstrap --variant=minbase`` of bookworm with python3, pytest and numpy, packed
+``image``: ``debootstrap --variant=minbase`` of bookworm with python3, pytest, numpy and
+construct, packed
 into an ext4 image by ``mke2fs -d`` (no loop mount) and attached read-only as virtio-blk.
 """
 
@@ -19,11 +21,12 @@ from .errors import HarnessError
 ROOT_KINDS = ("host", "image")
 DEBIAN_SUITE = "bookworm"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
-IMAGE_PACKAGES = ("python3", "python3-pytest", "python3-numpy")
+IMAGE_PACKAGES = ("python3", "python3-pytest", "python3-numpy", "python3-construct")
 HOST_ROOT_REQUIREMENTS = (
     Path("/usr/bin/python3"),
     Path("/usr/lib/python3/dist-packages/numpy"),
     Path("/usr/lib/python3/dist-packages/pytest"),
+    Path("/usr/lib/python3/dist-packages/construct"),
 )
 # Trimmed from the image: documentation and caches nobody reads in the guest.
 IMAGE_PRUNE = ("usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale",
@@ -41,7 +44,8 @@ def check_host_root() -> None:
     missing = [str(p) for p in HOST_ROOT_REQUIREMENTS if not p.exists()]
     if missing:
         raise HarnessError(f"host root lacks {', '.join(missing)}: run scripts/setup-host.sh "
-                           "(python3-numpy, python3-pytest) or use --guest-root image")
+                           "(python3-numpy, python3-pytest, python3-construct) or use --guest-root "
+                           "image")
 
 
 def _directory_bytes(path: Path) -> int:
@@ -51,7 +55,7 @@ def _directory_bytes(path: Path) -> int:
 
 
 def build_debian_image(path: Path) -> None:
-    """debootstrap a minimal bookworm with python3/pytest/numpy into the ext4 image `path`."""
+    """debootstrap a minimal bookworm with IMAGE_PACKAGES into the ext4 image `path`."""
     for tool in ("debootstrap", "mke2fs"):
         if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
             raise HarnessError(f"{tool} is missing: run scripts/setup-host.sh")

@@ -33,7 +33,7 @@ LOG_LIMITS = {"qemu.log": 16 * 2**20, "serial.log": 64 * 2**20}  # runaway-outpu
 class SessionOptions:
     """How to boot: the guest mode, the back-end, the devices and every time limit."""
 
-    mode: str  # "test" (root + pytest) or "console" (initramfs only)
+    mode: str  # "test" (root + pytest), "demo" (root + the demo) or "console" (initramfs)
     backend: BackendSpec
     results_dir: Path
     second_gpu: bool = False
@@ -99,7 +99,7 @@ class VmSession:
         opts = self.options
         gpu_count = 2 if opts.second_gpu else 1
         shares: tuple[Share, ...] = ()
-        if opts.mode == "test":
+        if opts.mode in ("test", "demo"):
             shares = (Share("results", self.results, readonly=False),
                       Share("project", REPO_ROOT, readonly=True))
             if opts.guest_root == "host":
@@ -112,12 +112,13 @@ class VmSession:
             gpu_sockets=tuple(self.workdir / f"gpu{i}.sock" for i in range(gpu_count)),
             control_socket=self.control.socket_path, qmp_socket=self.workdir / "qmp.sock",
             serial_log=self.serial_log, shares=shares,
-            root_image=self.artifacts.root_image if opts.mode == "test" else None,
+            root_image=self.artifacts.root_image if opts.mode in ("test", "demo") else None,
             memory_mib=opts.memory_mib, smp=opts.smp)
 
-    def write_guest_env(self, pytest_args: list[str]) -> None:
-        """What the guest init sources from the results share before running pytest."""
-        quoted = " ".join(shlex.quote(arg) for arg in pytest_args)
+    def write_guest_env(self, args: list[str]) -> None:
+        """What the guest init sources from the results share: the back-end's name and
+        the arguments of the guest program (pytest, or the demo)."""
+        quoted = " ".join(shlex.quote(arg) for arg in args)
         (self.results / "guest-env.sh").write_text(
             f"VGPU_BACKEND={shlex.quote(self.options.backend.name)}\nset -- {quoted}\n")
 
