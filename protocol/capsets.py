@@ -3,10 +3,10 @@
 Ids in use elsewhere: 1-6 upstream, 7 magma, 8 gfxstream-gles (rutabaga) and ROCM
 (proposed), 9 gfxstream-composer.  Linux rejects every capset when one has an id above
 ``MAX_CAPSET_ID`` (63) ("invalid capset id"), and a context type is a capset id, so
-ours must lie in 10..63; Linux 6.1 also computes
-``VIRTGPU_PARAM_SUPPORTED_CAPSET_IDs`` as ``1 << id`` on an int, which garbles ids above 31.  They default to 28 (userptr) and
-29 (compute) and are configurable.  Each capset starts with a magic and a version; fields are only ever
-appended, so a guest reading an older version reads a prefix.
+ours must lie in 10..63; Linux 6.1 also computes ``VIRTGPU_PARAM_SUPPORTED_CAPSET_IDs``
+as ``1 << id`` on an int, which garbles ids above 31.  They default to 28 (userptr) and
+29 (compute) and are configurable.  Each capset starts with a magic and a version;
+fields are only ever appended, so a guest reading an older version reads a prefix.
 """
 
 from __future__ import annotations
