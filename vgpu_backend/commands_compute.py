@@ -131,7 +131,7 @@ class ComputeCommands:
         if not self.timelines.busy():
             return None
         wait = Deferred(pause=True)
-        self.timelines.when_idle(None, lambda: wait.resolve(OK))
+        self.timelines.after_current(None, lambda: wait.resolve(OK))
         return wait
 
     def _global_barrier(self) -> Deferred | None:
@@ -139,7 +139,7 @@ class ComputeCommands:
         if not self.timelines.busy(keys):
             return None
         wait = Deferred(pause=False)
-        self.timelines.when_idle(keys, lambda: wait.resolve(OK))
+        self.timelines.after_current(keys, lambda: wait.resolve(OK))
         return wait
 
     def _drain(self) -> None:

@@ -185,14 +185,8 @@ class VirtioGpuDevice:
         data = chain.read(_COMMAND_READ)
         hdr = decode(CtrlHdr, data) if len(data) >= CTRL_HDR_SIZE else CtrlHdr(0)
         result = self._execute(hdr, data, chain)
-        if isinstance(result, Reply) and hdr.flags & _FENCE and \
-                not hdr.flags & _INFO_RING_IDX and self.state.fence_barrier:
-            # A fence on the global timeline completes after earlier compute work.
-            wait = self.state.fence_barrier()
-            if wait is not None:
-                reply = result
-                result = wait.then(lambda: reply)
-                result.pause = False
+        if hdr.flags & _FENCE and not hdr.flags & _INFO_RING_IDX:
+            result = self._after_global_work(result)
         if isinstance(result, Reply):
             self._respond(queue, chain, hdr, result)
             return False
@@ -216,6 +210,22 @@ class VirtioGpuDevice:
                 self._waiting = result
                 return True
         return False
+
+    def _after_global_work(self, result: Reply | Deferred) -> Reply | Deferred:
+        """A fence on the global timeline completes only after the compute work
+        submitted before it: hold the answer until then."""
+        barrier = self.state.fence_barrier
+        wait = barrier() if barrier is not None else None
+        if wait is None:
+            return result
+        if isinstance(result, Reply):
+            reply = result
+            later = wait.then(lambda: reply)
+            later.pause = False
+            return later
+        joined = Deferred(pause=result.pause, fallback=result.fallback)
+        result.on_resolve(lambda reply: wait.on_resolve(lambda _: joined.resolve(reply)))
+        return joined
 
     def _execute(self, hdr: CtrlHdr, data: bytes, chain: DescriptorChain) -> Reply | Deferred:
         if chain.error is not None:  # not raised: a traceback would keep the chain alive

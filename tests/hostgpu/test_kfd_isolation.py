@@ -55,5 +55,7 @@ def test_vm_isolation_ignores_contexts(make_gpu: MakeGpu, guest_ram: GuestRam) -
     assert len(t.kernel.processes) == 1
     mapping = gpu.register_userptr(guest_ram.ranges([4]), readonly=False, context=3)
     assert mapping.context == 3
-    gpu.close_context(3)   # releases what the context still held
+    gpu.close_context(3)   # one KFD process: the mapping outlives the context
+    assert gpu.live_mappings() == 1 and t.kernel.live_bos() == 1
+    gpu.release(mapping)
     assert gpu.live_mappings() == 0 and t.kernel.live_bos() == 0

@@ -11,6 +11,8 @@ staged bytes is reported.
 
 from __future__ import annotations
 
+import itertools
+import threading
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,14 +28,31 @@ __all__ = ["Buffer", "KernelStats", "checksum_crc32", "copy", "fill_u32", "matmu
 I64 = npt.NDArray[np.int64]
 
 
-@dataclass(frozen=True, slots=True)
-class Buffer:
-    """A resolved buffer: ``nbytes`` bytes in host runs ``(addr, length)`` in order."""
+#: the longest piece a kernel works on at once: its temporaries stay in cache
+MAX_PIECE = 2 << 20
+_scratch = threading.local()
 
-    va: int
-    nbytes: int
-    addr: I64
-    length: I64
+
+class Buffer:
+    """A resolved buffer: ``nbytes`` bytes in host runs ``(addr, length)``, in order.
+
+    One view spans all the runs (``window``); pieces are slices of it.  The window may
+    cover memory between the runs that is not ours: only slices of the runs are ever
+    touched.
+    """
+
+    __slots__ = ("addr", "ends", "length", "nbytes", "offset", "va", "window")
+
+    def __init__(self, va: int, nbytes: int, addr: I64, length: I64) -> None:
+        self.va = va
+        self.nbytes = nbytes
+        self.addr = addr
+        self.length = length
+        base = int(addr.min()) if addr.shape[0] else 0
+        span = int((addr + length).max()) - base if addr.shape[0] else 0
+        self.window = hostmem.view(base, span)
+        self.offset = addr - base  # of each run in the window
+        self.ends = np.cumsum(length)  # buffer offset where each run ends
 
     @property
     def single(self) -> bool:
@@ -42,23 +61,44 @@ class Buffer:
 
     def whole(self) -> npt.NDArray[np.uint8]:
         """A view of the whole buffer (only when :attr:`single`)."""
-        return hostmem.view(int(self.addr[0]), self.nbytes)
+        first = int(self.offset[0])
+        return self.window[first:first + self.nbytes]
+
+    def _rows(self) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64]] | None:
+        """The window as rows of a granule dividing every run, and the row index of
+        every buffer row, when that granule is large enough to make it worthwhile."""
+        unit = int(np.gcd.reduce(np.concatenate((self.offset, self.length, [4096]))))
+        if unit < 256 or self.nbytes % unit:
+            return None
+        units = self.length // unit
+        run = np.repeat(np.arange(units.shape[0]), units)
+        within = np.arange(run.shape[0]) - np.repeat(np.cumsum(units) - units, units)
+        rows = self.window[:self.window.shape[0] - self.window.shape[0] % unit]
+        return rows.reshape(-1, unit), self.offset[run] // unit + within
 
     def gather(self) -> npt.NDArray[np.uint8]:
         """A contiguous copy of the buffer (engine scratch)."""
         out = np.empty(self.nbytes, dtype=np.uint8)
-        pos = 0
-        for a, n in zip(self.addr.tolist(), self.length.tolist(), strict=True):
-            out[pos:pos + n] = hostmem.view(a, n)
-            pos += n
+        table = self._rows() if self.addr.shape[0] > 8 else None
+        if table is not None:
+            rows, index = table
+            np.take(rows, index, axis=0, out=out.reshape(-1, rows.shape[1]), mode="clip")
+            return out
+        for (piece,), (lo, hi) in zip(_pieces([self], self.nbytes), _bounds(
+                [self], self.nbytes), strict=True):
+            out[lo:hi] = piece
         return out
 
     def scatter(self, data: npt.NDArray[np.uint8]) -> None:
         """Write a contiguous array back over the runs."""
-        pos = 0
-        for a, n in zip(self.addr.tolist(), self.length.tolist(), strict=True):
-            hostmem.view(a, n)[:] = data[pos:pos + n]
-            pos += n
+        table = self._rows() if self.addr.shape[0] > 8 else None
+        if table is not None:
+            rows, index = table
+            rows[index] = data.reshape(-1, rows.shape[1])
+            return
+        for (piece,), (lo, hi) in zip(_pieces([self], self.nbytes), _bounds(
+                [self], self.nbytes), strict=True):
+            piece[:] = data[lo:hi]
 
 
 @dataclass(slots=True)
@@ -70,18 +110,38 @@ class KernelStats:
     pieces: int = 0
 
 
+def _bounds(buffers: list[Buffer], nbytes: int) -> list[tuple[int, int]]:
+    """``[lo, hi)`` byte ranges splitting ``[0, nbytes)`` at every run boundary of every
+    buffer and every :data:`MAX_PIECE`."""
+    cuts = [np.arange(0, nbytes, MAX_PIECE, dtype=np.int64), np.array([nbytes], np.int64)]
+    cuts += [b.ends[b.ends < nbytes] for b in buffers]
+    return list(itertools.pairwise(np.unique(np.concatenate(cuts)).tolist()))
+
+
 def _pieces(buffers: list[Buffer], nbytes: int) -> Iterator[list[npt.NDArray[np.uint8]]]:
-    """Views of every buffer over the same byte range, piece by piece, split at every
-    run boundary of any buffer."""
-    ends = [np.cumsum(b.length) for b in buffers]
-    bounds = np.unique(np.concatenate([e[e < nbytes] for e in ends] + [np.array([0, nbytes])]))
-    starts_of = [e - b.length for e, b in zip(ends, buffers, strict=True)]
-    for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
-        views = []
-        for b, e, s in zip(buffers, ends, starts_of, strict=True):
-            run = int(np.searchsorted(e, lo, side="right"))
-            views.append(hostmem.view(int(b.addr[run]) + lo - int(s[run]), hi - lo))
-        yield views
+    """Views of every buffer over the same byte range, piece by piece (see _bounds);
+    the run lookups are done for all pieces at once."""
+    bounds = _bounds(buffers, nbytes)
+    if not bounds:
+        return
+    lo = np.array([b[0] for b in bounds], dtype=np.int64)
+    starts: list[list[int]] = []
+    for b in buffers:
+        run = np.searchsorted(b.ends, lo, side="right")
+        starts.append((b.offset[run] + lo - (b.ends[run] - b.length[run])).tolist())
+    for k, (low, high) in enumerate(bounds):
+        size = high - low
+        yield [b.window[start[k]:start[k] + size] for b, start in zip(buffers, starts,
+                                                                      strict=True)]
+
+
+def _scratch_f32(count: int) -> npt.NDArray[np.float32]:
+    """A per-thread float32 scratch array of at least ``count`` elements."""
+    buf: npt.NDArray[np.float32] | None = getattr(_scratch, "f32", None)
+    if buf is None or buf.shape[0] < count:
+        buf = np.empty(max(count, MAX_PIECE // 4), dtype=np.float32)
+        _scratch.f32 = buf
+    return buf[:count]
 
 
 def fill_u32(dst: Buffer, count: int, value: int, stats: KernelStats) -> None:
@@ -114,12 +174,9 @@ def vadd_f32(dst: Buffer, a: Buffer, b: Buffer, count: int, stats: KernelStats) 
 def saxpy_f32(y: Buffer, x: Buffer, count: int, a: float, stats: KernelStats) -> None:
     """``y = a * x + y`` over ``count`` float32."""
     alpha = np.float32(a)
-    scratch = np.empty(0, dtype=np.float32)
     for yv, xv in _pieces([y, x], count * 4):
         ys, xs = yv.view("<f4"), xv.view("<f4")
-        if scratch.shape[0] < xs.shape[0]:
-            scratch = np.empty(xs.shape[0], dtype=np.float32)
-        tmp = scratch[:xs.shape[0]]
+        tmp = _scratch_f32(xs.shape[0])
         np.multiply(xs, alpha, out=tmp)
         np.add(ys, tmp, out=ys)
         stats.pieces += 1
@@ -132,7 +189,7 @@ def reduce_sum_f32(x: Buffer, count: int, out: Buffer, stats: KernelStats) -> fl
     for (xv,) in _pieces([x], count * 4):
         total += float(np.sum(xv.view("<f4"), dtype=np.float64))
         stats.pieces += 1
-    next(_pieces([out], 4))[0].view("<f4")[0] = np.float32(total)
+    out.scatter(np.frombuffer(np.float32(total).tobytes(), dtype=np.uint8))
     stats.bytes_touched += count * 4 + 4
     return total
 

@@ -38,7 +38,10 @@ class Timelines:
         self._loop = loop
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="compute")
         self._lines: dict[Hashable, _Timeline] = {}
-        self._idle_waiters: list[tuple[frozenset[Hashable] | None, Callable[[], None]]] = []
+        #: jobs ever submitted / delivered per timeline (barriers compare the two)
+        self._submitted: dict[Hashable, int] = {}
+        self._delivered: dict[Hashable, int] = {}
+        self._waiters: list[tuple[dict[Hashable, int], Callable[[], None]]] = []
         self._lock = threading.Lock()
         self._running = 0  # jobs executing on a worker right now
         self._idle = threading.Condition(self._lock)
@@ -50,6 +53,7 @@ class Timelines:
         """Queue ``job`` on timeline ``key``; ``on_done(result)`` runs on the loop."""
         line = self._lines.setdefault(key, _Timeline())
         line.pending.append((job, on_done))
+        self._submitted[key] = self._submitted.get(key, 0) + 1
         if not line.running:
             self._start_next(key, line)
 
@@ -80,6 +84,7 @@ class Timelines:
         for key, on_done, result in done:
             line = self._lines[key]
             line.running = False
+            self._delivered[key] = self._delivered.get(key, 0) + 1
             on_done(result)
             if line.pending:
                 self._start_next(key, line)
@@ -96,18 +101,25 @@ class Timelines:
             return bool(self._lines)
         return any(k in self._lines for k in keys)
 
-    def when_idle(self, keys: frozenset[Hashable] | None, callback: Callable[[], None]) -> None:
-        """Run ``callback`` on the loop once ``keys`` (or everything) are idle."""
-        if not self.busy(keys):
+    def after_current(self, keys: frozenset[Hashable] | None,
+                      callback: Callable[[], None]) -> None:
+        """Run ``callback`` on the loop once every job submitted so far on ``keys`` (or
+        anywhere) is done.  Later submissions do not delay it (no starvation)."""
+        targets = {k: n for k, n in self._submitted.items()
+                   if (keys is None or k in keys) and self._delivered.get(k, 0) < n}
+        if not targets:
             callback()
         else:
-            self._idle_waiters.append((keys, callback))
+            self._waiters.append((targets, callback))
+
+    def _reached(self, targets: dict[Hashable, int]) -> bool:
+        return all(self._delivered.get(k, 0) >= n for k, n in targets.items())
 
     def _wake_waiters(self) -> None:
-        ready = [w for w in self._idle_waiters if not self.busy(w[0])]
+        ready = [w for w in self._waiters if self._reached(w[0])]
         if ready:
-            self._idle_waiters = [w for w in self._idle_waiters if self.busy(w[0])]
-            for _keys, callback in ready:
+            self._waiters = [w for w in self._waiters if not self._reached(w[0])]
+            for _targets, callback in ready:
                 callback()
 
     def wait_running(self, timeout: float) -> bool:

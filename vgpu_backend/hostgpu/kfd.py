@@ -269,12 +269,15 @@ class KfdHostGpu(HostGpu):
         self._contexts[context] = KfdProcess(self._t, self._gpus, secondary=True)
 
     def close_context(self, context: int) -> None:
-        """Release what ``context`` still holds and close its KFD process."""
+        """Context isolation: release what the context's own KFD process holds and close
+        it.  In 'vm' isolation every mapping lives in the one KFD process and outlives
+        the context (a blob created in a context may stay attached elsewhere)."""
         proc = self._contexts.pop(context, None)
-        for mapping in [m for m in self._live.values() if m.context == context]:
+        if proc is None:
+            return
+        for mapping in [m for m in self._live.values() if m.private.process is proc]:
             self.release(mapping)
-        if proc is not None:
-            proc.close()  # a secondary process dies with its fd
+        proc.close()  # a secondary process dies with its fd
 
     def gpu_memory(self, gpu_id: int | None = None) -> GpuMemory | None:
         proc = self._main
