@@ -137,7 +137,9 @@ class Backing:
                 if to_guest:
                     rows[src_units] = buf_rows
                 else:
-                    np.take(rows, src_units, axis=0, out=buf_rows)
+                    # indices are in range by construction; "clip" lets numpy write
+                    # straight into ``out`` ("raise" buffers the whole result first)
+                    np.take(rows, src_units, axis=0, out=buf_rows, mode="clip")
                 continue
             mask = region_id[piece] == rid
             if to_guest:

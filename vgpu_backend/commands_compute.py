@@ -286,7 +286,7 @@ class ComputeCommands:
         def now() -> Reply:
             if res.backing is None or not res.host_addr:
                 raise GuestProtocolError("buffer went away", Resp.ERR_UNSPEC)
-            hostmem.view(res.host_addr + start, size)[:] = res.backing.read(body.offset, size)
+            res.backing.read_into(body.offset, hostmem.view(res.host_addr + start, size))
             return OK
         return self._after_compute(now)
 

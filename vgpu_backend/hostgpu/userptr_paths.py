@@ -191,7 +191,9 @@ def register(proc: KfdProcess, path: UserptrPath, ranges: HostRanges, *, starts:
     try:
         if path is UserptrPath.BATCH:
             _register_batch(job, starts, sizes)
-        elif path is UserptrPath.PER_RANGE:
+        elif path is UserptrPath.PER_RANGE or coalesce_host(starts, sizes)[0].size == 1:
+            # (alias of ranges already contiguous in host VA: they are their own alias,
+            # one ordinary USERPTR allocation; this also covers host buffers without fd)
             _register_per_range(job, starts, sizes)
         else:
             alias = _register_alias(job, ranges, readonly=readonly)
