@@ -614,9 +614,11 @@ def run(args: argparse.Namespace, layouts: list[str]) -> tuple[list[str], float,
     rng = np.random.default_rng(args.seed)
     workloads = [saxpy(v, rng) for v in args.sizes] + [matmul(n, rng) for n in args.matmul_sizes]
 
-    print(f"guest RAM {ram // MiB} MiB", file=sys.stderr)
+    hugetlb = args.guest_ram == "hugetlb"
+    print(f"guest RAM {ram // MiB} MiB ({args.guest_ram})", file=sys.stderr)
+    restore = reserve_hugepages(ram // HUGE) if hugetlb else None
     s = Session(BackendProcess(command, name="ours"),
-                SessionConfig(ram_size=ram, ctrl_size=256, timeout=TIMEOUT))
+                SessionConfig(ram_size=ram, ctrl_size=256, timeout=TIMEOUT, hugetlb=hugetlb))
     rows: list[Row] = []
     try:
         s.realize()
@@ -635,7 +637,30 @@ def run(args: argparse.Namespace, layouts: list[str]) -> tuple[list[str], float,
     except BaseException:
         s.close(expect_exit=None)
         raise
+    finally:
+        if restore is not None:
+            NR_HUGEPAGES.write_text(f"{restore}\n")
     return command, rtt, rows
+
+
+NR_HUGEPAGES = Path("/proc/sys/vm/nr_hugepages")
+
+
+def reserve_hugepages(count: int) -> int | None:
+    """Make sure ``count`` free 2 MiB huge pages exist (raising vm.nr_hugepages when
+    root); the previous setting to restore, or None if nothing changed."""
+    free = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
+                    if line.startswith("HugePages_Free:")))
+    if free >= count:
+        return None
+    before = int(NR_HUGEPAGES.read_text())
+    try:
+        NR_HUGEPAGES.write_text(f"{before + count - free}\n")
+    except OSError as err:
+        raise SystemExit(f"--guest-ram hugetlb needs {count} free 2 MiB huge pages ({free} "
+                         f"free): raise vm.nr_hugepages as root, or use --guest-ram shmem "
+                         f"({err})") from None
+    return before
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -654,6 +679,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--from-json", type=Path,
                         help="print and plot the results saved by --json, without measuring")
     parser.add_argument("--backend-args", default="", help="extra back-end options")
+    parser.add_argument("--guest-ram", choices=("hugetlb", "shmem"), default="hugetlb",
+                        help="guest RAM backing: 2 MiB huge pages like QEMU's "
+                             "memory-backend-memfd,hugetlb=on (default; reserves "
+                             "vm.nr_hugepages when root), or 4 KiB shmem pages")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
     layouts = [v.strip() for v in args.layouts.split(",") if v.strip()]

@@ -26,6 +26,7 @@ from protocol.vhost_user import MemRegion
 __all__ = ["PAGE_SIZE", "GuestRam", "RamRegion", "Segment"]
 
 PAGE_SIZE = 4096
+HUGE_PAGE_SIZE = 2 << 20
 #: QEMU-virtual base address of guest RAM (what QEMU's own mmap returned; any value works)
 QEMU_VA_BASE = 0x7F5A_0000_0000
 #: where QEMU puts RAM above the 32-bit PCI hole
@@ -72,14 +73,19 @@ class GuestRam:
         rest at guest-physical ``high_gpa`` (default 4 GiB, like QEMU) at file offset
         ``split_at``.  ``high_gpa=split_at`` makes the regions adjacent in guest-physical
         space, so one buffer can cross from one region into the next.
+    :param hugetlb: back the RAM with 2 MiB huge pages (QEMU's
+        ``memory-backend-memfd,hugetlb=on``; needs ``vm.nr_hugepages`` reserved).
     """
 
     def __init__(self, size: int, *, split_at: int | None = None,
-                 high_gpa: int | None = None, seed: int = 1) -> None:
+                 high_gpa: int | None = None, seed: int = 1, hugetlb: bool = False) -> None:
         if size % PAGE_SIZE or size <= 0:
             raise ValueError("guest RAM size must be a positive multiple of 4096")
+        if hugetlb and size % HUGE_PAGE_SIZE:
+            raise ValueError("hugetlb guest RAM must be a multiple of 2 MiB")
         self.size = size
-        self.fd = os.memfd_create("vgpu-test-guest-ram", os.MFD_CLOEXEC)
+        self.fd = os.memfd_create("vgpu-test-guest-ram", os.MFD_CLOEXEC | (
+            os.MFD_HUGETLB | os.MFD_HUGE_2MB if hugetlb else 0))
         os.ftruncate(self.fd, size)
         self.map = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.bytes: npt.NDArray[np.uint8] = np.frombuffer(self.map, dtype=np.uint8)

@@ -55,6 +55,8 @@ class SessionConfig:
     #: protocol feature bits the front-end refuses (e.g. CONFIGURE_MEM_SLOTS)
     refuse_protocol: int = 0
     indirect: bool = False
+    #: back guest RAM with 2 MiB huge pages (``memory-backend-memfd,hugetlb=on``)
+    hugetlb: bool = False
     need_reply_everywhere: bool = False
     #: seconds to wait for any reply or completion (generous: CI machines are loaded)
     timeout: float = 15.0
@@ -82,7 +84,8 @@ class Session:
         self.flavour = cfg.flavour
         self.frontend = VhostUserFrontend(backend.sock, cfg.flavour, timeout=cfg.timeout,
                                           need_reply_everywhere=cfg.need_reply_everywhere)
-        self.ram = GuestRam(cfg.ram_size, split_at=cfg.split_at, high_gpa=cfg.high_gpa)
+        self.ram = GuestRam(cfg.ram_size, split_at=cfg.split_at, high_gpa=cfg.high_gpa,
+                            hugetlb=cfg.hugetlb)
         self.console = SimulatedConsole(cfg.num_scanouts)
         self.modes = list(cfg.modes or default_modes(cfg.num_scanouts))
         self.neg = Negotiated()
