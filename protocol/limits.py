@@ -49,8 +49,11 @@ class Limits:
                                    "max-submit-bytes")
     max_stream_commands: int = _limit(4096, "max commands in one compute stream")
     compute_workers: int = _limit(2, "threads running compute jobs", "compute-workers")
+    max_queued_submissions: int = _limit(
+        64, "unfenced SUBMIT_3D queued per context before the queue waits")
     compute_drain_timeout: float = _limit(
-        120.0, "seconds to wait for compute jobs when rings stop or memory goes away")
+        10.0, "seconds to wait for compute jobs when rings stop or memory goes away, "
+        "before cancelling them")
     max_capset_bytes: int = _limit(64 * KiB, "max size of a capset we publish")
     # --- virtqueues --------------------------------------------------------------
     max_queue_size: int = _limit(32768, "max split virtqueue size (virtio limit)")

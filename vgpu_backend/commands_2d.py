@@ -190,9 +190,18 @@ class Commands2D:
         return OK
 
     def detach_backing(self, hdr: CtrlHdr, body: ResourceDetachBacking,
-                       chain: DescriptorChain) -> Reply:
-        """Forget a resource's guest pages (no backing: nothing to do)."""
+                       chain: DescriptorChain) -> Reply | Deferred:
+        """Forget a resource's guest pages (no backing: nothing to do).  While compute
+        work that may use them is in flight, the queue waits for that work first."""
         res = self.s.resources.get(body.resource_id)
+        barrier = self.s.compute_barrier
+        wait = barrier() if res.contexts and barrier is not None else None
+        if wait is not None:
+            return wait.then(lambda: self._detach_now(body.resource_id))
+        return self._detach_now(body.resource_id)
+
+    def _detach_now(self, resource_id: int) -> Reply:
+        res = self.s.resources.get(resource_id)
         for hook in self.s.detach_hooks:
             hook(res)
         res.backing = None

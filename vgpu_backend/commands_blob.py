@@ -80,7 +80,8 @@ def userptr_capset(state: DeviceState) -> Capset:
         else HostPath.NONE,
         host_backend=int({"kfd": HostBackend.KFD, "sim": HostBackend.SIM}.get(
             info.backend, HostBackend.NONE)) if info else HostBackend.NONE,
-        page_size=PAGE_SIZE, max_entries=state.limits.max_userptr_entries,
+        page_size=PAGE_SIZE, max_entries=min(state.limits.max_userptr_entries,
+                                             info.max_ranges if info else 0xFFFFFFFF),
         max_bytes=state.limits.max_userptr_bytes,
         num_gpus=len(info.gpu_ids) if info else 0,
         kfd_version=(info.kfd_version[0] << 16 | info.kfd_version[1]) if info else 0,
@@ -159,6 +160,11 @@ class BlobCommands:
         gpu = self.s.host_gpu
         if gpu is None:
             raise GuestProtocolError("no host GPU for USERPTR blobs", Resp.ERR_UNSPEC)
+        info = gpu.info()
+        if len(segments) > info.max_ranges:
+            raise GuestProtocolError(
+                f"{len(segments)} host ranges exceed the {info.userptr_path.value} path's "
+                f"{info.max_ranges}", Resp.ERR_OUT_OF_MEMORY)
         ranges = host_ranges(self.s.memory, segments)
         try:
             res.gpu_mapping = gpu.register_userptr(ranges, readonly=res.readonly,
@@ -191,12 +197,19 @@ class BlobCommands:
     # --- lifecycle hooks -----------------------------------------------------------
 
     def _release(self, res: Resource) -> None:
-        """Before a resource is destroyed: free its host GPU mapping (synchronously)."""
+        """Before a resource is destroyed: no context may reach it any more, and its
+        host GPU mapping is freed (synchronously)."""
         if isinstance(res, BlobResource) and res.gpu_mapping is not None:
-            gpu = self.s.host_gpu
-            if gpu is not None:
-                gpu.release(res.gpu_mapping)
+            for hook in self.s.unmap_hooks:
+                hook(res)
+            gpu, mapping = self.s.host_gpu, res.gpu_mapping
             res.gpu_mapping = None
+            if gpu is not None:
+                try:
+                    gpu.release(mapping)
+                except HostGpuError as err:  # kept by the host GPU layer, retried at close
+                    log.error("resource %d: releasing its GPU mapping failed: %s",
+                              res.resource_id, err)
 
     def _invalidate(self, res: Resource) -> None:
         """Its guest memory goes away (DETACH_BACKING, memory removed): tear down."""
@@ -229,6 +242,10 @@ class BlobCommands:
         limit = self.s.limits.max_dimension
         if not (0 < fb_w <= limit and 0 < fb_h <= limit) or stride < fb_w * 4:
             raise GuestProtocolError(f"framebuffer {fb_w}x{fb_h} stride {stride}")
+        if body.width * body.height * 4 > self.s.limits.max_hostmem:
+            # each flush converts up to this much on the event loop
+            raise GuestProtocolError(f"scanout {body.width}x{body.height} exceeds the "
+                                     "host-memory budget", Resp.ERR_OUT_OF_MEMORY)
         if offset + stride * (fb_h - 1) + fb_w * 4 > res.backing.size:
             raise GuestProtocolError("framebuffer extends beyond the blob")
         if body.width == 0 or body.height == 0 or body.x + body.width > fb_w or \

@@ -83,12 +83,19 @@ def compute_capset(state: DeviceState) -> Capset:
                   encode(head) + kernels)
 
 
+def _timeline(hdr: CtrlHdr) -> Hashable:
+    """The fence timeline of a command: its context's ring, or the global one."""
+    if hdr.flags & CtrlFlag.INFO_RING_IDX:
+        return (hdr.ctx_id, hdr.ring_idx)
+    return _GLOBAL
+
+
 def _mapping_of(res: Resource) -> Mapping | None:
     """The GPU virtual range a resource can be mapped at, if it has one."""
     if isinstance(res, BlobResource | HostBuffer) and res.gpu_mapping is not None \
             and res.invalidated is None:
         return Mapping(res.resource_id, res.gpu_mapping.gpu_va, res.gpu_mapping.size,
-                       res.gpu_mapping.readonly)
+                       res.gpu_mapping.readonly, res.gpu_mapping)
     return None
 
 
@@ -101,12 +108,15 @@ class ComputeCommands:
         self.engine = engine
         self.timelines = Timelines(state.loop, state.limits.compute_workers)
         self.buffer_bytes = 0
+        #: submissions queued and not yet completed, per context (backpressure)
+        self._queued: dict[int, int] = {}
+        self._room_waiters: dict[int, list[Deferred]] = {}
         contexts.create_hooks.append(self._context_created)
         contexts.detach_hooks.append(self._resource_detached)
         state.destroy_hooks.append(self._resource_destroyed)
-        state.quiesce_hooks.append(self._drain)
+        state.unmap_hooks.append(self._purge_mappings)
         state.compute_barrier = self._barrier
-        state.fence_barrier = self._global_barrier
+        state.fence_barrier = self._fence_barrier
 
     def handlers(self) -> dict[int, Handler]:
         """Command type -> handler."""
@@ -127,25 +137,49 @@ class ComputeCommands:
         with vm.lock:
             vm.mappings.pop(res.resource_id, None)
 
+    def _purge_mappings(self, res: Resource) -> None:
+        """A resource's host GPU mapping goes away: no context may reach its GPU VA any
+        more (the VA may be reused for another resource)."""
+        for ctx in self.contexts:
+            self._resource_detached(ctx, res)
+
     def _barrier(self) -> Deferred | None:
+        """Wait for every job submitted so far (resources and contexts going away)."""
         if not self.timelines.busy():
             return None
         wait = Deferred(pause=True)
         self.timelines.after_current(None, lambda: wait.resolve(OK))
         return wait
 
-    def _global_barrier(self) -> Deferred | None:
-        keys = frozenset({_GLOBAL})
+    def _fence_barrier(self, hdr: CtrlHdr) -> Deferred | None:
+        """A fence completes after the work submitted before it on its timeline: the
+        context's ring with INFO_RING_IDX, else the global timeline."""
+        keys = frozenset({_timeline(hdr)})
         if not self.timelines.busy(keys):
             return None
         wait = Deferred(pause=False)
         self.timelines.after_current(keys, lambda: wait.resolve(OK))
         return wait
 
-    def _drain(self) -> None:
+    def drain(self) -> None:
+        """The rings stop (VM stop): finish every job so every fence is answered; if
+        that takes too long, cancel the rest."""
         if not self.timelines.drain(self.s.limits.compute_drain_timeout):
-            log.error("compute work still running after %.0fs",
+            log.error("compute work still running after %.0fs: cancelling it",
                       self.s.limits.compute_drain_timeout)
+            self.timelines.stop()
+
+    def wait_running(self) -> None:
+        """Guest memory is about to go away: let running jobs finish (queued jobs run
+        later against the invalidated page table and fault cleanly)."""
+        if not self.timelines.wait_running(self.s.limits.compute_drain_timeout):
+            log.error("compute work still running after %.0fs: cancelling it",
+                      self.s.limits.compute_drain_timeout)
+            self.timelines.stop()
+
+    def stop(self) -> None:
+        """Device reset or disconnect: cancel every job; returns when none runs."""
+        self.timelines.stop()
 
     def close(self) -> None:
         """Stop the workers."""
@@ -165,11 +199,9 @@ class ComputeCommands:
                                      f"{self.s.limits.max_submit_bytes})")
         data = chain.read_array(_SUBMIT_SIZE, body.size).tobytes()
         head, commands = decode_stream(data, self.s.limits.max_stream_commands)
-        key: Hashable = _GLOBAL
-        if hdr.flags & CtrlFlag.INFO_RING_IDX:
-            if hdr.ring_idx >= NUM_RINGS:
-                raise GuestProtocolError(f"ring_idx {hdr.ring_idx}")
-            key = (ctx.ctx_id, hdr.ring_idx)
+        if hdr.flags & CtrlFlag.INFO_RING_IDX and hdr.ring_idx >= NUM_RINGS:
+            raise GuestProtocolError(f"ring_idx {hdr.ring_idx}")
+        key = _timeline(hdr)
         target = self._result_target(ctx, head.result_resource_id, head.result_offset,
                                      len(commands))
         prepared: dict[int, Mapping] = {}
@@ -183,7 +215,9 @@ class ComputeCommands:
         deferred = Deferred(pause=False, fallback=lambda: Reply(Resp.ERR_UNSPEC))
 
         def done(outcome: Outcome | None) -> None:
-            if outcome is None:  # the job raised: already logged
+            self._queued[ctx.ctx_id] -= 1
+            self._make_room(ctx.ctx_id)
+            if outcome is None:  # the job raised (already logged) or was cancelled
                 deferred.resolve(Reply(Resp.ERR_UNSPEC))
                 return
             if outcome.status != Status.OK:
@@ -194,9 +228,24 @@ class ComputeCommands:
                 Resp.ERR_INVALID_PARAMETER if outcome.status != Status.FAULT
                 else Resp.ERR_UNSPEC))
 
-        self.timelines.submit(key, lambda: self.engine.run(vm, commands, prepared, target),
-                              done)
-        return deferred if fenced else OK
+        self.timelines.submit(
+            key, lambda cancel: self.engine.run(vm, commands, prepared, target, cancel), done)
+        queued = self._queued[ctx.ctx_id] = self._queued.get(ctx.ctx_id, 0) + 1
+        if fenced:
+            return deferred
+        if queued > self.s.limits.max_queued_submissions:
+            # backpressure: hold the queue until this context's backlog shrinks
+            room = Deferred(pause=True)
+            self._room_waiters.setdefault(ctx.ctx_id, []).append(room)
+            return room
+        return OK
+
+    def _make_room(self, ctx_id: int) -> None:
+        if self._queued.get(ctx_id, 0) <= self.s.limits.max_queued_submissions:
+            for room in self._room_waiters.pop(ctx_id, []):
+                room.resolve(OK)
+        if not self._queued.get(ctx_id):
+            self._queued.pop(ctx_id, None)
 
     def _mappable(self, ctx: Context, resource_id: int) -> Mapping | None:
         try:
@@ -258,8 +307,15 @@ class ComputeCommands:
 
     def _resource_destroyed(self, res: Resource) -> None:
         if isinstance(res, HostBuffer) and res.host_addr:
+            self._purge_mappings(res)
             if res.gpu_mapping is not None and self.s.host_gpu is not None:
-                self.s.host_gpu.release(res.gpu_mapping)
+                try:
+                    self.s.host_gpu.release(res.gpu_mapping)
+                except HostGpuError as err:  # the GPU may still map it: keep the memory
+                    log.error("host buffer %d: release failed (%s); its %d bytes stay "
+                              "mapped", res.resource_id, err, res.mapped_bytes)
+                    res.gpu_mapping = None
+                    return
                 res.gpu_mapping = None
             hostmem.unmap(res.host_addr, res.mapped_bytes)
             self.buffer_bytes -= res.mapped_bytes

@@ -89,6 +89,9 @@ class VirtioGpuDevice:
             self.state.capsets.append(userptr_capset(self.state))
         self.queues: list[Virtqueue] = [Virtqueue(i, memory, limits) for i in range(2)]
         self._waiting: Deferred | None = None
+        self._processing = [False, False]
+        self._again = [False, False]
+        self._closing = False
         self._inflight: list[tuple[Deferred, Callable[[], Reply]]] = []
         self.internal_errors = 0
         memory.add_unmap_listener(self._region_unmapping)
@@ -150,9 +153,25 @@ class VirtioGpuDevice:
     # --- queue processing ------------------------------------------------------------
 
     def process(self, index: int) -> None:
-        """Drain every available chain of queue ``index``."""
+        """Drain every available chain of queue ``index``.  Not re-entrant: a call made
+        while a command of that queue is being executed (e.g. from a display callback)
+        runs after it, so replies keep their order."""
+        if self._processing[index]:
+            self._again[index] = True
+            return
+        self._processing[index] = True
+        try:
+            while True:
+                self._again[index] = False
+                self._process(index)
+                if not self._again[index]:
+                    return
+        finally:
+            self._processing[index] = False
+
+    def _process(self, index: int) -> None:
         queue = self.queues[index]
-        if not queue.ready:
+        if not queue.ready or self._closing:
             return
         if index == CONTROL_QUEUE and not self._control_may_run():
             return
@@ -185,8 +204,8 @@ class VirtioGpuDevice:
         data = chain.read(_COMMAND_READ)
         hdr = decode(CtrlHdr, data) if len(data) >= CTRL_HDR_SIZE else CtrlHdr(0)
         result = self._execute(hdr, data, chain)
-        if hdr.flags & _FENCE and not hdr.flags & _INFO_RING_IDX:
-            result = self._after_global_work(result)
+        if hdr.flags & _FENCE:
+            result = self._after_earlier_work(hdr, result)
         if isinstance(result, Reply):
             self._respond(queue, chain, hdr, result)
             return False
@@ -196,7 +215,7 @@ class VirtioGpuDevice:
 
         def complete(reply: Reply) -> None:
             self._inflight = [e for e in self._inflight if e[0] is not result]
-            if queue.ready or queue.enabled:
+            if queue.mapped:  # also while the ring is disabled and about to stop
                 self._respond(queue, chain, hdr, reply)
                 queue.notify()
             if self._waiting is result:
@@ -211,11 +230,11 @@ class VirtioGpuDevice:
                 return True
         return False
 
-    def _after_global_work(self, result: Reply | Deferred) -> Reply | Deferred:
-        """A fence on the global timeline completes only after the compute work
-        submitted before it: hold the answer until then."""
+    def _after_earlier_work(self, hdr: CtrlHdr, result: Reply | Deferred) -> Reply | Deferred:
+        """A fence completes only after the compute work submitted before it on its
+        timeline (its context's ring, or the global one): hold the answer until then."""
         barrier = self.state.fence_barrier
-        wait = barrier() if barrier is not None else None
+        wait = barrier(hdr) if barrier is not None else None
         if wait is None:
             return result
         if isinstance(result, Reply):
@@ -271,8 +290,8 @@ class VirtioGpuDevice:
 
     def quiesce(self) -> None:
         """Finish in-flight work and answer every deferred command (a ring stops)."""
-        for hook in self.state.quiesce_hooks:
-            hook()
+        if self.compute is not None:
+            self.compute.drain()
         for deferred, fallback in list(self._inflight):
             deferred.resolve(fallback())
         self._inflight.clear()
@@ -281,8 +300,8 @@ class VirtioGpuDevice:
     # --- lifecycle -----------------------------------------------------------------
 
     def _region_unmapping(self, region: MemoryRegion) -> None:
-        for drain in self.state.quiesce_hooks:  # no compute job may run on it any more
-            drain()
+        if self.compute is not None:  # no compute job may be running on it
+            self.compute.wait_running()
         for queue in self.queues:
             if queue.uses_region(region):
                 queue.drop_memory()
@@ -297,7 +316,10 @@ class VirtioGpuDevice:
             self.state.host_gpu.invalidate_host_range(region.host_addr, region.size)
 
     def reset(self) -> None:
-        """Device reset: every resource, scanout and context goes away."""
+        """Device reset: compute work is cancelled; every resource, scanout and context
+        goes away."""
+        if self.compute is not None:
+            self.compute.stop()
         self.quiesce()
         for res in self.state.resources:
             self.commands_2d.destroy(res)
@@ -307,13 +329,16 @@ class VirtioGpuDevice:
         log.info("device reset")
 
     def close(self) -> None:
-        """Free everything (disconnect)."""
-        self.reset()
-        if self.compute is not None:
-            self.compute.close()
+        """Free everything (disconnect).  Nothing the guest queued runs any more."""
+        self._closing = True
+        for queue in self.queues:
+            queue.started = queue.enabled = False
         display = self.state.scanouts.display
         if display is not None:
             display.close()
+        self.reset()
+        if self.compute is not None:
+            self.compute.close()
 
 
 def _unspecified() -> Reply:

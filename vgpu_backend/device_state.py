@@ -154,12 +154,14 @@ class DeviceState:
     destroy_hooks: list[Callable[[Resource], None]] = field(default_factory=list)
     #: run before a resource's backing is dropped by DETACH_BACKING
     detach_hooks: list[Callable[[Resource], None]] = field(default_factory=list)
-    #: blocking waits run before rings stop or guest memory is unmapped
-    quiesce_hooks: list[Callable[[], None]] = field(default_factory=list)
-    #: a Deferred that resolves when no compute work is in flight (None when idle)
+    #: run when a resource's host GPU mapping goes away (released or invalidated)
+    unmap_hooks: list[Callable[[Resource], None]] = field(default_factory=list)
+    #: a Deferred that resolves when the compute work submitted so far is done
+    #: (None when idle)
     compute_barrier: Callable[[], Deferred | None] | None = None
-    #: for fenced commands without a ring: wait for earlier global-timeline work
-    fence_barrier: Callable[[], Deferred | None] | None = None
+    #: for a fenced command: a Deferred that resolves when the earlier work on its
+    #: fence timeline is done (None when there is none)
+    fence_barrier: Callable[[CtrlHdr], Deferred | None] | None = None
 
     def __post_init__(self) -> None:
         self.num_scanouts = self.options.max_outputs

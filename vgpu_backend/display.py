@@ -12,6 +12,7 @@ SCANOUT of non-zero size (QEMU dereferences a NULL surface otherwise).
 from __future__ import annotations
 
 import enum
+import itertools
 import logging
 import socket
 import struct
@@ -201,7 +202,7 @@ class DisplayChannel:
     def _write(self) -> None:
         while self._out:
             try:
-                sent = self._sock.sendmsg(list(self._out)[:_IOV_MAX])
+                sent = self._sock.sendmsg(itertools.islice(self._out, _IOV_MAX))
             except BlockingIOError:
                 return
             except OSError as err:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from protocol.errors import GuestProtocolError
 from protocol.virtio_gpu_codes import Format
 from vgpu_backend.display import DisplayChannel, DisplayState
 from vgpu_backend.pixels import to_bgra, to_bgrx
@@ -87,6 +88,7 @@ class ScanoutManager:
         """A new display socket is ready: announce every active scanout on it."""
         self.display = display
         for scanout in self.scanouts:
+            scanout.pending = None  # its drain callback died with the old socket
             if scanout.enabled:
                 self._announce(scanout)
                 self._send(scanout, (0, 0, scanout.rect[2], scanout.rect[3]))
@@ -175,7 +177,12 @@ class ScanoutManager:
                 scanout.pending = union(scanout.pending, local)
             return
         sx, sy = scanout.rect[0], scanout.rect[1]
-        pixels = scanout.source((local[0] + sx, local[1] + sy, local[2], local[3]))
+        try:
+            pixels = scanout.source((local[0] + sx, local[1] + sy, local[2], local[3]))
+        except GuestProtocolError as err:  # e.g. a blob whose backing shrank since
+            log.warning("scanout %d: cannot read its pixels (%s); not updated",
+                        scanout.index, err)
+            return
         display.update(scanout.index, local[0], local[1], pixels)
 
     def _send_pending(self, scanout: Scanout) -> None:

@@ -84,6 +84,7 @@ class VhostUserSession:
         self.protocol_features = 0
         self._backend_req_fd: int | None = None
         self._stopped_at: dict[int, tuple[int, tuple[int, int, int] | None]] = {}
+        self._adopted = False
         self._started_once = False
         self._logged_features = False
         sock.setblocking(False)
@@ -194,11 +195,17 @@ class VhostUserSession:
             elif req.need_reply:
                 self._send(self._conn.reply_u64(req, 1))
             return
+        self._adopted = False  # handlers set it when they take the request's fds
         try:
             result = handler(req)
         except (FrontendProtocolError, GuestProtocolError) as err:
             log.error("%s failed: %s", req.name, err)
-            result = False
+            # a request with a reply body gets an empty one, which reports failure
+            result = self._conn.reply(req, b"") if req.code in REQUESTS_WITH_REPLY else False
+        finally:
+            if not self._adopted:
+                for fd in req.fds:
+                    os.close(fd)
         if isinstance(result, bytes):
             self._send(result)
             return
@@ -246,31 +253,21 @@ class VhostUserSession:
     # --- memory ----------------------------------------------------------------------
 
     def _set_mem_table(self, req: Request) -> None:
-        try:
-            regions = decode_mem_table(req)
-        except FrontendProtocolError:
-            for fd in req.fds:
-                os.close(fd)
-            raise
+        regions = decode_mem_table(req)
+        self._adopted = True  # replace_all owns them now, also when it fails
         self._memory.replace_all(regions, list(req.fds), self._limits.max_mem_slots)
         self._remap_rings()
 
     def _add_mem_reg(self, req: Request) -> None:
         if len(req.fds) != 1:
-            for fd in req.fds:
-                os.close(fd)
             raise FrontendProtocolError(f"ADD_MEM_REG with {len(req.fds)} fds")
-        try:
-            region = decode_single_region(req)
-        except FrontendProtocolError:
-            os.close(req.fds[0])
-            raise
+        region = decode_single_region(req)
+        self._adopted = True  # GuestMemory.add owns it now, also when it fails
         self._memory.add(region, req.fds[0], self._limits.max_mem_slots)
         self._remap_rings()
 
     def _rem_mem_reg(self, req: Request) -> bool:
-        for fd in req.fds:  # QEMU may attach the region's fd; we match by address
-            os.close(fd)
+        # (QEMU may attach the region's fd: unused, closed by _handle; we match by address)
         found = self._memory.remove(decode_single_region(req))
         if not found:
             log.warning("REM_MEM_REG for a region we do not have")
@@ -327,6 +324,7 @@ class VhostUserSession:
         queue = self._queue(vfile.index)
         device = self._device
         self._close_ring_fd(queue, "kick_fd")
+        self._adopted = True
         if vfile.index == 0 and self._started_once and \
                 self._stopped_at.get(0) != (queue.last_avail, queue.addr):
             # The control ring restarts elsewhere than where it stopped: the guest reset
@@ -356,12 +354,14 @@ class VhostUserSession:
         queue = self._queue(vfile.index)
         self._close_ring_fd(queue, "call_fd")
         queue.call_fd = vfile.fd
+        self._adopted = True
 
     def _set_vring_err(self, req: Request) -> None:
         vfile = decode_vring_file(req)
         queue = self._queue(vfile.index)
         self._close_ring_fd(queue, "err_fd")
         queue.err_fd = vfile.fd
+        self._adopted = True
 
     def _set_vring_enable(self, req: Request) -> None:
         state = decode_vring_state(req)
@@ -386,17 +386,17 @@ class VhostUserSession:
 
     def _gpu_set_socket(self, req: Request) -> None:
         if len(req.fds) != 1:
-            for fd in req.fds:
-                os.close(fd)
             raise FrontendProtocolError(f"GPU_SET_SOCKET with {len(req.fds)} fds")
+        self._adopted = True
         self._device.attach_display(req.fds[0])
 
     def _set_backend_req_fd(self, req: Request) -> None:
+        if len(req.fds) != 1:
+            raise FrontendProtocolError(f"SET_BACKEND_REQ_FD with {len(req.fds)} fds")
         if self._backend_req_fd is not None:
             os.close(self._backend_req_fd)
-        self._backend_req_fd = req.fds[0] if len(req.fds) == 1 else None
-        for fd in req.fds[1:]:
-            os.close(fd)
+        self._backend_req_fd = req.fds[0]
+        self._adopted = True
 
     # --- teardown ------------------------------------------------------------------
 

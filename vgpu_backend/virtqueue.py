@@ -148,6 +148,11 @@ class Virtqueue:
     # --- configuration (vhost-user requests) ---------------------------------------
 
     @property
+    def mapped(self) -> bool:
+        """The rings are mapped (responses can be written)."""
+        return self._mapped
+
+    @property
     def ready(self) -> bool:
         """Configured, started, enabled, mapped and not broken."""
         return self._mapped and self.started and self.enabled and not self.broken

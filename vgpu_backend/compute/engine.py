@@ -37,7 +37,7 @@ from protocol.compute import (
 from protocol.wire import encode
 from vgpu_backend.compute import kernels
 from vgpu_backend.compute.kernels import Buffer, KernelStats
-from vgpu_backend.hostgpu.base import GpuFault, GpuMemory
+from vgpu_backend.hostgpu.base import GpuFault, GpuMapping, GpuMemory
 
 __all__ = ["ContextVm", "Engine", "Mapping", "Outcome", "ResultTarget"]
 
@@ -56,6 +56,8 @@ class Mapping:
     gpu_va: int
     size: int
     readonly: bool
+    #: the host GPU mapping behind it (checked at run time: it may have been released)
+    host: GpuMapping | None = None
 
 
 @dataclass(slots=True)
@@ -116,14 +118,26 @@ class Engine:
         }
 
     def run(self, vm: ContextVm, commands: list[Command], prepared: dict[int, Mapping],
-            target: ResultTarget | None) -> Outcome:
+            target: ResultTarget | None, cancel: threading.Event | None = None) -> Outcome:
         """Execute ``commands`` in order; ``prepared`` holds the mappings the loop thread
-        resolved for MAP_RESOURCE commands (by command index)."""
+        resolved for MAP_RESOURCE commands (by command index).  A set ``cancel`` stops
+        the work at the next piece (status ABORTED)."""
         outcome = Outcome()
+        outcome.stats.cancel = cancel
         start = time.perf_counter_ns()
         for cmd in commands:
             try:
+                if cancel is not None and cancel.is_set():
+                    raise kernels.Cancelled
                 value = self._ops[cmd.op](vm, cmd, prepared.get(cmd.index), outcome.stats)
+            except kernels.Cancelled:
+                fail = _Failure(Status.ABORTED, "cancelled (device reset or disconnect)")
+                outcome.status, outcome.failed_index, outcome.message = \
+                    fail.status, cmd.index, str(fail)
+                outcome.results.append(CmdResult(cmd.cmd_id, Status.ABORTED, 0))
+                outcome.results.extend(CmdResult(c.cmd_id, Status.NOT_RUN, 0)
+                                       for c in commands[cmd.index + 1:])
+                break
             except _Failure as fail:
                 outcome.status, outcome.failed_index = fail.status, cmd.index
                 outcome.fault_address, outcome.message = fail.address, str(fail)
@@ -134,7 +148,7 @@ class Engine:
             outcome.results.append(CmdResult(cmd.cmd_id, Status.OK, value))
             outcome.completed += 1
         outcome.elapsed_ns = time.perf_counter_ns() - start
-        if target is not None:
+        if target is not None and not (cancel is not None and cancel.is_set()):
             self._write_results(vm, target, outcome)
         return outcome
 
@@ -160,6 +174,9 @@ class Engine:
         if mapping is None:
             raise _Failure(Status.FAULT, f"[{va:#x}, +{size:#x}) is not mapped in context "
                            f"{vm.ctx_id}", va)
+        if mapping.host is not None and mapping.host.invalidated:
+            raise _Failure(Status.FAULT, f"resource {mapping.resource_id} at {va:#x} was "
+                           "released", va)
         if write and mapping.readonly:
             raise _Failure(Status.FAULT, f"write to read-only resource "
                            f"{mapping.resource_id} at {va:#x}", va)
@@ -176,9 +193,9 @@ class Engine:
         body = cmd.body
         if not isinstance(body, MapResource):
             raise _Failure(Status.INVALID_COMMAND, "command body mismatch")
-        if prepared is None:
+        if prepared is None or (prepared.host is not None and prepared.host.invalidated):
             raise _Failure(Status.INVALID_RESOURCE, f"resource {body.resource_id} cannot "
-                           "be mapped")
+                           "be mapped (any more)")
         with vm.lock:
             vm.mappings[prepared.resource_id] = prepared
         return prepared.gpu_va

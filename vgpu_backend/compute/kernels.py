@@ -22,7 +22,7 @@ import numpy.typing as npt
 
 from vgpu_backend.hostgpu import hostmem
 
-__all__ = ["Buffer", "KernelStats", "checksum_crc32", "copy", "fill_u32", "matmul_f32",
+__all__ = ["Buffer", "Cancelled", "KernelStats", "checksum_crc32", "copy", "fill_u32", "matmul_f32",
            "reduce_sum_f32", "saxpy_f32", "vadd_f32"]
 
 I64 = npt.NDArray[np.int64]
@@ -30,6 +30,8 @@ I64 = npt.NDArray[np.int64]
 
 #: the longest piece a kernel works on at once: its temporaries stay in cache
 MAX_PIECE = 2 << 20
+#: multiply-adds of one matmul block (between cancellation checks): ~0.1 s at most
+_MATMUL_BLOCK_FLOPS = 1 << 27
 _scratch = threading.local()
 
 
@@ -101,13 +103,24 @@ class Buffer:
             piece[:] = data[lo:hi]
 
 
+class Cancelled(Exception):
+    """The job was cancelled (device reset, disconnect): stop at once."""
+
+
 @dataclass(slots=True)
 class KernelStats:
-    """What a kernel did (for results and the demo's summary)."""
+    """What a kernel did (for results and the demo's summary), and its cancellation."""
 
     bytes_touched: int = 0
     staged_bytes: int = 0
     pieces: int = 0
+    cancel: threading.Event | None = None
+
+    def step(self) -> None:
+        """Count a piece; raise :class:`Cancelled` if the job was cancelled."""
+        self.pieces += 1
+        if self.cancel is not None and self.cancel.is_set():
+            raise Cancelled
 
 
 def _bounds(buffers: list[Buffer], nbytes: int) -> list[tuple[int, int]]:
@@ -148,7 +161,7 @@ def fill_u32(dst: Buffer, count: int, value: int, stats: KernelStats) -> None:
     """``dst[i] = value`` for ``count`` 32-bit words."""
     for (d,) in _pieces([dst], count * 4):
         d.view("<u4")[:] = value & 0xFFFFFFFF
-        stats.pieces += 1
+        stats.step()
     stats.bytes_touched += count * 4
 
 
@@ -159,7 +172,7 @@ def copy(dst: Buffer, src: Buffer, nbytes: int, stats: KernelStats) -> None:
         pieces.reverse()
     for d, s in pieces:
         d[:] = s
-        stats.pieces += 1
+        stats.step()
     stats.bytes_touched += 2 * nbytes
 
 
@@ -167,7 +180,7 @@ def vadd_f32(dst: Buffer, a: Buffer, b: Buffer, count: int, stats: KernelStats) 
     """``dst = a + b`` over ``count`` float32."""
     for d, x, y in _pieces([dst, a, b], count * 4):
         np.add(x.view("<f4"), y.view("<f4"), out=d.view("<f4"))
-        stats.pieces += 1
+        stats.step()
     stats.bytes_touched += 3 * count * 4
 
 
@@ -179,7 +192,7 @@ def saxpy_f32(y: Buffer, x: Buffer, count: int, a: float, stats: KernelStats) ->
         tmp = _scratch_f32(xs.shape[0])
         np.multiply(xs, alpha, out=tmp)
         np.add(ys, tmp, out=ys)
-        stats.pieces += 1
+        stats.step()
     stats.bytes_touched += 3 * count * 4
 
 
@@ -188,7 +201,7 @@ def reduce_sum_f32(x: Buffer, count: int, out: Buffer, stats: KernelStats) -> fl
     total = 0.0
     for (xv,) in _pieces([x], count * 4):
         total += float(np.sum(xv.view("<f4"), dtype=np.float64))
-        stats.pieces += 1
+        stats.step()
     out.scatter(np.frombuffer(np.float32(total).tobytes(), dtype=np.uint8))
     stats.bytes_touched += count * 4 + 4
     return total
@@ -199,7 +212,7 @@ def checksum_crc32(buf: Buffer, nbytes: int, stats: KernelStats) -> int:
     crc = 0
     for (v,) in _pieces([buf], nbytes):
         crc = zlib.crc32(v.data, crc)
-        stats.pieces += 1
+        stats.step()
     stats.bytes_touched += nbytes
     return crc
 
@@ -214,11 +227,12 @@ def matmul_f32(c: Buffer, a: Buffer, b: Buffer, m: int, n: int, k: int,
         return raw.view("<f4").reshape(rows, cols)
 
     left, right = operand(a, m, k), operand(b, k, n)
-    if c.single:
-        np.matmul(left, right, out=c.whole().view("<f4").reshape(m, n))
-    else:
-        result = np.matmul(left, right)
-        c.scatter(result.view(np.uint8).reshape(-1))
+    out = c.whole().view("<f4").reshape(m, n) if c.single else np.empty((m, n), np.float32)
+    rows = max(1, _MATMUL_BLOCK_FLOPS // max(1, n * k))  # cancellable between blocks
+    for r in range(0, m, rows):
+        np.matmul(left[r:r + rows], right, out=out[r:r + rows])
+        stats.step()
+    if not c.single:
+        c.scatter(out.view(np.uint8).reshape(-1))
         stats.staged_bytes += c.nbytes
     stats.bytes_touched += a.nbytes + b.nbytes + c.nbytes
-    stats.pieces += 1

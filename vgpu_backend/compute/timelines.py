@@ -4,10 +4,16 @@ A timeline is a key (the global timeline, or a context's ring).  Jobs of one tim
 run one after another on a small thread pool; jobs of different timelines run side by
 side (numpy releases the GIL in its kernels, so the loop stays responsive).  Every
 completion comes back to the loop thread, in submission order per timeline.
+
+Each job gets a sequence number; a barrier (:meth:`Timelines.after_current`) waits for
+the jobs submitted before it, never for later ones.  Jobs get a cancellation event they
+check between pieces of work, so :meth:`Timelines.stop` ends running work within one
+piece.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -19,15 +25,20 @@ from typing import Any
 
 from vgpu_backend.eventloop import EventLoop
 
-__all__ = ["Timelines"]
+__all__ = ["Job", "Timelines"]
 
 log = logging.getLogger(__name__)
+
+#: what a job runs: it receives the cancellation event to check between pieces
+Job = Callable[[threading.Event], Any]
 
 
 @dataclass(slots=True)
 class _Timeline:
-    pending: deque[tuple[Callable[[], Any], Callable[[Any], None]]] = field(
-        default_factory=deque)
+    #: jobs not started yet: (sequence number, job, completion)
+    queued: deque[tuple[int, Job, Callable[[Any], None]]] = field(default_factory=deque)
+    #: sequence numbers submitted and not yet delivered, in order
+    undelivered: deque[int] = field(default_factory=deque)
     running: bool = False
 
 
@@ -38,32 +49,39 @@ class Timelines:
         self._loop = loop
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="compute")
         self._lines: dict[Hashable, _Timeline] = {}
-        #: jobs ever submitted / delivered per timeline (barriers compare the two)
-        self._submitted: dict[Hashable, int] = {}
-        self._delivered: dict[Hashable, int] = {}
+        self._seq = itertools.count(1)
         self._waiters: list[tuple[dict[Hashable, int], Callable[[], None]]] = []
         self._lock = threading.Lock()
         self._running = 0  # jobs executing on a worker right now
         self._idle = threading.Condition(self._lock)
         #: finished jobs whose completion the loop has not delivered yet
         self._done: list[tuple[Hashable, Callable[[Any], None], Any]] = []
+        self._cancel = threading.Event()
 
-    def submit(self, key: Hashable, job: Callable[[], Any],
-               on_done: Callable[[Any], None]) -> None:
-        """Queue ``job`` on timeline ``key``; ``on_done(result)`` runs on the loop."""
+    # --- submission ----------------------------------------------------------------
+
+    def submit(self, key: Hashable, job: Job, on_done: Callable[[Any], None]) -> None:
+        """Queue ``job`` on timeline ``key``; ``on_done(result)`` runs on the loop
+        (``result`` is ``None`` if the job raised or was dropped by :meth:`stop`)."""
         line = self._lines.setdefault(key, _Timeline())
-        line.pending.append((job, on_done))
-        self._submitted[key] = self._submitted.get(key, 0) + 1
+        seq = next(self._seq)
+        line.queued.append((seq, job, on_done))
+        line.undelivered.append(seq)
         if not line.running:
             self._start_next(key, line)
 
+    def queued(self, keys: frozenset[Hashable]) -> int:
+        """Jobs submitted and not yet delivered on ``keys``."""
+        return sum(len(self._lines[k].undelivered) for k in keys if k in self._lines)
+
     def _start_next(self, key: Hashable, line: _Timeline) -> None:
-        job, on_done = line.pending.popleft()
+        _seq, job, on_done = line.queued.popleft()
         line.running = True
+        cancel = self._cancel
 
         def run() -> None:
             try:
-                result = job()
+                result = job(cancel)
             except Exception:  # a bug: report on the loop, keep the timeline going
                 log.exception("compute job on %s failed", key)
                 result = None
@@ -84,11 +102,11 @@ class Timelines:
         for key, on_done, result in done:
             line = self._lines[key]
             line.running = False
-            self._delivered[key] = self._delivered.get(key, 0) + 1
+            line.undelivered.popleft()
             on_done(result)
-            if line.pending:
+            if line.queued:
                 self._start_next(key, line)
-            else:
+            elif not line.undelivered:
                 del self._lines[key]
         if done:
             self._wake_waiters()
@@ -105,15 +123,19 @@ class Timelines:
                       callback: Callable[[], None]) -> None:
         """Run ``callback`` on the loop once every job submitted so far on ``keys`` (or
         anywhere) is done.  Later submissions do not delay it (no starvation)."""
-        targets = {k: n for k, n in self._submitted.items()
-                   if (keys is None or k in keys) and self._delivered.get(k, 0) < n}
+        targets = {k: line.undelivered[-1] for k, line in self._lines.items()
+                   if (keys is None or k in keys) and line.undelivered}
         if not targets:
             callback()
         else:
             self._waiters.append((targets, callback))
 
     def _reached(self, targets: dict[Hashable, int]) -> bool:
-        return all(self._delivered.get(k, 0) >= n for k, n in targets.items())
+        for key, seq in targets.items():
+            line = self._lines.get(key)
+            if line is not None and line.undelivered and line.undelivered[0] <= seq:
+                return False
+        return True
 
     def _wake_waiters(self) -> None:
         ready = [w for w in self._waiters if self._reached(w[0])]
@@ -122,18 +144,18 @@ class Timelines:
             for _targets, callback in ready:
                 callback()
 
-    def wait_running(self, timeout: float) -> bool:
-        """Block the loop thread until no job is executing (rare paths: guest memory is
-        about to be unmapped).  Queued jobs start only from the loop thread, so none
-        starts meanwhile; they run later against the invalidated page table and fault
-        cleanly.  Completions are delivered on the loop afterwards.  False on timeout."""
+    # --- blocking waits (rare paths: rings stopping, memory going away, reset) ------
+
+    def wait_running(self, timeout: float | None = None) -> bool:
+        """Block the loop thread until no job is executing.  Queued jobs start only
+        from the loop thread, so none starts meanwhile.  False on timeout."""
         with self._lock:
             return self._idle.wait_for(lambda: self._running == 0, timeout)
 
     def drain(self, timeout: float) -> bool:
         """Block the loop thread until every queued job has run and been delivered
-        (rings stopping: every fence must be answered before GET_VRING_BASE returns).
-        False on timeout."""
+        (rings stopping: every fence is answered before GET_VRING_BASE returns).
+        False on timeout (jobs may still be running: see :meth:`stop`)."""
         deadline = time.monotonic() + timeout
         while self._lines:
             if not self.wait_running(max(0.0, deadline - time.monotonic())):
@@ -141,8 +163,25 @@ class Timelines:
             self._deliver()
         return True
 
-    def close(self) -> None:
-        """Wait for running jobs and stop the workers (pending jobs are dropped)."""
+    def stop(self) -> None:
+        """Cancel everything: running jobs stop at their next check, queued jobs are
+        dropped (their completions get ``None``); returns when nothing runs any more."""
+        self._cancel.set()
+        self._cancel = threading.Event()  # for work submitted afterwards
+        dropped: list[Callable[[Any], None]] = []
         for line in self._lines.values():
-            line.pending.clear()
+            dropped.extend(on_done for _seq, _job, on_done in line.queued)
+            line.queued.clear()
+            # only the running job (the first undelivered one) will still complete
+            line.undelivered = deque([line.undelivered[0]] if line.running else [])
+        self.wait_running()
+        self._deliver()
+        self._lines = {k: line for k, line in self._lines.items() if line.undelivered}
+        for on_done in dropped:
+            on_done(None)
+        self._wake_waiters()
+
+    def close(self) -> None:
+        """Stop everything and the workers."""
+        self.stop()
         self._pool.shutdown(wait=True, cancel_futures=True)

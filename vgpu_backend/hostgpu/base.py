@@ -116,7 +116,8 @@ class GpuMapping:
     context: int | None = None
     #: implementation-private state (handles, alias reservation, ...)
     private: Any = field(default=None, repr=False)
-    #: set when the mapping was torn down by an invalidation
+    #: set once the mapping is released or torn down by an invalidation: its GPU VA
+    #: range may then belong to another buffer
     invalidated: bool = False
 
 
@@ -136,6 +137,8 @@ class HostGpuInfo:
     isolation: str
     #: USERPTR works in this configuration (False with context isolation)
     userptr_available: bool
+    #: most host ranges one buffer may have on this path (after coalescing)
+    max_ranges: int = 1 << 32
 
 
 class GpuMemory(abc.ABC):

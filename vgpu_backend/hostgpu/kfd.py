@@ -72,6 +72,25 @@ def _validated(ranges: HostRanges) -> tuple[_I64, _I64]:
     return addr.astype(np.int64), length.astype(np.int64)
 
 
+#: per-range registers one allocation (two ioctls) per range on the event loop
+PER_RANGE_MAX_RANGES = 4096
+
+
+def max_ranges(path: UserptrPath) -> int:
+    """Most host ranges one buffer may have on ``path``: alias needs a mapping per range
+    (half of ``vm.max_map_count``, leaving room for everything else); per-range an
+    allocation per range; batch has no limit of its own."""
+    if path is UserptrPath.ALIAS:
+        try:
+            with open("/proc/sys/vm/max_map_count", encoding="ascii") as f:
+                return int(f.read()) // 2
+        except (OSError, ValueError):
+            return 32768
+    if path is UserptrPath.PER_RANGE:
+        return PER_RANGE_MAX_RANGES
+    return 1 << 32
+
+
 class KfdHostGpu(HostGpu):
     """The host GPU as seen through KFD.
 
@@ -190,7 +209,8 @@ class KfdHostGpu(HostGpu):
                            batch_supported=self.batch_probe.supported,
                            gpu_ids=tuple(g.gpu_id for g in self._gpus),
                            kfd_version=self._version, isolation=self._isolation,
-                           userptr_available=self._userptr_available)
+                           userptr_available=self._userptr_available,
+                           max_ranges=max_ranges(self._path))
 
     def available_memory(self) -> dict[int, int]:
         """AVAILABLE_MEMORY of every selected GPU (vm isolation), by gpu_id."""
@@ -240,6 +260,7 @@ class KfdHostGpu(HostGpu):
         if id(mapping) not in self._live:
             return
         reg: Registration = mapping.private
+        mapping.invalidated = True  # nobody may use it from now on, whatever follows
         teardown(reg)  # raises with the mapping still live if the kernel refuses
         del self._live[id(mapping)]
 
