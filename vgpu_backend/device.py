@@ -90,6 +90,7 @@ class VirtioGpuDevice:
         self.queues: list[Virtqueue] = [Virtqueue(i, memory, limits) for i in range(2)]
         self._waiting: Deferred | None = None
         self._processing = [False, False]
+        self.leaked_mappings = 0
         self._again = [False, False]
         self._closing = False
         self._inflight: list[tuple[Deferred, Callable[[], Reply]]] = []
@@ -339,6 +340,10 @@ class VirtioGpuDevice:
         self.reset()
         if self.compute is not None:
             self.compute.close()
+        gpu = self.state.host_gpu
+        # every resource is gone: nothing may be mapped any more (counted before guest
+        # memory goes away, which would tear leftovers down as invalidations)
+        self.leaked_mappings = gpu.live_mappings() if gpu is not None else 0
 
 
 def _unspecified() -> Reply:

@@ -106,6 +106,9 @@ class Backend:
             self.device.close()
             self.memory.clear()
         gc.collect()  # garbage cycles may still hold views of guest memory
+        if self.device.leaked_mappings:
+            self.leaks.append(f"{self.device.leaked_mappings} host GPU mapping(s) outlived "
+                              "their resources")
         if self.host_gpu is not None and self.host_gpu.live_mappings():
             self.leaks.append(f"{self.host_gpu.live_mappings()} host GPU mapping(s)")
         if self.memory.regions:
