@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import struct
 import sys
 import time
@@ -147,6 +148,16 @@ def percentiles(samples_ns: list[int]) -> tuple[float, float]:
     return float(np.median(arr)), float(np.percentile(arr, 99))
 
 
+_CLOCK_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def backend_cpu(s: Session) -> float:
+    """CPU seconds (user + system) the back-end process has used so far: unlike wall
+    time, hardly disturbed by other work on a shared machine."""
+    fields = Path(f"/proc/{s.backend.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICK
+
+
 def bench_latency(s: Session, iterations: int) -> dict[str, float | None]:
     """Single GET_DISPLAY_INFO round trips."""
     batch = FixedBatch(s, [cmds.get_display_info()], cmds.DISPLAY_INFO_RESP_SIZE,
@@ -154,14 +165,17 @@ def bench_latency(s: Session, iterations: int) -> dict[str, float | None]:
     for _ in range(20):
         batch.run()
     samples = []
+    cpu = backend_cpu(s)
     for _ in range(iterations):
         start = time.perf_counter_ns()
         batch.run()
         samples.append(time.perf_counter_ns() - start)
+    cpu = backend_cpu(s) - cpu
     batch.check([Resp.OK_DISPLAY_INFO])
     batch.release()
     median, p99 = percentiles(samples)
-    return {"display_info_median_us": median, "display_info_p99_us": p99}
+    return {"display_info_median_us": median, "display_info_p99_us": p99,
+            "display_info_cpu_us": cpu / iterations * 1e6}
 
 
 def bench_throughput(s: Session, batches: int) -> dict[str, float | None]:
@@ -173,14 +187,15 @@ def bench_throughput(s: Session, batches: int) -> dict[str, float | None]:
     batch = FixedBatch(s, commands, cmds.NODATA_RESP_SIZE, indirect=True)
     for _ in range(5):
         batch.run()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), backend_cpu(s)
     for _ in range(batches):
         batch.run()
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, backend_cpu(s) - cpu
     batch.check([Resp.OK_NODATA] * 64)
     batch.release()
     return {"commands_per_s": batches * 64 / elapsed,
-            "batch_us": elapsed / batches * 1e6}
+            "batch_us": elapsed / batches * 1e6,
+            "command_cpu_us": cpu / (batches * 64) * 1e6}
 
 
 def bench_attach(s: Session, iterations: int) -> dict[str, float | None]:
@@ -194,6 +209,7 @@ def bench_attach(s: Session, iterations: int) -> dict[str, float | None]:
                         indirect=False, extra=[cmds.mem_entries(backing)])
     detach = FixedBatch(s, [cmds.detach_backing(rid)], cmds.NODATA_RESP_SIZE, indirect=False)
     attach_ns, detach_ns = [], []
+    cpu = backend_cpu(s)
     for i in range(iterations + 2):
         start = time.perf_counter_ns()
         attach.run()
@@ -206,11 +222,13 @@ def bench_attach(s: Session, iterations: int) -> dict[str, float | None]:
         if i >= 2:  # warm-up
             attach_ns.append(middle - start)
             detach_ns.append(end - detach_start)
+    cpu = backend_cpu(s) - cpu
     attach.release()
     detach.release()
     s.gpu.unref(rid).expect(Resp.OK_NODATA)
     return {"attach_16384_median_us": percentiles(attach_ns)[0],
-            "detach_median_us": percentiles(detach_ns)[0]}
+            "detach_median_us": percentiles(detach_ns)[0],
+            "attach_detach_cpu_us": cpu / (iterations + 2) * 1e6}
 
 
 def bench_frames(s: Session, frames: int) -> dict[str, float | None]:
@@ -225,7 +243,7 @@ def bench_frames(s: Session, frames: int) -> dict[str, float | None]:
                            cmds.resource_flush(image.resource_id, full)],
                        cmds.NODATA_RESP_SIZE, indirect=False)
     updates_before, bytes_before = display.count(DisplayReq.UPDATE), display.update_bytes
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), backend_cpu(s)
     for n in range(1, frames + 1):
         image.write(s.ram, 0, np.array([n & 0xFF, (n >> 8) & 0xFF, 0x5A, 0], dtype=np.uint8))
         frame.run(timeout=30)
@@ -235,13 +253,13 @@ def bench_frames(s: Session, frames: int) -> dict[str, float | None]:
                                   last & 0xFF and
                                   int(display.console.scanouts[0].surface[0, 0, 1]) ==
                                   (last >> 8) & 0xFF), 60, "the last frame on the display")
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, backend_cpu(s) - cpu
     frame.check([Resp.OK_NODATA] * 2)
     frame.release()
     updates = display.count(DisplayReq.UPDATE) - updates_before
     moved = display.update_bytes - bytes_before
     return {"frames_per_s": frames / elapsed, "updates_per_frame": updates / frames,
-            "display_mb_per_s": moved / elapsed / MiB}
+            "display_mb_per_s": moved / elapsed / MiB, "frame_cpu_us": cpu / frames * 1e6}
 
 
 PHASES: list[tuple[str, Callable[[Session, int], dict[str, float | None]], str]] = [
@@ -285,13 +303,17 @@ def run_backend(name: str, command: Sequence[str], args: argparse.Namespace) -> 
 ROWS = [
     ("display_info_median_us", "GET_DISPLAY_INFO round trip, median", "us", False),
     ("display_info_p99_us", "GET_DISPLAY_INFO round trip, p99", "us", False),
+    ("display_info_cpu_us", "  back-end CPU per round trip", "us", False),
     ("commands_per_s", "CREATE_2D+UNREF, 64 per kick", "cmd/s", True),
     ("batch_us", "  time per 64-command batch", "us", False),
+    ("command_cpu_us", "  back-end CPU per command", "us", False),
     ("attach_16384_median_us", "ATTACH_BACKING 16384 entries, median", "us", False),
     ("detach_median_us", "DETACH_BACKING, median", "us", False),
+    ("attach_detach_cpu_us", "  back-end CPU per attach+detach", "us", False),
     ("frames_per_s", "1280x800 TRANSFER+FLUSH", "frames/s", True),
     ("updates_per_frame", "  display UPDATEs per frame", "", True),
     ("display_mb_per_s", "  display socket throughput", "MiB/s", True),
+    ("frame_cpu_us", "  back-end CPU per frame", "us", False),
 ]
 
 

@@ -165,4 +165,5 @@ def read_mem_entries(chain: DescriptorChain, offset: int, count: int,
         raise GuestProtocolError(
             f"{count} entries need {need} bytes, the chain has {chain.out_len - offset}")
     entries = chain.read_array(offset, need).view(_ENTRY_DTYPE)
-    return entries["addr"], entries["length"].astype(np.uint64)
+    # contiguous columns: every later pass over them streams half the bytes
+    return np.ascontiguousarray(entries["addr"]), entries["length"].astype(np.uint64)

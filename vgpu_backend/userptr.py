@@ -39,8 +39,10 @@ def translate_userptr(memory: GuestMemory, addr: U64, length: U64, size: int,
     """
     if addr.shape[0] == 0:
         raise GuestProtocolError("USERPTR blob without entries")
-    bad = (length == 0) | ((addr | length) & _PAGE_MASK != 0)
-    if bad.any():
+    misaligned = np.bitwise_or(addr, length)  # one temporary: this runs over 1M entries
+    misaligned &= _PAGE_MASK
+    if misaligned.any() or np.count_nonzero(length) != length.shape[0]:
+        bad = (length == 0) | (misaligned != 0)
         i = int(np.argmax(bad))
         raise GuestProtocolError(
             f"USERPTR entry {i} ({int(addr[i]):#x}+{int(length[i]):#x}) is empty or not "
@@ -59,6 +61,7 @@ def translate_userptr(memory: GuestMemory, addr: U64, length: U64, size: int,
 def host_ranges(memory: GuestMemory, segments: Segments) -> HostRanges:
     """The host-virtual ranges (and backing fd/offsets) of translated segments."""
     base = memory.host_base(segments.region_id)
+    base += segments.offset
     fds, file_base = memory.file_base(segments.region_id)
-    return HostRanges(addr=base + segments.offset, length=segments.length.copy(), fd=fds,
-                      file_offset=file_base + segments.offset)
+    file_base += segments.offset
+    return HostRanges(addr=base, length=segments.length, fd=fds, file_offset=file_base)
