@@ -164,6 +164,18 @@ def read_mem_entries(chain: DescriptorChain, offset: int, count: int,
     if offset + need > chain.out_len:
         raise GuestProtocolError(
             f"{count} entries need {need} bytes, the chain has {chain.out_len - offset}")
-    entries = chain.read_array(offset, need).view(_ENTRY_DTYPE)
-    # contiguous columns: every later pass over them streams half the bytes
-    return np.ascontiguousarray(entries["addr"]), entries["length"].astype(np.uint64)
+    pieces = chain.pieces(offset, need)
+    if any(len(piece) % _ENTRY_SIZE for piece in pieces):  # an entry split across buffers
+        entries = chain.read_array(offset, need).view(_ENTRY_DTYPE)
+        return np.ascontiguousarray(entries["addr"]), entries["length"].astype(np.uint64)
+    # straight from guest memory into contiguous columns (every later pass streams
+    # half the bytes); each column is one snapshot, validated after the copy
+    addr = np.empty(count, dtype=np.uint64)
+    length = np.empty(count, dtype=np.uint64)
+    done = 0
+    for piece in pieces:  # one per descriptor buffer, not per entry
+        entries = np.frombuffer(piece, dtype=_ENTRY_DTYPE)
+        addr[done:done + len(entries)] = entries["addr"]
+        length[done:done + len(entries)] = entries["length"]
+        done += len(entries)
+    return addr, length

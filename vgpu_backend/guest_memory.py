@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 U64 = npt.NDArray[np.uint64]
 _MAX_U64 = (1 << 64) - 1
+# guest-physical lookup table: at most this many buckets (one int64 each)
+_MAX_BUCKETS = 1 << 16
 _ids = itertools.count(1)
 
 
@@ -131,15 +133,25 @@ class Segments:
 
     def coalesced(self) -> Segments:
         """Merge neighbours that are contiguous in the same region."""
-        if len(self) < 2:
+        n = len(self)
+        if n < 2:
             return self
-        contiguous = (self.offset[:-1] + self.length[:-1] == self.offset[1:]) & (
-            self.region_id[1:] == self.region_id[:-1])
+        end = self.offset + self.length
+        contiguous = (end[:-1] == self.offset[1:]) & (self.region_id[1:] == self.region_id[:-1])
         if not contiguous.any():
             return self
-        starts = np.flatnonzero(np.concatenate(([True], ~contiguous)))
-        return Segments(self.region_id[starts], self.offset[starts],
-                        np.add.reduceat(self.length, starts).astype(np.uint64))
+        # boolean masks select faster than index arrays, and a merged run's length
+        # is its last end minus its first offset (no reduceat over every piece)
+        first = np.empty(n, dtype=np.bool_)
+        first[0] = True
+        np.logical_not(contiguous, out=first[1:])
+        last = np.empty(n, dtype=np.bool_)
+        last[:-1] = first[1:]
+        last[-1] = True
+        offset = self.offset[first]
+        length = end[last]
+        length -= offset
+        return Segments(self.region_id[first], offset, length)
 
 
 UnmapListener = Callable[[MemoryRegion], None]
@@ -251,6 +263,26 @@ class GuestMemory:
         # adjacent[k]: region k+1 starts exactly where region k ends
         adjacent = self._ends[:-1] == self._starts[1:]
         self._gaps_before = np.concatenate(([0], np.cumsum(~adjacent))).astype(np.int64)
+        self._index_buckets()
+
+    def _index_buckets(self) -> None:
+        """Bucket table: ``gpa >> shift`` -> sorted region index (-1: not RAM), with
+        ``shift`` as large as every region boundary allows.  Front-ends align regions
+        coarsely (one 512 MiB region; RAM split at 2 or 3 GiB), so the table is tiny
+        and one ``take`` locates every entry; the last bucket is -1 and catches every
+        address beyond RAM (``mode="clip"``)."""
+        self._bucket_lut: npt.NDArray[np.int64] | None = None
+        bounds = [b for r in self._regions for b in (r.gpa, r.gpa_end) if b]
+        if not bounds:
+            return
+        shift = min((b & -b).bit_length() - 1 for b in bounds)
+        buckets = max(bounds) >> shift
+        if shift < 1 or buckets > _MAX_BUCKETS:  # shift >= 1: buckets fit in int64
+            return
+        lut = np.full(buckets + 1, -1, dtype=np.int64)
+        for k, r in enumerate(self._regions):
+            lut[r.gpa >> shift:r.gpa_end >> shift] = k
+        self._bucket_lut, self._bucket_shift = lut, np.uint64(shift)
 
     # --- translation ---------------------------------------------------------------
 
@@ -285,7 +317,8 @@ class GuestMemory:
         if not lengths_checked and np.any(length == 0):
             raise GuestProtocolError(f"entry {int(np.argmin(length))} has length 0")
         end = addr + length  # wraps silently in uint64
-        if np.any(end < addr):
+        # two reductions rule out wrapping without a pass that allocates
+        if int(addr.max()) + int(length.max()) > _MAX_U64 and np.any(end < addr):
             bad = int(np.argmax(end < addr))
             raise GuestProtocolError(
                 f"entry {bad}: {int(addr[bad]):#x}+{int(length[bad]):#x} wraps 2^64")
@@ -298,6 +331,17 @@ class GuestMemory:
                 self._raise_first_bad(addr, length, ok)
             return Segments(np.full(n, region.id, dtype=np.int64),
                             addr - np.uint64(region.gpa), length)
+        if self._bucket_lut is not None:
+            first = np.take(self._bucket_lut, (addr >> self._bucket_shift).view(np.int64),
+                            mode="clip")
+            last_byte = end - np.uint64(1)
+            last_byte >>= self._bucket_shift
+            last = np.take(self._bucket_lut, last_byte.view(np.int64), mode="clip")
+            # first and last byte in the same region's buckets: the range is inside it
+            if int(first.min()) >= 0 and np.array_equal(first, last):
+                offset = addr - np.take(self._starts, first)
+                return Segments(np.take(self._ids, first), offset, length)
+            return self._translate_crossing(addr, end, self._locate(addr))
         first = self._locate(addr)
         fits = (first >= 0) & (end <= self._ends[first])
         if fits.all():
@@ -343,9 +387,9 @@ class GuestMemory:
 
     def host_base(self, region_ids: npt.NDArray[np.int64]) -> U64:
         """Host address of each (live) region's first guest byte."""
-        return self._host_lut[region_ids]
+        return np.take(self._host_lut, region_ids)  # take: faster than fancy indexing
 
     def file_base(self, region_ids: npt.NDArray[np.int64]) -> tuple[
             npt.NDArray[np.int32], U64]:
         """Backing fd and file offset of each (live) region's first guest byte."""
-        return self._fd_lut[region_ids], self._file_lut[region_ids]
+        return np.take(self._fd_lut, region_ids), np.take(self._file_lut, region_ids)

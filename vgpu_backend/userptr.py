@@ -39,10 +39,10 @@ def translate_userptr(memory: GuestMemory, addr: U64, length: U64, size: int,
     """
     if addr.shape[0] == 0:
         raise GuestProtocolError("USERPTR blob without entries")
-    misaligned = np.bitwise_or(addr, length)  # one temporary: this runs over 1M entries
-    misaligned &= _PAGE_MASK
-    if misaligned.any() or np.count_nonzero(length) != length.shape[0]:
-        bad = (length == 0) | (misaligned != 0)
+    # reductions only (no temporaries): this runs over up to a million entries
+    low_bits = int(np.bitwise_or.reduce(addr)) | int(np.bitwise_or.reduce(length))
+    if low_bits & (PAGE_SIZE - 1) or int(length.min()) == 0:
+        bad = (length == 0) | ((addr | length) & _PAGE_MASK != 0)
         i = int(np.argmax(bad))
         raise GuestProtocolError(
             f"USERPTR entry {i} ({int(addr[i]):#x}+{int(length[i]):#x}) is empty or not "

@@ -82,26 +82,38 @@ class DescriptorChain:
             return bytes(self.out[0][offset:offset + size])
         return self.read_array(offset, min(size, max(0, self.out_len - offset))).tobytes()
 
-    def read_array(self, offset: int, size: int) -> Bytes:
-        """Copy exactly ``size`` readable bytes at ``offset`` into a new array.
+    def pieces(self, offset: int, size: int) -> list[memoryview]:
+        """The readable guest memory of ``[offset, offset+size)``, one view per buffer
+        it touches (views, not copies: the guest may change them).
 
         :raise GuestProtocolError: fewer bytes are present.
         """
         if offset + size > self.out_len:
             raise GuestProtocolError(
                 f"command needs {offset + size} bytes, the chain has {self.out_len}")
-        out = np.empty(size, dtype=np.uint8)
-        filled = 0
+        views = []
         for buf in self.out:
-            if filled == size:
+            if size == 0:
                 break
             if offset >= len(buf):
                 offset -= len(buf)
                 continue
-            piece = buf[offset:offset + size - filled]
+            piece = buf[offset:offset + size]
+            views.append(piece)
+            size -= len(piece)
+            offset = 0
+        return views
+
+    def read_array(self, offset: int, size: int) -> Bytes:
+        """Copy exactly ``size`` readable bytes at ``offset`` into a new array.
+
+        :raise GuestProtocolError: fewer bytes are present.
+        """
+        out = np.empty(size, dtype=np.uint8)
+        filled = 0
+        for piece in self.pieces(offset, size):
             out[filled:filled + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
             filled += len(piece)
-            offset = 0
         return out
 
     def write(self, data: bytes) -> int:

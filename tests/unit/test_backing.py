@@ -134,3 +134,34 @@ def test_read_mem_entries_checks_count_and_bytes_and_snapshots(
         read_mem_entries(chain, 32, 5, limit=100)
     with pytest.raises(GuestProtocolError):
         read_mem_entries(chain, 32, 1 << 31, limit=1 << 32)
+
+
+@pytest.mark.parametrize("split", [None, 16, 48], ids=["one buffer", "split 16", "split 48"])
+def test_read_mem_entries_from_entry_aligned_buffers(
+        ring_and_queue: tuple[DriverRing, GuestRam], split: int | None) -> None:
+    """Entries that start a descriptor buffer (as the Linux driver sends them) are
+    copied straight into their columns; each buffer is one snapshot."""
+    ring, ram = ring_and_queue
+    queue = ring.queue()
+    table = b"".join(struct.pack("<QII", 0x2000 * i + 7, 4096 * (i + 1), 0xDEAD)
+                     for i in range(6))
+    if split is None:
+        ram.write(0x8000, table)
+        ring.set_desc(0, 0x8000, len(table), 0, 0)
+    else:
+        ram.write(0x8000, table[:split])
+        ram.write(0xA000, table[split:])
+        ring.set_desc(0, 0x8000, split, 1, 1)
+        ring.set_desc(1, 0xA000, len(table) - split, 0, 0)
+    ring.publish(0)
+    chain = queue.pop()
+    assert chain is not None
+    addr, length = read_mem_entries(chain, 0, 6, limit=6)
+    assert addr.tolist() == [0x2000 * i + 7 for i in range(6)]
+    assert length.tolist() == [4096 * (i + 1) for i in range(6)]  # padding dropped
+    assert addr.dtype == length.dtype == np.uint64
+    assert addr.flags.c_contiguous and length.flags.c_contiguous
+    ram.write(0x8000, b"\xFF" * 16)
+    assert addr[0] == 7
+    tail, _ = read_mem_entries(chain, 32, 4, limit=6)
+    assert tail.tolist() == [0x2000 * i + 7 for i in range(2, 6)]

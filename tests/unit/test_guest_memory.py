@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 from protocol.errors import FrontendProtocolError, GuestProtocolError
 from protocol.vhost_user import MemRegion
 from tests.unit.guest_ram import GuestRam
+from vgpu_backend import guest_memory
 from vgpu_backend.guest_memory import GuestMemory, MemoryRegion, Segments
 
 PAGE = 4096
@@ -112,11 +114,17 @@ def two_adjacent_and_one_apart() -> Iterator[GuestRam]:
 # --- translate -------------------------------------------------------------------------
 
 
+#: how regions are located: the bucket table, or comparisons (tables too big or off)
+LOOKUPS = {"bucket table": guest_memory._MAX_BUCKETS, "comparisons": 0}
+
+
+@pytest.mark.parametrize("lookup", LOOKUPS)
 @settings(max_examples=200, deadline=None)
 @given(data=st.data())
-def test_translate_matches_the_model(data: st.DataObject) -> None:
+def test_translate_matches_the_model(lookup: str, data: st.DataObject) -> None:
     layout = data.draw(ram_layouts())
-    ram = GuestRam(layout)
+    with mock.patch.object(guest_memory, "_MAX_BUCKETS", LOOKUPS[lookup]):
+        ram = GuestRam(layout)
     try:
         ranges = data.draw(ranges_in(layout))
         check_against_model(ram.memory, ranges)
@@ -126,18 +134,38 @@ def test_translate_matches_the_model(data: st.DataObject) -> None:
         ram.close()
 
 
+@pytest.mark.parametrize("lookup", LOOKUPS)
 @settings(max_examples=30, deadline=None)
 @given(data=st.data())
-def test_translate_with_many_regions_matches_the_model(data: st.DataObject) -> None:
+def test_translate_with_many_regions_matches_the_model(lookup: str,
+                                                       data: st.DataObject) -> None:
     gaps = data.draw(st.lists(st.sampled_from([0, 1]), min_size=20, max_size=20))
     layout, gpa = [], 0x100000
     for gap in gaps:
         gpa += gap * PAGE
         layout.append((gpa, PAGE, 0))
         gpa += PAGE
-    ram = GuestRam(layout)
+    with mock.patch.object(guest_memory, "_MAX_BUCKETS", LOOKUPS[lookup]):
+        ram = GuestRam(layout)
     try:
         check_against_model(ram.memory, data.draw(ranges_in(layout)))
+    finally:
+        ram.close()
+
+
+@pytest.mark.parametrize("lookup", LOOKUPS)
+def test_qemu_like_ram_split_around_the_pci_hole(lookup: str) -> None:
+    """RAM below 3 GiB and above 4 GiB (sparse memfds): coarse boundaries, the
+    layout the bucket table is for; ranges at every boundary."""
+    gib = 1 << 30
+    with mock.patch.object(guest_memory, "_MAX_BUCKETS", LOOKUPS[lookup]):
+        ram = GuestRam([(0, 3 * gib), (4 * gib, 2 * gib)])
+    try:
+        check_against_model(ram.memory, [(0, PAGE), (3 * gib - PAGE, PAGE),
+                                         (4 * gib, 2 * PAGE), (6 * gib - PAGE, PAGE)])
+        for bad in [(3 * gib - PAGE, 2 * PAGE), (3 * gib, PAGE), (4 * gib - 1, 2),
+                    (6 * gib - PAGE, PAGE + 1), (1 << 40, PAGE), (TOP - PAGE, PAGE)]:
+            check_against_model(ram.memory, [(0, PAGE), bad])
     finally:
         ram.close()
 
