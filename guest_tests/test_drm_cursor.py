@@ -13,7 +13,7 @@ not visible to the guest.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -27,28 +27,7 @@ HOTSPOT = (7, 9)
 MOVES = 200  # many times the cursor queue's 16 entries
 IOCTL_TIMEOUT = 60.0
 
-
-@pytest.fixture(scope="module", autouse=True)
-def steady_console() -> Iterator[None]:
-    """No blinking console cursor while these tests run."""
-    with checks.fbcon_cursor_blink(False):
-        yield
-
-
-@pytest.fixture
-def display() -> Iterator[drm.Display]:
-    """DRM master of card0; closed (console restored) after the test."""
-    opened = drm.Display()
-    yield opened
-    opened.close()
-
-
-@pytest.fixture
-def kernel_log() -> Iterator[checks.KernelLog]:
-    """Kernel messages logged during the test."""
-    log = checks.KernelLog()
-    yield log
-    log.close()
+pytestmark = pytest.mark.usefixtures("steady_console")
 
 
 def bounded(action: Callable[[], None], what: str, timeout: float = IOCTL_TIMEOUT) -> None:

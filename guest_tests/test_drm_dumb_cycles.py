@@ -9,7 +9,6 @@ guest's use of the device shows the same way.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -26,20 +25,7 @@ MAX_RANDOM = (2048, 1536)
 SHMEM_SLACK_KB = 1024  # tmpfs and page-cache noise
 SETTLE_TIMEOUT = 30.0
 
-
-@pytest.fixture(scope="module", autouse=True)
-def steady_console() -> Iterator[None]:
-    """No blinking console cursor while these tests run."""
-    with checks.fbcon_cursor_blink(False):
-        yield
-
-
-@pytest.fixture
-def kernel_log() -> Iterator[checks.KernelLog]:
-    """Kernel messages logged during the test."""
-    log = checks.KernelLog()
-    yield log
-    log.close()
+pytestmark = pytest.mark.usefixtures("steady_console")
 
 
 def sizes() -> list[tuple[int, int]]:

@@ -7,7 +7,6 @@ the card hands the display back to the console, which the last test checks.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -21,28 +20,7 @@ CLIP_A = (37, 53, 248, 150)  # x1, y1, x2, y2 (exclusive)
 CLIP_B = (701, 409, 1000, 662)
 STABLE_FOR = 1.0  # seconds a partial update must stay as it is
 
-
-@pytest.fixture(scope="module", autouse=True)
-def steady_console() -> Iterator[None]:
-    """No blinking console cursor while these tests run."""
-    with checks.fbcon_cursor_blink(False):
-        yield
-
-
-@pytest.fixture
-def display() -> Iterator[drm.Display]:
-    """DRM master of card0; closed (console restored) after the test."""
-    opened = drm.Display()
-    yield opened
-    opened.close()
-
-
-@pytest.fixture
-def kernel_log() -> Iterator[checks.KernelLog]:
-    """Kernel messages logged during the test."""
-    log = checks.KernelLog()
-    yield log
-    log.close()
+pytestmark = pytest.mark.usefixtures("steady_console")
 
 
 def paste(base: drm.Image, patch: drm.Image, clip: tuple[int, int, int, int]) -> drm.Image:

@@ -5,7 +5,6 @@ their work."""
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator
 
 import numpy as np
 import numpy.typing as npt
@@ -14,7 +13,7 @@ import pytest
 from guest_tests.userspace.compute import ComputeContext, dispatch
 from guest_tests.userspace.gpu import DeviceTimeout, VirtioGpu
 from guest_tests.userspace.pinned import PinnedBuffer
-from guest_tests.userspace.testing import BufferPool, recover, require_compute, shared_gpu
+from guest_tests.userspace.testing import BufferPool, require_compute
 from protocol.compute import (
     CopyCmd,
     FillCmd,
@@ -31,32 +30,6 @@ from protocol.virtio_gpu import ResourceUnref
 from protocol.virtio_gpu_codes import Cmd, CtrlFlag, Resp
 
 COUNT = 192 * 1024  # float32 per vector: 768 KiB, several host runs with 4 KiB pages
-
-
-@pytest.fixture
-def gpu(userspace_pci_address: str) -> Iterator[VirtioGpu]:
-    """The shared driver, recovered after the test if it left the device unusable."""
-    driver = shared_gpu(userspace_pci_address)
-    yield driver
-    recover(driver)
-
-
-@pytest.fixture
-def pinned(gpu: VirtioGpu, vgpu_backend: str) -> Iterator[BufferPool]:
-    """Pinned buffers for the test (skips without the compute capset)."""
-    require_compute(gpu, vgpu_backend)
-    pool = BufferPool(gpu)
-    yield pool
-    pool.close()
-
-
-@pytest.fixture
-def compute(gpu: VirtioGpu, pinned: BufferPool, vgpu_backend: str) -> Iterator[ComputeContext]:
-    """A compute context with a result blob (closed before the test's buffers)."""
-    capsets = require_compute(gpu, vgpu_backend)
-    context = ComputeContext(gpu, capsets.compute_id or 0, "compute-tests")
-    yield context
-    context.close()
 
 
 @pytest.fixture(params=[False, True], ids=["4k-pages", "thp"])

@@ -3,7 +3,7 @@ serving; a corrupt ring stops only that ring, and a device reset brings it back.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
@@ -12,10 +12,8 @@ from guest_tests.userspace.gpu import CONTROL_QUEUE, DeviceTimeout, VirtioGpu, c
 from guest_tests.userspace.pinned import MAX_SEGMENT, encode_entries
 from guest_tests.userspace.testing import (
     BufferPool,
-    recover,
     require_compute,
     require_userptr,
-    shared_gpu,
     skip_unless_ours,
 )
 from protocol.virtio_gpu import CtxCreate, CtxResource, ResourceUnref, Submit3d
@@ -28,23 +26,6 @@ USERPTR = int(BlobFlag.USE_USERPTR)
 NEXT, WRITE, INDIRECT = int(DescFlag.NEXT), int(DescFlag.WRITE), int(DescFlag.INDIRECT)
 RING_NOT_FATAL = ("QEMU's C back-end exits on a bad descriptor (libvhost-user vu_panic -> "
                   "vg_panic: exit(1)), which would end the VM run")
-
-
-@pytest.fixture
-def gpu(userspace_pci_address: str) -> Iterator[VirtioGpu]:
-    """The shared driver, recovered after the test if it left the device unusable."""
-    driver = shared_gpu(userspace_pci_address)
-    yield driver
-    recover(driver)
-
-
-@pytest.fixture
-def pinned(gpu: VirtioGpu, vgpu_backend: str) -> Iterator[BufferPool]:
-    """Pinned buffers for the test (skips without the userptr capset)."""
-    require_userptr(gpu, vgpu_backend)
-    pool = BufferPool(gpu)
-    yield pool
-    pool.close()
 
 
 def assert_still_serving(gpu: VirtioGpu, pinned: BufferPool) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import zlib
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -19,10 +18,7 @@ from guest_tests.userspace.gpu import VirtioGpu
 from guest_tests.userspace.pinned import MAX_SEGMENT, PinnedBuffer
 from guest_tests.userspace.testing import (
     BufferPool,
-    recover,
-    require_compute,
     require_userptr,
-    shared_gpu,
 )
 from protocol.capsets import (
     DEFAULT_USERPTR_CAPSET,
@@ -46,33 +42,6 @@ from protocol.compute import (
 )
 from protocol.virtio_gpu_codes import BlobFlag, BlobMem, Resp
 from protocol.wire import layout
-
-
-@pytest.fixture
-def gpu(userspace_pci_address: str) -> Iterator[VirtioGpu]:
-    """The shared driver, recovered after the test if it left the device unusable."""
-    driver = shared_gpu(userspace_pci_address)
-    yield driver
-    recover(driver)
-
-
-@pytest.fixture
-def pinned(gpu: VirtioGpu, vgpu_backend: str) -> Iterator[BufferPool]:
-    """Pinned buffers for the test (skips without the userptr capset)."""
-    require_userptr(gpu, vgpu_backend)
-    pool = BufferPool(gpu)
-    yield pool
-    pool.close()
-
-
-@pytest.fixture
-def compute(gpu: VirtioGpu, pinned: BufferPool, vgpu_backend: str) -> Iterator[ComputeContext]:
-    """A compute context with a result blob (closed before the test's buffers)."""
-    capsets = require_compute(gpu, vgpu_backend)
-    assert capsets.compute_id is not None
-    context = ComputeContext(gpu, capsets.compute_id, "userptr-tests")
-    yield context
-    context.close()
 
 
 def test_userptr_capset_reports_what_the_host_does(gpu: VirtioGpu, vgpu_backend: str) -> None:
