@@ -36,7 +36,8 @@ from protocol.compute import (
 )
 from protocol.wire import encode
 from vgpu_backend.compute import kernels
-from vgpu_backend.compute.kernels import Buffer, KernelStats
+from vgpu_backend.compute.buffers import Buffer
+from vgpu_backend.compute.kernels import KernelStats
 from vgpu_backend.hostgpu.base import GpuFault, GpuMapping, GpuMemory
 
 __all__ = ["ContextVm", "Engine", "Mapping", "Outcome", "ResultTarget"]

@@ -1,0 +1,70 @@
+"""MATMUL_F32 on scattered buffers, in process: operands staged in the worker thread's
+reused staging memory must never leak one dispatch's data into the next."""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from vgpu_backend.compute import buffers
+from vgpu_backend.compute.buffers import Buffer
+from vgpu_backend.compute.kernels import KernelStats, matmul_f32
+
+RUN = 4096
+RNG = np.random.default_rng(77)
+
+
+class ScatteredArena:
+    """Host memory carved into 4 KiB runs handed out in a shuffled order, so a buffer's
+    runs are neither contiguous nor ascending (what a guest's pinned pages look like)."""
+
+    def __init__(self, runs: int) -> None:
+        self.memory = np.zeros(runs * RUN, dtype=np.uint8)
+        self.free = list(RNG.permutation(runs))
+
+    def buffer(self, va: int, nbytes: int) -> Buffer:
+        count = -(-nbytes // RUN)
+        taken, self.free = self.free[:count], self.free[count:]
+        addr = self.memory.ctypes.data + np.array(taken, dtype=np.int64) * RUN
+        length = np.full(count, RUN, dtype=np.int64)
+        length[-1] = nbytes - RUN * (count - 1)
+        return Buffer(va, nbytes, addr, length)
+
+
+def f32(buf: Buffer, values: npt.NDArray[np.float32]) -> None:
+    buf.scatter(values.astype(np.float32).view(np.uint8).reshape(-1))
+
+
+@pytest.mark.parametrize("cache_bytes", [buffers.STAGING_CACHE_BYTES, 64 * 1024, 0],
+                         ids=["cached", "partly cached", "uncached"])
+def test_consecutive_matmuls_of_other_shapes(cache_bytes: int) -> None:
+    """Large, then small, then large again: staged slots are reused and resized."""
+    arena = ScatteredArena(600)
+    stats = KernelStats()
+    with mock.patch.object(buffers, "STAGING_CACHE_BYTES", cache_bytes):
+        for m, n, k in [(96, 80, 112), (7, 5, 3), (33, 130, 65), (96, 80, 112)]:
+            a = RNG.standard_normal((m, k)).astype(np.float32)
+            b = RNG.standard_normal((k, n)).astype(np.float32)
+            abuf, bbuf = arena.buffer(0x10000, a.nbytes), arena.buffer(0x90000, b.nbytes)
+            cbuf = arena.buffer(0x120000, m * n * 4)
+            f32(abuf, a)
+            f32(bbuf, b)
+            f32(cbuf, np.full(m * n, np.nan, np.float32))
+            matmul_f32(cbuf, abuf, bbuf, m, n, k, stats)
+            got = cbuf.gather().view(np.float32).reshape(m, n)
+            np.testing.assert_allclose(got, a @ b, rtol=1e-4, atol=1e-4)
+    assert stats.staged_bytes > 0
+
+
+def test_the_same_buffer_as_both_operands() -> None:
+    """``c = a @ a``: one scattered buffer staged into two slots."""
+    arena = ScatteredArena(64)
+    a = RNG.standard_normal((40, 40)).astype(np.float32)
+    abuf, cbuf = arena.buffer(0x1000, a.nbytes), arena.buffer(0x80000, a.nbytes)
+    f32(abuf, a)
+    matmul_f32(cbuf, abuf, abuf, 40, 40, 40, KernelStats())
+    np.testing.assert_allclose(cbuf.gather().view(np.float32).reshape(40, 40), a @ a,
+                               rtol=1e-4, atol=1e-4)
