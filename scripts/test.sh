@@ -30,6 +30,12 @@ python3 scripts/vm.py console-check --backend ours \
     --screenshot "${VGPU_RESULTS_DIR:-/tmp/vgpu-results}/console-ours.png"
 step "VM: guest suite on vgpu-backend (DRM path + userspace driver)"
 python3 scripts/vm.py test --backend ours --second-gpu
+step "VM: userspace-driver suite with guest RAM on host huge pages (hugetlb=on)"
+if [ "$(id -u)" = 0 ]; then
+    python3 scripts/vm.py test --backend ours --second-gpu --host-hugetlb -- -k userspace
+else
+    echo "skipped: --host-hugetlb raises vm.nr_hugepages for the run, which needs root"
+fi
 step "VM: guest suite on QEMU's C reference back-end (2D subset)"
 python3 scripts/vm.py test --backend reference --second-gpu
 step "all tests passed"

@@ -92,6 +92,9 @@ def _add_vm_options(parser: argparse.ArgumentParser) -> None:
     vm.add_argument("--hugepages", type=int, default=64,
                     help="2 MiB hugepages reserved on the guest kernel command line "
                          "(default: %(default)s)")
+    vm.add_argument("--host-hugetlb", action="store_true",
+                    help="guest RAM on the host's 2 MiB huge pages (memory-backend-memfd,"
+                         "hugetlb=on; vm.nr_hugepages is raised for the run as root)")
     vm.add_argument("--append", default="", metavar="ARGS",
                     help="extra guest kernel command line")
     vm.add_argument("--kernel-package", metavar="NAME",
@@ -175,7 +178,7 @@ def _options(args: argparse.Namespace, mode: str) -> SessionOptions:
         guest_root=getattr(args, "guest_root", "host"), boot_timeout=args.boot_timeout,
         timeout=args.timeout, shutdown_timeout=args.shutdown_timeout,
         memory_mib=args.memory, smp=args.smp, hugepages=args.hugepages,
-        extra_cmdline=args.append, show_console=args.show_console)
+        host_hugetlb=args.host_hugetlb, extra_cmdline=args.append, show_console=args.show_console)
 
 
 def main(argv: list[str]) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import lzma
 import socket
 import stat
@@ -157,6 +158,9 @@ def test_qemu_command_places_devices_at_fixed_addresses(tmp_path: Path) -> None:
     assert "vhost-user-gpu-pci,chardev=vgpu1,id=gpu1,addr=0a.0" in argv
     assert "path=/,security_model=none,readonly=on,multidevs=remap" in argv
     assert "hugepages=64" in argv and "vgpu.userspace_pci=0000:00:0a.0" in argv
+    assert "hugetlb" not in argv
+    huge = " ".join(qemu_command(dataclasses.replace(layout, host_hugetlb=True)))
+    assert "memory-backend-memfd,id=mem,size=2048M,share=on,hugetlb=on,hugetlbsize=2M" in huge
 
 
 def test_backend_spec_templates() -> None:

@@ -47,6 +47,8 @@ class VmLayout:
     root_image: Path | None = None
     memory_mib: int = 2048
     smp: int = 1
+    #: guest RAM on the host's 2 MiB huge pages (recommended for compute)
+    host_hugetlb: bool = False
 
 
 def kernel_cmdline(mode: str, root: str, userspace_pci: str | None, hugepages: int,
@@ -73,7 +75,8 @@ def qemu_command(layout: VmLayout, qemu: str = QEMU_BINARY) -> list[str]:
     argv = [
         qemu, "-machine", "q35,accel=tcg", "-cpu", "max", "-smp", str(layout.smp),
         "-m", memory,
-        "-object", f"memory-backend-memfd,id=mem,size={memory},share=on",
+        "-object", f"memory-backend-memfd,id=mem,size={memory},share=on" + (
+            ",hugetlb=on,hugetlbsize=2M" if layout.host_hugetlb else ""),
         "-numa", "node,memdev=mem",
         "-nodefaults", "-display", "none", "-no-reboot",
         "-kernel", str(layout.kernel_image), "-initrd", str(layout.initramfs),

@@ -19,6 +19,7 @@ from .artifacts import GuestArtifacts
 from .backend import REPO_ROOT, BackendSpec, start_backend
 from .control import ControlServer, GuestEvent
 from .errors import HarnessError, HarnessTimeout
+from .hugepages import HugePageReservation
 from .processes import ManagedProcess, tail
 from .qemu import USERSPACE_GPU_PCI, Share, VmLayout, find_qemu, kernel_cmdline, qemu_command
 from .screendump import Screendumper, connect_qmp
@@ -44,6 +45,7 @@ class SessionOptions:
     memory_mib: int = 2048
     smp: int = 1
     hugepages: int = 64
+    host_hugetlb: bool = False
     extra_cmdline: str = ""
     show_console: bool = False
 
@@ -93,6 +95,7 @@ class VmSession:
         self.deadline = time.monotonic() + options.timeout
         self.serial_log = self.results / "serial.log"
         self._tasks: list[asyncio.Task[None]] = []
+        self._huge_pages: HugePageReservation | None = None
 
     def layout(self) -> VmLayout:
         """The QEMU layout for these options."""
@@ -113,7 +116,7 @@ class VmSession:
             control_socket=self.control.socket_path, qmp_socket=self.workdir / "qmp.sock",
             serial_log=self.serial_log, shares=shares,
             root_image=self.artifacts.root_image if opts.mode in ("test", "demo") else None,
-            memory_mib=opts.memory_mib, smp=opts.smp)
+            memory_mib=opts.memory_mib, smp=opts.smp, host_hugetlb=opts.host_hugetlb)
 
     def write_guest_env(self, args: list[str]) -> None:
         """What the guest init sources from the results share: the back-end's name and
@@ -173,6 +176,8 @@ class VmSession:
     async def start_qemu(self) -> None:
         """Listen on the control socket, start QEMU (it connects to it), connect to QMP."""
         layout = self.layout()
+        if layout.host_hugetlb and self._huge_pages is None:
+            self._huge_pages = HugePageReservation(layout.memory_mib)
         await self.control.start()
         argv = qemu_command(layout, find_qemu())
         (self.results / "qemu-command.txt").write_text(shlex.join(argv) + "\n")
@@ -258,4 +263,6 @@ class VmSession:
             if process is not None and process.returncode is None:
                 await process.stop(0, term_wait=3)
         await self.control.close()
+        if self._huge_pages is not None:
+            self._huge_pages.release()
         shutil.rmtree(self.workdir, ignore_errors=True)

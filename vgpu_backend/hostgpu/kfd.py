@@ -33,6 +33,7 @@ from vgpu_backend.hostgpu.transport import KfdTransport
 from vgpu_backend.hostgpu.userptr_paths import (
     BatchProbe,
     Registration,
+    alias_refusal,
     probe_batch,
     probe_userptr,
     register,
@@ -235,8 +236,8 @@ class KfdHostGpu(HostGpu):
         proc = self._process_for(context)
         starts, sizes = _validated(ranges)
         path = self._path
-        if path is UserptrPath.ALIAS and self._auto_path and bool((ranges.fd < 0).any()):
-            path = UserptrPath.PER_RANGE  # no file to alias: the other fallback
+        if path is UserptrPath.ALIAS and self._auto_path and alias_refusal(ranges):
+            path = UserptrPath.PER_RANGE  # nothing to alias (host buffers), or hugetlb
         total = int(sizes.sum())
         va = proc.va.allocate(total)
         try:

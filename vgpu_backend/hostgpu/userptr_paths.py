@@ -5,7 +5,9 @@ start-up probes.
   ``kfd_ioctl_userptr_ranges_data`` list (built with numpy) behind ``mmap_offset``;
 * **alias**: reserve a contiguous host VA (``PROT_NONE``), map the guest-RAM file pages
   there with ``MAP_FIXED|MAP_SHARED`` (runs contiguous in the file coalesced), then one
-  ordinary USERPTR allocation of the alias;
+  ordinary USERPTR allocation of the alias; impossible for ranges without a file, and
+  for runs smaller than the file's pages (a hugetlb file maps in whole huge pages),
+  see :func:`alias_refusal`;
 * **per-range**: one ordinary USERPTR allocation per host-contiguous run, at
   consecutive GPU VAs.
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,6 +35,7 @@ from vgpu_backend.hostgpu.kfd_process import KfdProcess, UnmapError
 __all__ = [
     "BatchProbe",
     "Registration",
+    "alias_refusal",
     "coalesce_host",
     "probe_batch",
     "probe_userptr",
@@ -155,15 +159,53 @@ def _register_per_range(job: _Progress, starts: _I64, sizes: _I64) -> None:
         job.alloc_and_map(gpu_va, size, start, job.flags)
 
 
+def _file_runs(ranges: HostRanges) -> tuple[npt.NDArray[np.int32], _I64, _I64, _I64]:
+    return _coalesce_file(ranges.fd.astype(np.int32), ranges.file_offset.astype(np.int64),
+                          ranges.length.astype(np.int64))
+
+
+def _largest_file_page(fds: list[int]) -> int:
+    """The largest page size (``st_blksize``: 2 MiB for hugetlb) of these files."""
+    return max([4096, *(os.fstat(fd).st_blksize for fd in fds)])
+
+
+def alias_refusal(ranges: HostRanges) -> str | None:
+    """Why the alias path cannot map ``ranges`` (None: it can): a range without a
+    backing file, or a file run not made of whole pages of its file (``st_blksize``:
+    2 MiB for guest RAM on hugetlb, which ``mmap`` maps only in whole huge pages)."""
+    if (ranges.fd < 0).any():
+        return "a range has no backing file descriptor"
+    run_fd, run_off, run_size, _ = _file_runs(ranges)
+    for fd in np.unique(run_fd).tolist():
+        page = _largest_file_page([fd])
+        mine = run_fd == fd
+        if page > 4096 and ((run_off[mine] | run_size[mine]) % page).any():
+            return (f"guest RAM is on {page >> 10} KiB pages (hugetlb) and mmap maps "
+                    "only whole ones, but the buffer's runs are smaller")
+    return None
+
+
+def _reserve_aligned(length: int, align: int) -> int:
+    """A ``PROT_NONE`` reservation of ``length`` bytes at a multiple of ``align``."""
+    if align <= 4096:
+        return hostmem.reserve(length)
+    raw = hostmem.reserve(length + align)
+    start = -(-raw // align) * align
+    if start > raw:
+        hostmem.unmap(raw, start - raw)
+    hostmem.unmap(start + length, raw + length + align - (start + length))
+    return start
+
+
 def _register_alias(job: _Progress, ranges: HostRanges, *, readonly: bool) -> tuple[int, int]:
-    fds = ranges.fd.astype(np.int32)
-    if (fds < 0).any():
-        raise HostGpuError("alias path: a range has no backing file descriptor", errno.EINVAL)
+    refusal = alias_refusal(ranges)
+    if refusal is not None:
+        raise HostGpuError(f"alias path: {refusal}", errno.EINVAL)
     sizes = ranges.length.astype(np.int64)
-    run_fd, run_off, run_size, run_at = _coalesce_file(
-        fds, ranges.file_offset.astype(np.int64), sizes)
+    run_fd, run_off, run_size, run_at = _file_runs(ranges)
     total = int(sizes.sum())
-    alias = hostmem.reserve(total)
+    # huge-page files map only at huge-page-aligned addresses too
+    alias = _reserve_aligned(total, _largest_file_page(np.unique(run_fd).tolist()))
     try:
         # one mmap per run contiguous in the file: a syscall each, no way around it
         for fd, off, size, at in zip(run_fd.tolist(), run_off.tolist(), run_size.tolist(),
