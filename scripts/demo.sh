@@ -10,8 +10,9 @@ cd "$(dirname "$0")/.."
 if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
 echo "=== host setup (QEMU 10 from bookworm-backports; quick when already done)"
 $SUDO sh scripts/setup-host.sh
-python3 -m pip install --quiet --disable-pip-version-check -e .
+. scripts/python-env.sh
+$PY -m pip install --quiet --disable-pip-version-check -e .
 RESULTS=${VGPU_RESULTS_DIR:-/tmp/vgpu-results}
 echo "=== VM demo on vgpu-backend"
-python3 scripts/vm.py demo --backend ours --screenshot "$RESULTS/demo.png" "$@"
+$PY scripts/vm.py demo --backend ours --screenshot "$RESULTS/demo.png" "$@"
 echo "=== screenshot: $RESULTS/demo.png"

@@ -11,7 +11,7 @@ set -eu
 
 BACKPORTS_SOURCES=/etc/apt/sources.list.d/bookworm-backports.sources
 BACKPORTS_PACKAGES="qemu-system-x86 qemu-system-gui qemu-utils"
-DEBIAN_PACKAGES="busybox-static cpio xz-utils e2fsprogs debootstrap python3 python3-numpy python3-pytest python3-construct"
+DEBIAN_PACKAGES="busybox-static cpio xz-utils e2fsprogs debootstrap python3 python3-venv python3-pip python3-numpy python3-pytest python3-construct"
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "setup-host.sh: must run as root" >&2

@@ -16,26 +16,27 @@ step() { printf '\n=== %s (%s)\n' "$1" "$(date +%T)"; }
 step "host setup: QEMU 10 from bookworm-backports, guest tooling"
 $SUDO sh scripts/setup-host.sh
 step "python packages"
-python3 -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+. scripts/python-env.sh
+$PY -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 
 step "ruff"
-python3 -m ruff check .
+$PY -m ruff check .
 step "mypy --strict"
-python3 -m mypy
+$PY -m mypy
 step "host tests (pytest tests/)"
-python3 -m pytest -q -p no:cacheprovider tests
+$PY -m pytest -q -p no:cacheprovider tests
 
 step "VM: guest console on vgpu-backend (QMP screendump check)"
-python3 scripts/vm.py console-check --backend ours \
+$PY scripts/vm.py console-check --backend ours \
     --screenshot "${VGPU_RESULTS_DIR:-/tmp/vgpu-results}/console-ours.png"
 step "VM: guest suite on vgpu-backend (DRM path + userspace driver)"
-python3 scripts/vm.py test --backend ours --second-gpu
+$PY scripts/vm.py test --backend ours --second-gpu
 step "VM: userspace-driver suite with guest RAM on host huge pages (hugetlb=on)"
 if [ "$(id -u)" = 0 ]; then
-    python3 scripts/vm.py test --backend ours --second-gpu --host-hugetlb -- -k userspace
+    $PY scripts/vm.py test --backend ours --second-gpu --host-hugetlb -- -k userspace
 else
     echo "skipped: --host-hugetlb raises vm.nr_hugepages for the run, which needs root"
 fi
 step "VM: guest suite on QEMU's C reference back-end (2D subset)"
-python3 scripts/vm.py test --backend reference --second-gpu
+$PY scripts/vm.py test --backend reference --second-gpu
 step "all tests passed"
