@@ -188,3 +188,13 @@ def test_copy_within_one_buffer_is_a_memmove(arena: U8, block: int, walk: str, r
             mock.patch.object(buffers, "_STAGE_BELOW", WALKS[walk]):
         copy(dst, src, n, KernelStats())
     assert np.array_equal(arena, expected)
+
+
+@settings(max_examples=200, deadline=None)
+@given(a=st.one_of(page_runs(8), odd_runs()), b=st.one_of(page_runs(8), odd_runs()))
+def test_overlaps_matches_a_byte_model(arena: U8, a: Runs, b: Runs) -> None:
+    bytes_a = {x for s, n in a for x in range(s, s + n)}
+    bytes_b = {x for s, n in b for x in range(s, s + n)}
+    expected = bool(bytes_a & bytes_b)
+    assert make(arena, a).overlaps(make(arena, b)) is expected
+    assert make(arena, b).overlaps(make(arena, a)) is expected

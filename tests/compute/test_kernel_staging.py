@@ -9,7 +9,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from vgpu_backend.compute import buffers
+from vgpu_backend.compute import buffers, kernels
 from vgpu_backend.compute.buffers import Buffer
 from vgpu_backend.compute.kernels import KernelStats, matmul_f32
 
@@ -67,4 +67,29 @@ def test_the_same_buffer_as_both_operands() -> None:
     f32(abuf, a)
     matmul_f32(cbuf, abuf, abuf, 40, 40, 40, KernelStats())
     np.testing.assert_allclose(cbuf.gather().view(np.float32).reshape(40, 40), a @ a,
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shared", ["a", "b"])
+@pytest.mark.parametrize("scattered", [False, True], ids=["one run", "scattered"])
+def test_product_written_over_an_operand(shared: str, scattered: bool) -> None:
+    """``c`` is the very memory of ``a`` or ``b``: the product of the old values."""
+    arena = ScatteredArena(64)
+    n = 96  # computed one row per block: in place, later rows would read overwritten ones
+    a = RNG.standard_normal((n, n)).astype(np.float32)
+    b = RNG.standard_normal((n, n)).astype(np.float32)
+    if scattered:
+        abuf, bbuf = arena.buffer(0x10000, a.nbytes), arena.buffer(0x90000, b.nbytes)
+    else:
+        base = arena.memory.ctypes.data
+        length = np.array([a.nbytes], np.int64)
+        abuf = Buffer(0x10000, a.nbytes, np.array([base], np.int64), length)
+        bbuf = Buffer(0x90000, b.nbytes, np.array([base + a.nbytes], np.int64), length)
+    f32(abuf, a)
+    f32(bbuf, b)
+    cbuf = abuf if shared == "a" else bbuf
+    with mock.patch.object(kernels, "_MATMUL_BLOCK_MACS", n * n),\
+            mock.patch.object(kernels, "_MATMUL_GOOD_ROWS", 1):  # one row per block
+        matmul_f32(cbuf, abuf, bbuf, n, n, n, KernelStats())
+    np.testing.assert_allclose(cbuf.gather().view(np.float32).reshape(n, n), a @ b,
                                rtol=1e-4, atol=1e-4)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import pytest
 from vgpu_backend.hostgpu import hostmem
 from vgpu_backend.hostgpu.base import GpuFault, HostGpuError, HostRanges, UserptrPath
 from vgpu_backend.hostgpu.sim_config import SimKfdConfig
+from vgpu_backend.hostgpu.userptr_paths import alias_refusal
 
 from .helpers import PAGE, GuestRam, MakeGpu, maps_lines, read_runs
 
@@ -225,3 +227,39 @@ def test_close_releases_live_mappings(make_gpu: MakeGpu, guest_ram: GuestRam) ->
     assert maps_lines(guest_ram.name) == 1
     with pytest.raises(HostGpuError, match="closed"):
         gpu.register_userptr(guest_ram.ranges([1]), readonly=False)
+
+
+@pytest.fixture
+def hugetlb_fd() -> Iterator[int]:
+    """A hugetlb memfd (only its file system is looked at: no huge page is needed)."""
+    try:
+        fd = os.memfd_create("vgpu-test-huge", os.MFD_CLOEXEC | os.MFD_HUGETLB)
+    except OSError as err:
+        pytest.skip(f"this kernel makes no hugetlb memfd: {err}")
+    yield fd
+    os.close(fd)
+
+
+def file_ranges(*runs: tuple[int, int, int]) -> HostRanges:
+    """Ranges ``(fd, file offset, length)``; host addresses are not looked at."""
+    fds, offsets, lengths = zip(*runs, strict=True)
+    return HostRanges(addr=np.array(offsets, np.uint64) + np.uint64(1 << 40),
+                      length=np.array(lengths, np.uint64), fd=np.array(fds, np.int32),
+                      file_offset=np.array(offsets, np.uint64))
+
+
+def test_file_page_size_is_the_mapping_granule(hugetlb_fd: int, guest_ram: GuestRam) -> None:
+    assert hostmem.file_page_size(hugetlb_fd) == 2 << 20
+    assert hostmem.file_page_size(guest_ram.fd) == PAGE
+
+
+def test_alias_refuses_runs_a_hugetlb_file_cannot_map(hugetlb_fd: int,
+                                                      guest_ram: GuestRam) -> None:
+    huge, small = 2 << 20, guest_ram.fd
+    assert alias_refusal(file_ranges((hugetlb_fd, huge, huge), (hugetlb_fd, 0, huge))) is None
+    assert alias_refusal(file_ranges((hugetlb_fd, 0, huge), (small, 0, PAGE))) is None
+    for bad in [file_ranges((hugetlb_fd, 0, PAGE)),                      # part of a page
+                file_ranges((hugetlb_fd, PAGE, huge)),                   # unaligned offset
+                file_ranges((small, 0, PAGE), (hugetlb_fd, 0, huge))]:   # lands unaligned
+        assert "hugetlb" in (alias_refusal(bad) or "")
+    assert alias_refusal(file_ranges((small, PAGE, PAGE), (small, 9 * PAGE, 3 * PAGE))) is None

@@ -169,6 +169,17 @@ class Buffer:
         """Write a contiguous array back over the runs."""
         self.move(0, data, into_buffer=True)
 
+    def overlaps(self, other: Buffer) -> bool:
+        """Some byte of host memory is in both buffers (two blobs may share pages)."""
+        if not self.addr.shape[0] or not other.addr.shape[0]:
+            return False
+        order = np.argsort(other.addr, kind="stable")
+        starts = other.addr[order]
+        reach = np.maximum.accumulate(starts + other.length[order])
+        # the runs of ``other`` starting before each run of ours ends: does one reach in?
+        last = np.searchsorted(starts, self.addr + self.length, side="left") - 1
+        return bool(np.any((last >= 0) & (reach[np.maximum(last, 0)] > self.addr)))
+
     def run_at(self, lo: int, hi: int) -> U8 | None:
         """A view of ``[lo, hi)`` when one run holds it all, else None."""
         run = int(np.searchsorted(self.ends, lo, side="right"))

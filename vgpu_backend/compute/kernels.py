@@ -137,14 +137,17 @@ def matmul_f32(c: Buffer, a: Buffer, b: Buffer, m: int, n: int, k: int,
         return raw.view("<f4").reshape(rows, cols)
 
     left, right = operand(a, 0, m, k), operand(b, 1, k, n)
-    out = (c.whole() if c.single else staging(2, c.nbytes)).view("<f4").reshape(m, n)
+    # the product goes straight into c only when c is one run that no operand shares:
+    # row blocks written early must not change rows read later
+    direct = c.single and not c.overlaps(a) and not c.overlaps(b)
+    out = (c.whole() if direct else staging(2, c.nbytes)).view("<f4").reshape(m, n)
     row_macs = max(1, n * k)
     rows = max(1, _MATMUL_BLOCK_MACS // row_macs,
                min(_MATMUL_GOOD_ROWS, _MATMUL_MAX_BLOCK_MACS // row_macs))
     for r in range(0, m, rows):
         np.matmul(left[r:r + rows], right, out=out[r:r + rows])
         stats.step()
-    if not c.single:
+    if not direct:
         c.scatter(out.view(np.uint8).reshape(-1))
         stats.staged_bytes += c.nbytes
     stats.bytes_touched += a.nbytes + b.nbytes + c.nbytes

@@ -18,6 +18,7 @@ import numpy.typing as npt
 
 __all__ = [
     "PAGE_SIZE",
+    "file_page_size",
     "map_anonymous",
     "map_file",
     "map_file_fixed",
@@ -36,6 +37,10 @@ _mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
 _munmap = _libc.munmap
 _munmap.restype = ctypes.c_int
 _munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_fstatfs = _libc.fstatfs
+_fstatfs.restype = ctypes.c_int
+_fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
+_HUGETLBFS_MAGIC: Final = 0x958458F6  # <linux/magic.h>
 _MAP_FAILED: Final = ctypes.c_void_p(-1).value
 _MAP_NORESERVE: Final = getattr(mmap, "MAP_NORESERVE", 0x4000)
 _MAP_FIXED: Final = 0x10  # <sys/mman.h>, the same on every Linux architecture
@@ -95,3 +100,17 @@ def view(addr: int, length: int) -> npt.NDArray[np.uint8]:
     if length == 0:
         return np.zeros(0, dtype=np.uint8)
     return np.ctypeslib.as_array((ctypes.c_ubyte * length).from_address(addr))
+
+
+def file_page_size(fd: int) -> int:
+    """The granule ``mmap`` maps ``fd`` in: the huge page size for a hugetlbfs file
+    (a hugetlb memfd), else the base page size.  (``st_blksize`` is no guide: it is the
+    preferred I/O size, 1 MiB on NFS for ordinary 4 KiB-mapped files.)"""
+    # struct statfs starts with two words, f_type and f_bsize, on every Linux ABI
+    buf = (ctypes.c_long * 32)()
+    if _fstatfs(fd, buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"fstatfs({fd}): {os.strerror(err)}")
+    if buf[0] & 0xFFFFFFFF == _HUGETLBFS_MAGIC:
+        return int(buf[1])
+    return PAGE_SIZE

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -164,30 +163,32 @@ def _file_runs(ranges: HostRanges) -> tuple[npt.NDArray[np.int32], _I64, _I64, _
                           ranges.length.astype(np.int64))
 
 
-def _largest_file_page(fds: list[int]) -> int:
-    """The largest page size (``st_blksize``: 2 MiB for hugetlb) of these files."""
-    return max([4096, *(os.fstat(fd).st_blksize for fd in fds)])
+def _misaligned(runs: tuple[npt.NDArray[np.int32], _I64, _I64, _I64]) -> str | None:
+    """Why some file run cannot be mapped into the alias: on a hugetlb file, ``mmap``
+    maps only whole huge pages at huge-page-aligned file offsets and addresses (the
+    alias itself starts aligned to the largest page size)."""
+    run_fd, run_off, run_size, run_at = runs
+    for fd in np.unique(run_fd).tolist():
+        page = hostmem.file_page_size(fd)
+        mine = run_fd == fd
+        if page > hostmem.PAGE_SIZE and ((run_off[mine] | run_size[mine] | run_at[mine])
+                                          % page).any():
+            return (f"guest RAM is on {page >> 10} KiB pages (hugetlb) and mmap maps only "
+                    "whole ones at aligned addresses, but the buffer's runs are not")
+    return None
 
 
 def alias_refusal(ranges: HostRanges) -> str | None:
     """Why the alias path cannot map ``ranges`` (None: it can): a range without a
-    backing file, or a file run not made of whole pages of its file (``st_blksize``:
-    2 MiB for guest RAM on hugetlb, which ``mmap`` maps only in whole huge pages)."""
+    backing file, or a run of a hugetlb file that is not whole, aligned huge pages."""
     if (ranges.fd < 0).any():
         return "a range has no backing file descriptor"
-    run_fd, run_off, run_size, _ = _file_runs(ranges)
-    for fd in np.unique(run_fd).tolist():
-        page = _largest_file_page([fd])
-        mine = run_fd == fd
-        if page > 4096 and ((run_off[mine] | run_size[mine]) % page).any():
-            return (f"guest RAM is on {page >> 10} KiB pages (hugetlb) and mmap maps "
-                    "only whole ones, but the buffer's runs are smaller")
-    return None
+    return _misaligned(_file_runs(ranges))
 
 
 def _reserve_aligned(length: int, align: int) -> int:
     """A ``PROT_NONE`` reservation of ``length`` bytes at a multiple of ``align``."""
-    if align <= 4096:
+    if align <= hostmem.PAGE_SIZE:
         return hostmem.reserve(length)
     raw = hostmem.reserve(length + align)
     start = -(-raw // align) * align
@@ -198,14 +199,17 @@ def _reserve_aligned(length: int, align: int) -> int:
 
 
 def _register_alias(job: _Progress, ranges: HostRanges, *, readonly: bool) -> tuple[int, int]:
-    refusal = alias_refusal(ranges)
+    if (ranges.fd < 0).any():
+        raise HostGpuError("alias path: a range has no backing file descriptor", errno.EINVAL)
+    runs = _file_runs(ranges)
+    refusal = _misaligned(runs)
     if refusal is not None:
         raise HostGpuError(f"alias path: {refusal}", errno.EINVAL)
-    sizes = ranges.length.astype(np.int64)
-    run_fd, run_off, run_size, run_at = _file_runs(ranges)
-    total = int(sizes.sum())
+    run_fd, run_off, run_size, run_at = runs
+    total = int(ranges.length.sum())
     # huge-page files map only at huge-page-aligned addresses too
-    alias = _reserve_aligned(total, _largest_file_page(np.unique(run_fd).tolist()))
+    alias = _reserve_aligned(total, max(
+        hostmem.file_page_size(fd) for fd in np.unique(run_fd).tolist()))
     try:
         # one mmap per run contiguous in the file: a syscall each, no way around it
         for fd, off, size, at in zip(run_fd.tolist(), run_off.tolist(), run_size.tolist(),
