@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import struct
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -19,7 +18,7 @@ from protocol.errors import GuestProtocolError
 from protocol.limits import Limits
 from protocol.virtio_gpu import CTRL_HDR_SIZE, CtrlHdr, GpuConfig
 from protocol.virtio_gpu_codes import Cmd, CtrlFlag, Feature, Resp
-from protocol.wire import decode, encode
+from protocol.wire import encode, layout
 from vgpu_backend.commands_2d import Commands2D
 from vgpu_backend.commands_blob import BlobCommands, userptr_capset
 from vgpu_backend.commands_compute import ComputeCommands, compute_capset
@@ -53,7 +52,8 @@ _COMMAND_READ = 128
 _FENCE = int(CtrlFlag.FENCE)
 _INFO_RING_IDX = int(CtrlFlag.INFO_RING_IDX)
 _FENCE_FLAGS = _FENCE | _INFO_RING_IDX
-_HDR = struct.Struct("<IIQIB3x")
+_HDR = layout(CtrlHdr).struct  # the same bytes both ways: commands and responses
+_unpack_hdr, _make_hdr, _PAD = _HDR.unpack_from, CtrlHdr._make, b"\0\0\0"
 
 
 class VirtioGpuDevice:
@@ -203,7 +203,7 @@ class VirtioGpuDevice:
     def _run_control(self, queue: Virtqueue, chain: DescriptorChain) -> bool:
         """Execute one control command; True if the queue must wait for it."""
         data = chain.read(_COMMAND_READ)
-        hdr = decode(CtrlHdr, data) if len(data) >= CTRL_HDR_SIZE else CtrlHdr(0)
+        hdr = _make_hdr(_unpack_hdr(data)) if len(data) >= CTRL_HDR_SIZE else CtrlHdr(0)
         result = self._execute(hdr, data, chain)
         if hdr.flags & _FENCE:
             result = self._after_earlier_work(hdr, result)
@@ -274,7 +274,13 @@ class VirtioGpuDevice:
             fence_id, ctx_id = hdr.fence_id, hdr.ctx_id
             if hdr.flags & _INFO_RING_IDX:
                 ring_idx = hdr.ring_idx
-        response = _HDR.pack(reply.resp, flags, fence_id, ctx_id, ring_idx) + reply.body
+        if not reply.body and chain.writable_ok and len(chain.inp) == 1 and \
+                chain.in_len >= CTRL_HDR_SIZE:  # the common case: a bare header
+            _HDR.pack_into(chain.inp[0], 0, reply.resp, flags, fence_id, ctx_id, ring_idx,
+                           _PAD)
+            queue.push(chain.head, CTRL_HDR_SIZE)
+            return
+        response = _HDR.pack(reply.resp, flags, fence_id, ctx_id, ring_idx, _PAD) + reply.body
         written = chain.write(response) if chain.writable_ok else 0
         if written < len(response) and chain.writable_ok:
             log.info("response of %d bytes truncated to %d", len(response), written)

@@ -48,6 +48,8 @@ _NO_INTERRUPT = int(AvailFlag.NO_INTERRUPT)
 _DESC = layout(VirtqDesc).struct
 _USED_ELEM = layout(VirtqUsedElem).struct
 _U16 = struct.Struct("<H")
+#: two descriptors at once: the command + response pair nearly every chain is
+_DESC_PAIR = struct.Struct("<QIHHQIHH")
 
 
 def _ring_fatal(message: str) -> GuestProtocolError:
@@ -156,6 +158,7 @@ class Virtqueue:
         self._mapped = False
         self._region_ids: set[int] = set()
         self._last_region: MemoryRegion | None = None
+        self._pairs_allowed = limits.max_indirect_descriptors >= 2
 
     # --- configuration (vhost-user requests) ---------------------------------------
 
@@ -269,6 +272,48 @@ class Virtqueue:
         return self._walk(head)
 
     def _walk(self, head: int) -> DescriptorChain:
+        addr, length, flags, nxt = _DESC.unpack_from(self._desc, 16 * head)
+        if flags == _INDIRECT and length == 32 and self._pairs_allowed:
+            # Linux: an INDIRECT table of two
+            pair = self._pair_in_region(addr, 32)
+            if pair is not None:
+                chain = self._simple_pair(head, pair, 0, 1)
+                if chain is not None:
+                    return chain
+        elif flags == _NEXT and nxt < self.num:  # or a direct command -> response pair
+            a1, l1, f1, n1 = _DESC.unpack_from(self._desc, 16 * nxt)
+            chain = self._simple_pair(head, (addr, length, flags, nxt, a1, l1, f1, n1),
+                                      head, nxt)
+            if chain is not None:
+                return chain
+        return self._walk_any(head)
+
+    def _pair_in_region(self, addr: int, length: int) -> tuple[int, ...] | None:
+        """The two descriptors of an INDIRECT table in the last-used region, or None."""
+        region = self._last_region
+        if region is None or region.fd < 0 or not (
+                region.gpa <= addr and addr + length <= region.gpa + region.size):
+            return None
+        return _DESC_PAIR.unpack_from(region.view, addr - region.gpa)
+
+    def _simple_pair(self, head: int, pair: tuple[int, ...], first: int,
+                     second: int) -> DescriptorChain | None:
+        """The chain when ``pair`` is exactly one readable then one writable buffer in
+        the last-used region (no loop possible: ``first`` links to ``second``, which
+        ends the chain); None sends the chain down the general walk."""
+        a0, l0, f0, n0, a1, l1, f1, _ = pair
+        region = self._last_region
+        if f0 != _NEXT or n0 != second or f1 != _WRITE or second == first or not l0 or \
+                not l1 or region is None or region.fd < 0:
+            return None
+        gpa, end = region.gpa, region.gpa + region.size
+        if not (gpa <= a0 and a0 + l0 <= end and gpa <= a1 and a1 + l1 <= end):
+            return None
+        view = region.view
+        return DescriptorChain(head, [view[a0 - gpa:a0 - gpa + l0]],
+                               [view[a1 - gpa:a1 - gpa + l1]], l0, l1)
+
+    def _walk_any(self, head: int) -> DescriptorChain:
         chain = DescriptorChain(head)
         table = self._desc
         table_len = self.num
