@@ -1,0 +1,81 @@
+"""The benchmark scripts still run: each one on a tiny workload, checking what it
+reports (never how fast -- speed figures belong to the scripts' own output)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.frontend.backend_process import REFERENCE_BINARY
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench(name: str, *args: str, timeout: float = 120) -> str:
+    """Run ``scripts/<name>.py`` and return its standard output (it must exit 0)."""
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / f"{name}.py"), *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          check=False)
+    assert done.returncode == 0, f"{name} exited {done.returncode}:\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def test_bench_device_answers_every_command() -> None:
+    out = bench("bench_device", "--batches", "5")
+    assert "us per command" in out and "commands/s" in out
+
+
+def test_bench_userptr_coalesces_contiguous_lists_only() -> None:
+    out = bench("bench_userptr", "--max-entries", "256", "--repeat", "1", "--ram-gib", "1")
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert [int(r[0]) for r in rows] == [1, 4, 16, 64, 256]
+    for row in rows:  # entries bytes | ms p90 ranges | ms ranges
+        assert int(row[5]) == int(row[0]), "scattered pages must stay separate ranges"
+        assert int(row[8]) == 1, "a contiguous list must coalesce into one range"
+
+
+def test_bench_hostgpu_runs_every_path() -> None:
+    out = bench("bench_hostgpu", "--max-ranges", "16", "--budget", "1")
+    paths = {line.split()[0] for line in out.splitlines()
+             if line.split()[:1] and line.split()[0] in ("batch", "alias", "per-range")}
+    assert paths == {"batch", "alias", "per-range"}
+
+
+def test_bench_2d_reports_every_metric_without_errors() -> None:
+    backends = "ours,reference" if os.access(REFERENCE_BINARY, os.X_OK) else "ours"
+    out = bench("bench_2d", "--backends", backends, "--latency-iterations", "10",
+                "--batches", "3", "--attach-iterations", "2", "--frames", "2", "--json")
+    results = json.loads(out[out.index("\n{") + 1:])
+    assert sorted(results) == sorted(backends.split(","))
+    for name, result in results.items():
+        assert result["errors"] == [], f"{name}: {result['errors']}"
+        assert result["metrics"], name
+    if "reference" in results:
+        assert sorted(results["ours"]["metrics"]) == sorted(results["reference"]["metrics"])
+
+
+def test_bench_compute_checks_results_and_times_every_path(tmp_path: Path) -> None:
+    saved = tmp_path / "results.json"
+    bench("bench_compute", "--sizes", "1", "--matmul-sizes", "64", "--guest-ram", "shmem",
+          "--repeat", "1", "--matmul-repeat", "1", "--plot", str(tmp_path / "plot.png"),
+          "--json", str(saved))
+    rows = json.loads(saved.read_text())["rows"]
+    assert {(r["kernel"], r["layout"]) for r in rows} == {
+        (k, lay) for k in ("saxpy", "matmul") for lay in ("thp", "4k")}
+    for row in rows:
+        assert {"numpy", "userptr", "copy", "xfer", "hostbuf"} <= set(row["wall"])
+        assert all(row["wall"].values()), row
+    assert (tmp_path / "plot.png").stat().st_size > 0
+    again = bench("bench_compute", "--from-json", str(saved), "--plot", "")
+    assert "targets at the largest size" in again
+
+
+@pytest.mark.parametrize("name", ["bench_device", "bench_userptr", "bench_hostgpu",
+                                  "bench_2d", "bench_compute"])
+def test_bench_has_help(name: str) -> None:
+    assert "usage:" in bench(name, "--help")
