@@ -158,7 +158,7 @@ class Commands2D:
         work that may use it is in flight, the queue waits for that work first."""
         res = self.s.resources.get(body.resource_id)
         barrier = self.s.compute_barrier
-        wait = barrier() if res.contexts and barrier is not None else None
+        wait = barrier(res.contexts) if res.contexts and barrier is not None else None
         if wait is not None:
             return wait.then(lambda: self._unref_now(body.resource_id))
         return self._unref_now(body.resource_id)
@@ -195,7 +195,7 @@ class Commands2D:
         work that may use them is in flight, the queue waits for that work first."""
         res = self.s.resources.get(body.resource_id)
         barrier = self.s.compute_barrier
-        wait = barrier() if res.contexts and barrier is not None else None
+        wait = barrier(res.contexts) if res.contexts and barrier is not None else None
         if wait is not None:
             return wait.then(lambda: self._detach_now(body.resource_id))
         return self._detach_now(body.resource_id)

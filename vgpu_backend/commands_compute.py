@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 
 import numpy as np
 
@@ -111,6 +111,8 @@ class ComputeCommands:
         #: submissions queued and not yet completed, per context (backpressure)
         self._queued: dict[int, int] = {}
         self._room_waiters: dict[int, list[Deferred]] = {}
+        #: per context: the sequence number of its latest job on each timeline
+        self._last_jobs: dict[int, dict[Hashable, int]] = {}
         contexts.create_hooks.append(self._context_created)
         contexts.detach_hooks.append(self._resource_detached)
         state.destroy_hooks.append(self._resource_destroyed)
@@ -143,12 +145,17 @@ class ComputeCommands:
         for ctx in self.contexts:
             self._resource_detached(ctx, res)
 
-    def _barrier(self) -> Deferred | None:
-        """Wait for every job submitted so far (resources and contexts going away)."""
-        if not self.timelines.busy():
+    def _barrier(self, ctx_ids: Iterable[int]) -> Deferred | None:
+        """Wait for the jobs submitted so far by the contexts ``ctx_ids`` (a resource or
+        context going away); other contexts' work does not hold the queue."""
+        targets: dict[Hashable, int] = {}
+        for ctx_id in ctx_ids:
+            for key, seq in self._last_jobs.get(ctx_id, {}).items():
+                targets[key] = max(seq, targets.get(key, 0))
+        if not targets or not self.timelines.busy(frozenset(targets)):
             return None
         wait = Deferred(pause=True)
-        self.timelines.after_current(None, lambda: wait.resolve(OK))
+        self.timelines.after_jobs(targets, lambda: wait.resolve(OK))
         return wait
 
     def _fence_barrier(self, hdr: CtrlHdr) -> Deferred | None:
@@ -228,7 +235,7 @@ class ComputeCommands:
                 Resp.ERR_INVALID_PARAMETER if outcome.status != Status.FAULT
                 else Resp.ERR_UNSPEC))
 
-        self.timelines.submit(
+        self._last_jobs.setdefault(ctx.ctx_id, {})[key] = self.timelines.submit(
             key, lambda cancel: self.engine.run(vm, commands, prepared, target, cancel), done)
         queued = self._queued[ctx.ctx_id] = self._queued.get(ctx.ctx_id, 0) + 1
         if fenced:
@@ -246,6 +253,7 @@ class ComputeCommands:
                 room.resolve(OK)
         if not self._queued.get(ctx_id):
             self._queued.pop(ctx_id, None)
+            self._last_jobs.pop(ctx_id, None)  # all its jobs are delivered
 
     def _mappable(self, ctx: Context, resource_id: int) -> Mapping | None:
         try:
@@ -344,7 +352,7 @@ class ComputeCommands:
                 raise GuestProtocolError("buffer went away", Resp.ERR_UNSPEC)
             res.backing.read_into(body.offset, hostmem.view(res.host_addr + start, size))
             return OK
-        return self._after_compute(now)
+        return self._after_compute(res, now)
 
     def transfer_from_host(self, hdr: CtrlHdr, body: TransferHost3d,
                            chain: DescriptorChain) -> Reply | Deferred:
@@ -356,8 +364,8 @@ class ComputeCommands:
                 raise GuestProtocolError("buffer went away", Resp.ERR_UNSPEC)
             res.backing.write(body.offset, hostmem.view(res.host_addr + start, size))
             return OK
-        return self._after_compute(now)
+        return self._after_compute(res, now)
 
-    def _after_compute(self, action: Callable[[], Reply]) -> Reply | Deferred:
-        wait = self._barrier()
+    def _after_compute(self, res: Resource, action: Callable[[], Reply]) -> Reply | Deferred:
+        wait = self._barrier(res.contexts)
         return action() if wait is None else wait.then(action)

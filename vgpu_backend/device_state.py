@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -156,9 +156,9 @@ class DeviceState:
     detach_hooks: list[Callable[[Resource], None]] = field(default_factory=list)
     #: run when a resource's host GPU mapping goes away (released or invalidated)
     unmap_hooks: list[Callable[[Resource], None]] = field(default_factory=list)
-    #: a Deferred that resolves when the compute work submitted so far is done
-    #: (None when idle)
-    compute_barrier: Callable[[], Deferred | None] | None = None
+    #: a Deferred that resolves when the compute work the given contexts submitted so
+    #: far is done (None when they have none in flight)
+    compute_barrier: Callable[[Iterable[int]], Deferred | None] | None = None
     #: for a fenced command: a Deferred that resolves when the earlier work on its
     #: fence timeline is done (None when there is none)
     fence_barrier: Callable[[CtrlHdr], Deferred | None] | None = None

@@ -60,15 +60,17 @@ class Timelines:
 
     # --- submission ----------------------------------------------------------------
 
-    def submit(self, key: Hashable, job: Job, on_done: Callable[[Any], None]) -> None:
+    def submit(self, key: Hashable, job: Job, on_done: Callable[[Any], None]) -> int:
         """Queue ``job`` on timeline ``key``; ``on_done(result)`` runs on the loop
-        (``result`` is ``None`` if the job raised or was dropped by :meth:`stop`)."""
+        (``result`` is ``None`` if the job raised or was dropped by :meth:`stop`).
+        Returns the job's sequence number (for :meth:`after_jobs`)."""
         line = self._lines.setdefault(key, _Timeline())
         seq = next(self._seq)
         line.queued.append((seq, job, on_done))
         line.undelivered.append(seq)
         if not line.running:
             self._start_next(key, line)
+        return seq
 
     def queued(self, keys: frozenset[Hashable]) -> int:
         """Jobs submitted and not yet delivered on ``keys``."""
@@ -125,7 +127,12 @@ class Timelines:
         anywhere) is done.  Later submissions do not delay it (no starvation)."""
         targets = {k: line.undelivered[-1] for k, line in self._lines.items()
                    if (keys is None or k in keys) and line.undelivered}
-        if not targets:
+        self.after_jobs(targets, callback)
+
+    def after_jobs(self, targets: dict[Hashable, int], callback: Callable[[], None]) -> None:
+        """Run ``callback`` on the loop once, on every timeline of ``targets``, the job
+        with that sequence number (and so every job before it there) is done."""
+        if self._reached(targets):
             callback()
         else:
             self._waiters.append((targets, callback))
