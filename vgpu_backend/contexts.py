@@ -1,7 +1,9 @@
 """virtio-gpu contexts: CTX_CREATE / CTX_DESTROY / CTX_ATTACH_RESOURCE / CTX_DETACH_RESOURCE.
 
 A context is created with a capset id in the low byte of ``context_init`` (when the
-guest uses CONTEXT_INIT); 0 means the default context type, the compute capset.
+guest uses CONTEXT_INIT); 0 means the default context type: the compute capset, or the
+userptr capset when there is no compute engine (its contexts hold HOST3D_GUEST USERPTR
+blobs and take no SUBMIT_3D).
 QEMU's ``vhost-user-gpu-pci`` never forwards CONTEXT_INIT to the guest, so the field is
 honoured whether or not the bit was acked.  Destroying a context, or detaching a
 resource from it, first runs the context's detach hooks (compute mappings go away
@@ -51,9 +53,9 @@ DestroyHook = Callable[[Context], None]
 class ContextTable:
     """Live contexts and their command handlers."""
 
-    def __init__(self, state: DeviceState, context_capsets: dict[int, int]) -> None:
-        """:param context_capsets: capset id -> capset id used for ``context_init`` 0
-        (only capsets listed here may name a context type)."""
+    def __init__(self, state: DeviceState, context_capsets: list[int]) -> None:
+        """:param context_capsets: the capset ids that name a context type, the one
+        ``context_init`` 0 means first."""
         self.s = state
         self._by_id: dict[int, Context] = {}
         self._context_capsets = context_capsets
@@ -98,7 +100,7 @@ class ContextTable:
         if not self._context_capsets:
             raise GuestProtocolError("this device has no context types", Resp.ERR_UNSPEC)
         if requested == 0:
-            capset_id = next(iter(self._context_capsets))
+            capset_id = self._context_capsets[0]
         elif requested in {c & CONTEXT_INIT_CAPSET_MASK for c in self._context_capsets}:
             capset_id = next(c for c in self._context_capsets
                              if c & CONTEXT_INIT_CAPSET_MASK == requested)

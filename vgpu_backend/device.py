@@ -56,6 +56,17 @@ _HDR = layout(CtrlHdr).struct  # the same bytes both ways: commands and response
 _unpack_hdr, _make_hdr, _PAD = _HDR.unpack_from, CtrlHdr._make, b"\0\0\0"
 
 
+def _context_types(options: DeviceOptions) -> list[int]:
+    """The capset ids a context may be created with, the default (``context_init`` 0)
+    first: compute contexts run SUBMIT_3D on the engine; userptr contexts only own
+    HOST3D_GUEST USERPTR blobs (a real KFD host: no simulated engine, but the guest's
+    UMD still creates its blobs in a context)."""
+    types = [options.compute_capset_id] if options.compute else []
+    if options.blob and options.userptr_protocol is not UserptrProtocol.OFF:
+        types.append(options.userptr_capset_id)
+    return types
+
+
 class VirtioGpuDevice:
     """One virtio-gpu device instance."""
 
@@ -74,8 +85,7 @@ class VirtioGpuDevice:
                         "they are disabled")
             options = replace(options, compute=False)
             self.state.options = options
-        context_types = {options.compute_capset_id: 0} if options.compute else {}
-        self.contexts = ContextTable(self.state, context_types)
+        self.contexts = ContextTable(self.state, _context_types(options))
         self._handlers.update(self.contexts.handlers())
         if options.blob:
             self.blobs = BlobCommands(self.state, self.contexts)

@@ -3,15 +3,27 @@ field by field against the documented stream ABI; and its id as the context type
 
 from __future__ import annotations
 
+import os
 import struct
 
 import pytest
 
 from protocol.capsets import DEFAULT_COMPUTE_CAPSET as COMPUTE_ID
-from protocol.virtio_gpu_codes import Resp
+from protocol.capsets import DEFAULT_USERPTR_CAPSET as USERPTR_ID
+from protocol.limits import Limits
+from protocol.vhost_user import MemRegion
+from protocol.virtio_gpu import CtrlHdr, CtxCreate
+from protocol.virtio_gpu_codes import Cmd, Resp
 from tests.userptr import guest_commands as gc
 from tests.userptr.capsets import read_capsets
 from tests.userptr.fixtures import VmFactory
+from tests.userptr.guest_buffer import scattered_buffer
+from vgpu_backend.device import VirtioGpuDevice
+from vgpu_backend.device_state import DeviceOptions
+from vgpu_backend.eventloop import EventLoop
+from vgpu_backend.guest_memory import GuestMemory
+from vgpu_backend.hostgpu.factory import HostGpuOptions, create_host_gpu
+from vgpu_backend.hostgpu.sim_kfd import SimTransport
 
 HEADER = struct.Struct("<IHHIIIIII")  # magic, version, size, stream_version, num_kernels,
 #                                       max_submit_bytes, num_rings, engine, flags
@@ -58,9 +70,64 @@ def test_compute_capset(start_vm: VmFactory, args: tuple[str, ...], capset_id: i
 
 
 @pytest.mark.parametrize("args", [("--no-compute",), ("--kfd-isolation", "context")])
-def test_no_compute_capset(start_vm: VmFactory, args: tuple[str, ...]) -> None:
-    """Without compute contexts (disabled, or no simulated page table in context
-    isolation) there is no compute capset and no context type."""
+def test_without_compute_contexts_are_userptr_contexts(start_vm: VmFactory,
+                                                       args: tuple[str, ...]) -> None:
+    """Without the compute engine (disabled, or no simulated page table in context
+    isolation) there is no compute capset; contexts are userptr contexts, which own
+    HOST3D_GUEST USERPTR blobs and take no SUBMIT_3D."""
     vm = start_vm(*args)
     assert COMPUTE_ID not in read_capsets(vm)
-    vm.run(gc.ctx_create(1)).expect(Resp.ERR_UNSPEC)
+    assert USERPTR_ID in read_capsets(vm)
+    vm.run(gc.ctx_create(1)).expect(Resp.OK_NODATA)
+    vm.run(gc.ctx_create(2, context_init=USERPTR_ID)).expect(Resp.OK_NODATA)
+    vm.run(gc.ctx_create(3, context_init=COMPUTE_ID)).expect(Resp.ERR_INVALID_PARAMETER)
+    vm.submit(1, []).expect(Resp.ERR_UNSPEC)  # no engine: SUBMIT_3D is not served
+    buf = scattered_buffer(vm.ram, 3 * 4096)
+    created = vm.create_blob(vm.new_resource_id(), buf.entries, buf.size, ctx_id=1,
+                             blob_id=1)
+    if "context" in args:  # a secondary KFD process per context: no USERPTR (README)
+        created.expect(Resp.ERR_UNSPEC)
+    else:
+        created.expect(Resp.OK_NODATA)
+    vm.destroy_context(2).expect(Resp.OK_NODATA)
+    vm.destroy_context(1).expect(Resp.OK_NODATA)
+    vm.still_serving()
+
+
+def test_userptr_context_next_to_compute(start_vm: VmFactory) -> None:
+    """With the engine, ``context_init`` = the userptr capset makes a userptr context:
+    its blobs are HOST3D_GUEST USERPTR blobs, but it is not a compute context."""
+    vm = start_vm()
+    vm.run(gc.ctx_create(1, context_init=USERPTR_ID)).expect(Resp.OK_NODATA)
+    blob = vm.userptr_blob(8192, ctx_id=1)
+    vm.submit(1, []).expect(Resp.ERR_INVALID_PARAMETER)
+    vm.unref(blob.resource_id).expect(Resp.OK_NODATA)
+    vm.still_serving()
+
+
+def test_real_kfd_without_page_table_still_has_contexts() -> None:
+    """On real hardware the KFD layer has no simulated page table: the engine is off,
+    and contexts are userptr contexts (the ROCm UMD creates HOST3D_GUEST blobs in one)."""
+    fd = os.memfd_create("ram")
+    os.ftruncate(fd, 1 << 20)
+    memory, loop = GuestMemory(), EventLoop()
+    memory.add(MemRegion(0, 1 << 20, 0x7F00_0000_0000, 0), fd, 8)
+    gpu = create_host_gpu(HostGpuOptions(gpu="sim"), transport=_HardwareLikeTransport())
+    try:
+        device = VirtioGpuDevice(loop, memory, Limits(), DeviceOptions(), gpu)
+        assert device.compute is None
+        assert [c.capset_id for c in device.state.capsets] == [USERPTR_ID]
+        device.contexts.create(CtrlHdr(Cmd.CTX_CREATE, ctx_id=5), CtxCreate(0, 0, b""),
+                               None)  # type: ignore[arg-type]  # the chain is unused
+        assert device.contexts.get(5).capset_id == USERPTR_ID
+    finally:
+        gpu.close()
+        memory.clear()
+        loop.close()
+
+
+class _HardwareLikeTransport(SimTransport):
+    """The simulated kernel, but with no page table to hand out (as real hardware)."""
+
+    def gpu_memory(self, kfd_fd: int, gpu_id: int) -> None:
+        return None
