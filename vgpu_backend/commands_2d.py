@@ -41,7 +41,7 @@ from protocol.wire import encode, layout
 from vgpu_backend.backing import Backing, read_mem_entries
 from vgpu_backend.device_state import OK, Deferred, DeviceState, Handler, Reply, with_body
 from vgpu_backend.display import DisplayState
-from vgpu_backend.resources import Image2D, Resource
+from vgpu_backend.resources import BlobResource, Image2D, Resource
 from vgpu_backend.scanout import image_source
 from vgpu_backend.virtqueue import DescriptorChain
 
@@ -164,7 +164,10 @@ class Commands2D:
         return self._unref_now(body.resource_id)
 
     def _unref_now(self, resource_id: int) -> Reply:
-        self.destroy(self.s.resources.get(resource_id))
+        res = self.s.resources.get(resource_id)
+        for hook in self.s.unref_hooks:
+            hook(res)
+        self.destroy(res)
         return OK
 
     def destroy(self, res: Resource) -> None:
@@ -186,7 +189,11 @@ class Commands2D:
                                         self.s.limits.max_backing_entries)
         if body.nr_entries == 0:
             raise GuestProtocolError("ATTACH_BACKING with no entries")
-        res.backing = Backing(self.s.memory, self.s.memory.translate(addr, length).coalesced())
+        segments = self.s.memory.translate(addr, length).coalesced()
+        if isinstance(res, BlobResource) and segments.total < res.size:
+            raise GuestProtocolError(f"entries cover {segments.total} bytes of a "
+                                     f"{res.size}-byte blob")
+        res.backing = Backing(self.s.memory, segments)
         return OK
 
     def detach_backing(self, hdr: CtrlHdr, body: ResourceDetachBacking,
@@ -252,6 +259,9 @@ class Commands2D:
                        chain: DescriptorChain) -> Reply:
         """Send the damaged rectangle to the scanouts showing the resource."""
         res = self.s.resources.get(body.resource_id)
+        if isinstance(res, BlobResource) and res.invalidated:
+            raise GuestProtocolError(f"blob {body.resource_id}: {res.invalidated}",
+                                     Resp.ERR_UNSPEC)
         extent = res.extent()
         if extent is None:
             raise GuestProtocolError(f"resource {body.resource_id} is not displayable")

@@ -97,6 +97,7 @@ class BlobCommands:
         self.contexts = contexts
         self._warned_features = False
         self._warned_unsupported = False
+        state.unref_hooks.append(self._release_for_unref)
         state.destroy_hooks.append(self._release)
         state.detach_hooks.append(self._invalidate)
 
@@ -196,7 +197,14 @@ class BlobCommands:
 
     # --- lifecycle hooks -----------------------------------------------------------
 
-    def _release(self, res: Resource) -> None:
+    def _release_for_unref(self, res: Resource) -> None:
+        """RESOURCE_UNREF: the host mapping must be gone before the answer (the guest
+        unpins the pages right after).  If the host GPU cannot unmap it, the UNREF is
+        refused and the resource stays: the guest learns the pages are still in use and
+        may retry; the mapping is unusable for any context meanwhile."""
+        self._release(res, strict=True)
+
+    def _release(self, res: Resource, *, strict: bool = False) -> None:
         """Before a resource is destroyed: no context may reach it any more, and its
         host GPU mapping is freed (synchronously)."""
         if isinstance(res, BlobResource) and res.gpu_mapping is not None:
@@ -210,6 +218,11 @@ class BlobCommands:
                 except HostGpuError as err:  # kept by the host GPU layer, retried at close
                     log.error("resource %d: releasing its GPU mapping failed: %s",
                               res.resource_id, err)
+                    if strict:
+                        res.gpu_mapping = mapping
+                        raise GuestProtocolError(
+                            f"resource {res.resource_id}: the host GPU could not unmap "
+                            f"it ({err})", Resp.ERR_UNSPEC) from None
 
     def _invalidate(self, res: Resource) -> None:
         """Its guest memory goes away (DETACH_BACKING, memory removed): tear down."""

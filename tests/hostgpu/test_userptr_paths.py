@@ -13,6 +13,7 @@ import pytest
 
 from vgpu_backend.hostgpu import hostmem
 from vgpu_backend.hostgpu.base import GpuFault, HostGpuError, HostRanges, UserptrPath
+from vgpu_backend.hostgpu.kfd import PER_RANGE_MAX_RANGES
 from vgpu_backend.hostgpu.sim_config import SimKfdConfig
 from vgpu_backend.hostgpu.userptr_paths import alias_refusal
 
@@ -165,6 +166,21 @@ def test_rangeless_fd_falls_back_to_per_range_in_auto(make_gpu: MakeGpu,
     with pytest.raises(HostGpuError, match="no backing file") as exc:
         explicit.register_userptr(anon, readonly=False)
     assert exc.value.errno == errno.EINVAL
+
+
+def test_auto_fallback_to_per_range_keeps_its_range_limit(make_gpu: MakeGpu,
+                                                          guest_ram: GuestRam) -> None:
+    """Alias is impossible (no backing file): per-range takes over, but only up to its
+    own limit of allocations (each one an ioctl pair on the event loop)."""
+    pages = [5, 7] * (PER_RANGE_MAX_RANGES // 2) + [9]
+    ranges = guest_ram.ranges(pages)
+    anon = HostRanges(ranges.addr, ranges.length, np.full(len(pages), -1, np.int32),
+                      ranges.file_offset)
+    gpu, _ = make_gpu(SimKfdConfig(batch_userptr=False))
+    with pytest.raises(HostGpuError, match="per-range") as exc:
+        gpu.register_userptr(anon, readonly=False)
+    assert exc.value.errno == errno.ENOMEM
+    assert gpu.live_mappings() == 0
 
 
 def test_gpu_selection(make_gpu: MakeGpu, guest_ram: GuestRam) -> None:

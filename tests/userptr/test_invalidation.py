@@ -11,7 +11,8 @@ import pytest
 
 from protocol.compute import Kernel, Status, buffer_arg, u64_arg
 from protocol.vhost_user import FrontendReq, ProtocolFeature
-from protocol.virtio_gpu_codes import Format, Resp
+from protocol.virtio_gpu_codes import BlobMem, Format, Resp
+from tests.frontend import gpu_commands as cmds
 from tests.frontend.guest_ram import PAGE_SIZE
 from tests.userptr import guest_commands as gc
 from tests.userptr.compute_stream import dispatch, map_cmd
@@ -165,6 +166,34 @@ def test_detach_backing_invalidates(vm: Vm) -> None:
     assert_torn_down(vm, ctx, blob, va)
     vm.s.gpu.attach_backing(blob.resource_id, blob.buffer.entries).expect(Resp.OK_NODATA)
     assert ctx.run([map_cmd(blob.resource_id)]).results.statuses() == [Status.INVALID_RESOURCE]
+
+
+def test_invalidated_framebuffer_cannot_be_flushed(vm: Vm) -> None:
+    """A userptr blob on a scanout whose guest memory changed: RESOURCE_FLUSH of it is
+    an error (not a black frame), and the device keeps serving."""
+    blob = vm.userptr_blob(BLOB_BYTES)
+    vm.run(gc.set_scanout_blob(0, blob.resource_id, fmt=Format.B8G8R8X8_UNORM, fb_width=16,
+                               fb_height=16, stride=64)).expect(Resp.OK_NODATA)
+    flush = cmds.resource_flush(blob.resource_id, (0, 0, 16, 16))
+    vm.run(flush).expect(Resp.OK_NODATA)
+    vm.s.gpu.detach_backing(blob.resource_id).expect(Resp.OK_NODATA)
+    vm.run(flush).expect(Resp.ERR_UNSPEC)
+    vm.run(gc.set_scanout_blob(0, 0, fmt=Format.B8G8R8X8_UNORM, fb_width=1, fb_height=1,
+                               stride=4)).expect(Resp.OK_NODATA)
+    vm.unref(blob.resource_id).expect(Resp.OK_NODATA)
+    vm.still_serving()
+
+
+def test_attach_backing_must_cover_the_blob(vm: Vm) -> None:
+    """ATTACH_BACKING of a blob created without entries checks the entries cover its
+    size, as RESOURCE_CREATE_BLOB does."""
+    rid, size = vm.new_resource_id(), 4 * PAGE_SIZE
+    vm.create_blob(rid, [], size, blob_mem=BlobMem.GUEST, flags=0).expect(Resp.OK_NODATA)
+    short = scattered_buffer(vm.ram, 3 * PAGE_SIZE)
+    vm.s.gpu.attach_backing(rid, short.entries).expect(Resp.ERR_INVALID_PARAMETER)
+    whole = scattered_buffer(vm.ram, size)
+    vm.s.gpu.attach_backing(rid, whole.entries).expect(Resp.OK_NODATA)
+    vm.unref(rid).expect(Resp.OK_NODATA)
 
 
 def assert_everything_gone(vm: Vm, ctx: ComputeContext, blob: Blob) -> None:

@@ -17,7 +17,7 @@ import pytest
 from protocol.compute import Kernel, buffer_arg, u64_arg
 from protocol.virtio_gpu_codes import Resp
 from tests.frontend.guest_ram import PAGE_SIZE
-from tests.userptr.compute_stream import dispatch
+from tests.userptr.compute_stream import dispatch, map_cmd
 from tests.userptr.fixtures import VmFactory
 from tests.userptr.guest_buffer import GuestBuffer, contiguous_buffer, scattered_buffer
 from tests.userptr.vm import ComputeContext, Vm
@@ -145,3 +145,20 @@ def test_device_keeps_serving_after_many_failures(start_vm: VmFactory) -> None:
     for _ in range(10):
         refused(vm, ctx, Resp.ERR_OUT_OF_MEMORY)
     nothing_left(vm, ctx)
+
+
+@pytest.mark.parametrize("gpus", [1, 2])
+def test_unref_refused_while_the_host_cannot_unmap(start_vm: VmFactory, gpus: int) -> None:
+    """UNMAP fails hard (EIO, on the last GPU) during RESOURCE_UNREF: the mapping is
+    still live, so the UNREF is refused (ERR_UNSPEC) and the resource stays; no context
+    can map it meanwhile; a retried UNREF tears it down and the back-end exits 0."""
+    vm = start_vm("--sim-gpus", str(gpus),
+                  *fault("UNMAP_MEMORY_FROM_GPU", "EIO", 1, 0, device=gpus - 1))
+    ctx = results_context(vm)
+    blob = ctx.blob(BLOB)
+    vm.unref(blob.resource_id).expect(Resp.ERR_UNSPEC)
+    again = ctx.run([map_cmd(blob.resource_id, 1)])
+    again.response.expect(Resp.ERR_INVALID_PARAMETER)
+    vm.unref(blob.resource_id).expect(Resp.OK_NODATA)
+    vm.unref(blob.resource_id).expect(Resp.ERR_INVALID_RESOURCE_ID)
+    vm.still_serving()

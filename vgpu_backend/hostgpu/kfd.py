@@ -238,6 +238,10 @@ class KfdHostGpu(HostGpu):
         path = self._path
         if path is UserptrPath.ALIAS and self._auto_path and alias_refusal(ranges):
             path = UserptrPath.PER_RANGE  # nothing to alias (host buffers), or hugetlb
+            if len(sizes) > PER_RANGE_MAX_RANGES:  # one alloc+map per range: bounded
+                raise HostGpuError(f"{len(sizes)} host ranges exceed the per-range path's "
+                                   f"{PER_RANGE_MAX_RANGES} (alias is not possible here)",
+                                   errno.ENOMEM)
         total = int(sizes.sum())
         va = proc.va.allocate(total)
         try:
