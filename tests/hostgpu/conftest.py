@@ -15,7 +15,7 @@ from vgpu_backend.hostgpu.kfd import KfdHostGpu
 from vgpu_backend.hostgpu.sim_config import SimKfdConfig
 from vgpu_backend.hostgpu.sim_kfd import SimTransport
 
-from .helpers import GuestRam, MakeGpu, RawKfd, open_fds
+from .helpers import GuestRam, MakeGpu, RawKfd, assert_no_new_fds, open_fds
 
 _ram_names = itertools.count()
 
@@ -49,7 +49,7 @@ def make_gpu() -> Iterator[MakeGpu]:
         assert transport.kernel.live_bos() == 0
         assert transport.kernel.open_files() == []
         assert transport.kernel.userptr_charged == 0
-    assert open_fds() == fds_before
+    assert_no_new_fds(fds_before)
 
 
 @pytest.fixture

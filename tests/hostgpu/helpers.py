@@ -25,6 +25,13 @@ def open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 
 
+def assert_no_new_fds(before: set[str]) -> None:
+    """No descriptor opened since ``before`` is still open (descriptors other threads of
+    the test process closed meanwhile, e.g. an earlier module's sessions, are no leak)."""
+    left = open_fds() - before
+    assert not left, f"descriptors left open: {sorted(left, key=int)}"
+
+
 def maps_lines(needle: str) -> int:
     """Mappings in ``/proc/self/maps`` whose line contains ``needle``."""
     with open("/proc/self/maps") as f:

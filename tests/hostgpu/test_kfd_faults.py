@@ -16,7 +16,7 @@ from vgpu_backend.hostgpu.kfd_process import MAX_ATTEMPTS
 from vgpu_backend.hostgpu.sim_config import SimFault, SimKfdConfig
 from vgpu_backend.hostgpu.sim_kfd import SimTransport
 
-from .helpers import PAGE, GuestRam, MakeGpu, maps_lines, open_fds, read_runs
+from .helpers import PAGE, GuestRam, MakeGpu, assert_no_new_fds, maps_lines, open_fds, read_runs
 
 PATHS = ["batch", "alias", "per-range"]
 
@@ -73,7 +73,7 @@ def test_eintr_after_mapping_is_reissued_with_the_same_struct(
         guest_ram.file_bytes(ranges)
     gpu.release(mapping)
     gpu.close()
-    assert open_fds() == before
+    assert_no_new_fds(before)
 
 
 def test_eintr_on_a_middle_gpu_resumes_from_n_success(guest_ram: GuestRam) -> None:
@@ -184,7 +184,7 @@ def test_failed_teardown_after_invalidation_is_finished_at_close(
     gpu.close()
     assert t.kernel.live_bos() == 0
     assert maps_lines(guest_ram.name) == 1
-    assert open_fds() == before
+    assert_no_new_fds(before)
 
 
 def test_unmap_failing_after_every_gpu_resumes_at_n_success(make_gpu: MakeGpu,

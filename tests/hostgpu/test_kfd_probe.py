@@ -13,7 +13,7 @@ from vgpu_backend.hostgpu.kfd import KfdHostGpu
 from vgpu_backend.hostgpu.sim_config import SimKfdConfig
 from vgpu_backend.hostgpu.sim_kfd import SimTransport
 
-from .helpers import PAGE, MakeGpu, open_fds
+from .helpers import PAGE, MakeGpu, assert_no_new_fds, open_fds
 
 
 class ProbeSpy(SimTransport):
@@ -59,7 +59,7 @@ def test_pre_batch_kernel_is_detected_and_the_trap_is_harmless() -> None:
     assert int.from_bytes(head[8:16], "little") == ranges[0][0] + PAGE  # the next page
     assert spy.kernel.live_bos() == 0
     gpu.close()
-    assert open_fds() == before
+    assert_no_new_fds(before)
 
 
 def test_batch_requested_on_a_pre_batch_kernel_is_refused_at_start() -> None:
@@ -68,7 +68,7 @@ def test_batch_requested_on_a_pre_batch_kernel_is_refused_at_start() -> None:
         create_host_gpu(HostGpuOptions(gpu="sim", userptr_path="batch",
                                        sim=SimKfdConfig(batch_userptr=False)))
     assert exc.value.unsupported
-    assert open_fds() == before
+    assert_no_new_fds(before)
 
 
 @pytest.mark.parametrize("path", ["alias", "per-range"])

@@ -16,7 +16,7 @@ from vgpu_backend.hostgpu.factory import HostGpuOptions, create_host_gpu
 from vgpu_backend.hostgpu.sim_config import SimKfdConfig
 from vgpu_backend.hostgpu.sim_kfd import SimTransport
 
-from .helpers import PAGE, GuestRam, maps_lines, open_fds, read_runs
+from .helpers import PAGE, GuestRam, assert_no_new_fds, maps_lines, open_fds, read_runs
 
 RAM_PAGES = 128
 
@@ -41,7 +41,7 @@ def gpus() -> Iterator[dict[str, tuple[HostGpu, SimTransport]]]:
     for gpu, t in out.values():
         gpu.close()
         assert t.kernel.live_bos() == 0
-    assert open_fds() == before
+    assert_no_new_fds(before)
 
 
 range_lists = st.lists(st.tuples(st.integers(0, RAM_PAGES - 8), st.integers(1, 8)),
