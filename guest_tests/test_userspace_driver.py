@@ -13,7 +13,7 @@ import pytest
 from guest_tests.guest_helpers import Screendumps, wait_for_pixels
 from guest_tests.userspace.display2d import Framebuffer2D
 from guest_tests.userspace.gpu import CURSOR_QUEUE, VirtioGpu, command_header
-from guest_tests.userspace.pci import PciFunction
+from guest_tests.userspace.pci import PciFunction, find_unbound_function
 from guest_tests.userspace.testing import capsets_of, recover, shared_gpu, skip_unless_ours
 from guest_tests.userspace.transport import CfgType, DeviceStatus, VirtioPciTransport
 from protocol.capsets import DEFAULT_COMPUTE_CAPSET, DEFAULT_USERPTR_CAPSET
@@ -41,6 +41,16 @@ def test_pci_capabilities_describe_a_modern_virtio_gpu(userspace_pci_address: st
         bar_size = (function.sysfs / f"resource{cap.bar}").stat().st_size
         assert cap.offset + cap.length <= bar_size
     assert caps[CfgType.DEVICE].length >= 16  # struct virtio_gpu_config
+
+
+def test_scan_finds_the_unbound_gpu(userspace_pci_address: str, drm_pci_address: str) -> None:
+    """Without being told where, the scan over every PCI function finds the virtio-gpu
+    the kernel driver does not own (the one the runner kept away from it), not the
+    kernel's own GPU."""
+    found = find_unbound_function(0x1AF4, 0x1050)
+    assert found.address == userspace_pci_address
+    with pytest.raises(FileNotFoundError, match="no unbound PCI function"):
+        find_unbound_function(0x1AF4, 0x1050, preferred=drm_pci_address)
 
 
 def test_bring_up_negotiates_features_and_queues(gpu: VirtioGpu) -> None:
