@@ -13,6 +13,16 @@ A submission is one stream::
     then num_cmds commands, each { le16 opcode; le16 length; le32 cmd_id; body },
     length = bytes of the command including its 8-byte header, a multiple of 8.
 
+Each command is exactly as long as its parts, rounded up to a multiple of 8 (what
+:func:`encode_command` produces): ``length`` = 8 + the body struct, plus
+``num_args * 16`` for DISPATCH (in version 1 every part is a multiple of 8, so no
+command has pad bytes); a longer or shorter command is refused, and so are bytes after
+the last command.  Reserved fields must be 0 (a later stream version may give them a
+meaning): MAP_RESOURCE ``flags`` (no flag is defined), UNMAP_RESOURCE and FILL
+``padding``, every kernel argument's ``padding`` and, for an F32 argument, the upper 32
+bits of ``value``.  So an accepted stream is byte for byte what :func:`encode_stream`
+makes of its decoded header and commands.
+
 The device decodes and checks the whole stream before running any of it; then it runs
 the commands in order and stops at the first failure.  If ``result_resource_id`` is
 set, it writes a :class:`ResultHeader` and one :class:`CmdResult` per command (MAP
@@ -150,7 +160,8 @@ class CmdHeader(NamedTuple):
 
 @wire("struct vgpu_compute_map")
 class MapResource(NamedTuple):
-    """MAP_RESOURCE: ``{ le32 resource_id; le32 flags; }`` -> result value = GPU VA."""
+    """MAP_RESOURCE: ``{ le32 resource_id; le32 flags; }`` -> result value = GPU VA.
+    No flag is defined: ``flags`` must be 0."""
 
     resource_id: U32
     flags: U32 = 0
@@ -158,7 +169,7 @@ class MapResource(NamedTuple):
 
 @wire("struct vgpu_compute_unmap")
 class UnmapResource(NamedTuple):
-    """UNMAP_RESOURCE: ``{ le32 resource_id; le32 padding; }``"""
+    """UNMAP_RESOURCE: ``{ le32 resource_id; le32 padding; }`` (padding 0)"""
 
     resource_id: U32
     padding: U32 = 0
@@ -166,7 +177,8 @@ class UnmapResource(NamedTuple):
 
 @wire("struct vgpu_compute_dispatch")
 class Dispatch(NamedTuple):
-    """DISPATCH: ``{ le32 kernel_id; le32 num_args; struct vgpu_compute_arg args[]; }``"""
+    """DISPATCH: ``{ le32 kernel_id; le32 num_args; struct vgpu_compute_arg args[]; }``
+    (exactly num_args arguments, no bytes after them)"""
 
     kernel_id: U32
     num_args: U32
@@ -174,7 +186,8 @@ class Dispatch(NamedTuple):
 
 @wire("struct vgpu_compute_arg")
 class KernelArg(NamedTuple):
-    """``{ le32 kind; le32 padding; le64 value; }``"""
+    """``{ le32 kind; le32 padding; le64 value; }`` (padding 0; F32: upper 32 bits of
+    value 0)"""
 
     kind: U32
     padding: U32
@@ -183,7 +196,8 @@ class KernelArg(NamedTuple):
 
 @wire("struct vgpu_compute_fill")
 class FillCmd(NamedTuple):
-    """FILL: ``{ le64 va; le64 size; le32 pattern; le32 padding; }`` (size % 4 == 0)"""
+    """FILL: ``{ le64 va; le64 size; le32 pattern; le32 padding; }`` (size % 4 == 0,
+    padding 0)"""
 
     va: U64
     size: U64
@@ -263,6 +277,10 @@ _BODIES: Final[dict[Op, type[NamedTuple]]] = {
     Op.MAP_RESOURCE: MapResource, Op.UNMAP_RESOURCE: UnmapResource, Op.DISPATCH: Dispatch,
     Op.FILL: FillCmd, Op.COPY: CopyCmd, Op.SIGNAL: SignalCmd,
 }
+#: reserved fields of each command body: they must be 0
+_RESERVED: Final[dict[Op, tuple[str, ...]]] = {
+    Op.MAP_RESOURCE: ("flags",), Op.UNMAP_RESOURCE: ("padding",), Op.FILL: ("padding",),
+}
 _STREAM_SIZE: Final = layout(StreamHeader).size
 _CMD_SIZE: Final = layout(CmdHeader).size
 _ARG_SIZE: Final = layout(KernelArg).size
@@ -289,6 +307,11 @@ class Command:
 
 def _fail(message: str) -> GuestProtocolError:
     return GuestProtocolError(f"compute stream: {message}")
+
+
+def _padded(size: int) -> int:
+    """``size`` rounded up to a multiple of 8 (as :func:`encode_command` pads)."""
+    return -(-size // 8) * 8
 
 
 def decode_stream(data: bytes, max_cmds: int = 4096) -> tuple[StreamHeader, list[Command]]:
@@ -322,10 +345,18 @@ def decode_stream(data: bytes, max_cmds: int = 4096) -> tuple[StreamHeader, list
         if _CMD_SIZE + body_size > cmd.length:
             raise _fail(f"command {index} ({op.name}) is shorter than its body")
         body = decode(body_type, data, offset + _CMD_SIZE)
+        for name in _RESERVED.get(op, ()):
+            if value := getattr(body, name):
+                raise _fail(f"command {index} ({op.name}): reserved field {name} is "
+                            f"{value:#x}, must be 0")
         args: tuple[KernelArg, ...] = ()
         if isinstance(body, Dispatch):
             args = _decode_args(index, body, data, offset + _CMD_SIZE + body_size,
                                 cmd.length - _CMD_SIZE - body_size)
+        expected = _padded(_CMD_SIZE + body_size + len(args) * _ARG_SIZE)
+        if cmd.length != expected:
+            raise _fail(f"command {index} ({op.name}) has length {cmd.length}, "
+                        f"its parts take {expected}")
         commands.append(Command(index, cmd.cmd_id, op, body, args))
         offset += cmd.length
     if offset != len(data):
@@ -347,6 +378,12 @@ def _decode_args(index: int, body: Dispatch, data: bytes, start: int,
     for i, (arg, kind) in enumerate(zip(args, signature, strict=True)):
         if arg.kind != kind:
             raise _fail(f"command {index}: {kernel.name} argument {i} must be {kind.name}")
+        if arg.padding:
+            raise _fail(f"command {index}: {kernel.name} argument {i}: reserved field "
+                        f"padding is {arg.padding:#x}, must be 0")
+        if kind == ArgKind.F32 and arg.value >> 32:
+            raise _fail(f"command {index}: {kernel.name} argument {i} (F32): the upper "
+                        f"32 bits of value are {arg.value >> 32:#x}, must be 0")
     return args
 
 

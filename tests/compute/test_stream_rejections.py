@@ -1,7 +1,8 @@
 """Submissions refused as a whole (ERR_INVALID_PARAMETER unless noted) before anything
-runs: malformed streams, bad result blobs, bad contexts, oversized submissions,
-in-fences.  Each refused stream starts with a FILL of a mapped blob: the blob and the
-result record must stay untouched, and the device keeps serving."""
+runs: malformed streams (also commands longer than their parts and non-zero reserved
+fields), bad result blobs, bad contexts, oversized submissions, in-fences.  Each refused
+stream starts with a FILL of a mapped blob: the blob and the result record must stay
+untouched, and the device keeps serving."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ from protocol.compute import (
     FillCmd,
     Kernel,
     KernelArg,
+    MapResource,
     Op,
+    UnmapResource,
     buffer_arg,
     encode_command,
     encode_stream,
@@ -135,6 +138,18 @@ STREAMS: dict[str, Callable[[Target], bytes]] = {
     "U64 where an F32 goes": bad_arg(Kernel.SAXPY_F32, (B, B, N, N)),
     "unknown argument kind": bad_arg(Kernel.CHECKSUM_CRC32, (KernelArg(9, 0, 0), N)),
     "trailing bytes": lambda t: with_header(t.stream() + bytes(8), size=len(t.stream()) + 8),
+    "SIGNAL with bytes after its body": lambda t: t.stream(padded(signal_cmd(t.va, 1), 8)),
+    "FILL with bytes after its body": lambda t: t.stream(padded(t.fill(), 16)),
+    "DISPATCH with bytes after its arguments": lambda t: t.stream(padded(encode_command(
+        Op.DISPATCH, Dispatch(Kernel.CHECKSUM_CRC32, 2), 0, (buffer_arg(t.va), N)), 16)),
+    "MAP flags 1": lambda t: t.stream(encode_command(Op.MAP_RESOURCE,
+                                                     MapResource(t.blob.resource_id, 1))),
+    "UNMAP padding": lambda t: t.stream(encode_command(Op.UNMAP_RESOURCE,
+                                                       UnmapResource(0xBAD, 1))),
+    "FILL padding": lambda t: t.stream(encode_command(Op.FILL, FillCmd(t.va, 8, 0, 1))),
+    "argument padding": bad_arg(Kernel.CHECKSUM_CRC32, (KernelArg(ArgKind.BUFFER, 1, 0), N)),
+    "F32 argument with upper bits": bad_arg(Kernel.SAXPY_F32, (
+        B, B, N, KernelArg(ArgKind.F32, 0, (1 << 32) | f32_arg(1.0).value))),
     "4097 commands": too_many,
     "result blob unknown": lambda t: stream_with(t, result_resource_id=0xBAD),
     "result record beyond the blob": lambda t: stream_with(
@@ -238,13 +253,15 @@ def test_bad_submit(vm_pool: VmPool, case: str) -> None:
 
 
 def test_oversized_submission(vm_pool: VmPool) -> None:
-    """A stream over --max-submit-bytes is refused; one exactly at the limit runs."""
+    """A stream over --max-submit-bytes is refused; one exactly at the limit runs (its
+    commands are 24-byte SIGNALs and 32-byte FILLs: no command may carry extra bytes)."""
     vm = vm_pool.get("--max-submit-bytes", "4096")
     t = target_in(vm)
     filler = signal_cmd(t.va + 64, 1)
     room = 4096 - HEADER.size - len(t.fill())
     count, pad = divmod(room, len(filler))
-    fits = encode_stream([t.fill()] + [filler] * (count - 1) + [padded(filler, pad)])
+    assert pad == len(t.fill()) - len(filler)  # one SIGNAL less, one FILL more
+    fits = encode_stream([t.fill()] + [filler] * (count - 1) + [t.fill()])
     assert len(fits) == 4096
     over = encode_stream([t.fill()] + [filler] * (count + 1))
     assert_refused(t, gc.submit_3d(t.ctx.ctx_id, len(over), fence_id=1), over,
@@ -254,21 +271,23 @@ def test_oversized_submission(vm_pool: VmPool) -> None:
 
 
 def test_context_of_another_type(vm_pool: VmPool) -> None:
-    """Only the compute capset is a context type: the userptr capset id is refused, so
-    there is no non-compute context to submit to."""
+    """A userptr context (``context_init`` = the userptr capset) is no compute context:
+    its SUBMIT_3D is refused; a compute context's runs."""
     vm = vm_pool.get()
-    vm.run(gc.ctx_create(77, context_init=DEFAULT_USERPTR_CAPSET)).expect(
-        Resp.ERR_INVALID_PARAMETER)
+    vm.run(gc.ctx_create(77, context_init=DEFAULT_USERPTR_CAPSET)).expect(Resp.OK_NODATA)
     stream = encode_stream([])
-    vm.run(gc.submit_3d(77, len(stream)), stream).expect(Resp.ERR_INVALID_CONTEXT_ID)
+    vm.run(gc.submit_3d(77, len(stream)), stream).expect(Resp.ERR_INVALID_PARAMETER)
     vm.run(gc.ctx_create(78, context_init=DEFAULT_COMPUTE_CAPSET)).expect(Resp.OK_NODATA)
     vm.run(gc.submit_3d(78, len(stream), fence_id=1), stream).expect(Resp.OK_NODATA)
+    vm.destroy_context(77).expect(Resp.OK_NODATA)
+    vm.destroy_context(78).expect(Resp.OK_NODATA)
 
 
 def test_no_compute(vm_pool: VmPool) -> None:
-    """With --no-compute there are no contexts and SUBMIT_3D is an unknown command."""
+    """With --no-compute contexts are userptr contexts and SUBMIT_3D is an unknown
+    command."""
     vm = vm_pool.get("--no-compute")
-    vm.run(gc.ctx_create(1)).expect(Resp.ERR_UNSPEC)
+    vm.run(gc.ctx_create(1)).expect(Resp.OK_NODATA)
     stream = encode_stream([])
     vm.run(gc.submit_3d(1, len(stream)), stream).expect(Resp.ERR_UNSPEC)
     vm.still_serving()

@@ -174,7 +174,7 @@ def test_invalidated_framebuffer_cannot_be_flushed(vm: Vm) -> None:
     blob = vm.userptr_blob(BLOB_BYTES)
     vm.run(gc.set_scanout_blob(0, blob.resource_id, fmt=Format.B8G8R8X8_UNORM, fb_width=16,
                                fb_height=16, stride=64)).expect(Resp.OK_NODATA)
-    flush = cmds.resource_flush(blob.resource_id, (0, 0, 16, 16))
+    flush = cmds.resource_flush(blob.resource_id, cmds.Rect(0, 0, 16, 16))
     vm.run(flush).expect(Resp.OK_NODATA)
     vm.s.gpu.detach_backing(blob.resource_id).expect(Resp.OK_NODATA)
     vm.run(flush).expect(Resp.ERR_UNSPEC)
