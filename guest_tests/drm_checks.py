@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from guest_tests.drm import Image
-from guest_tests.guest_helpers import Screendumps, wait_for_pixels
+from guest_tests.guest_helpers import Screendumps
 
 DEBUGFS = Path("/sys/kernel/debug")
 #: driver trouble in kernel log lines (error responses are "*ERROR* response 0x12..")
@@ -126,18 +126,7 @@ def random_rgb(height: int, width: int, seed: int) -> Image:
 
 
 def expect_screen(screendump: Screendumps, name: str, expected: Image,
-                  timeout: float = 15.0) -> Image:
-    """Screendump until the whole display equals ``expected``; AssertionError naming the
-    first wrong pixel otherwise."""
-    matched, image = wait_for_pixels(lambda: screendump(name), 0, 0, expected, timeout)
-    if image.shape != expected.shape:
-        raise AssertionError(f"{name}: display is {image.shape[1]}x{image.shape[0]}, "
-                             f"expected {expected.shape[1]}x{expected.shape[0]}")
-    if not matched:
-        wrong = np.argwhere((image != expected).any(axis=2))
-        y, x = (int(v) for v in wrong[0])
-        raise AssertionError(
-            f"{name}: {len(wrong)} of {expected.shape[0] * expected.shape[1]} pixels differ "
-            f"after {timeout} s; first at ({x},{y}): got {tuple(int(c) for c in image[y, x])}, "
-            f"want {tuple(int(c) for c in expected[y, x])}")
-    return image
+                  timeout: float = 15.0) -> None:
+    """The host screendumps until the whole display equals ``expected`` (checked pixel
+    for pixel on the host); AssertionError naming the first wrong pixel otherwise."""
+    screendump.check(name, expected, timeout=timeout)

@@ -9,7 +9,6 @@ import os
 import re
 import select
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,24 +114,26 @@ class Screendumps:
         """Save the display as RESULTS/screendumps/NAME.png for people to look at."""
         return self._take(name, device, "png")
 
+    def check(self, name: str, expected: Image, *, device: str = "gpu0", x: int = 0,
+              y: int = 0, whole: bool = True, timeout: float = 15.0) -> int:
+        """Have the host check, pixel for pixel, that the display shows ``expected`` at
+        (x, y) (the whole display when ``whole``), screendumping until it does or
+        ``timeout`` passes; the number of screendumps it took, or AssertionError with
+        the host's account of what differs."""
+        (self.directory / f"{name}.expected.ppm").write_bytes(ppm_bytes(expected))
+        reply = self.channel.request(
+            f"screencheck {name} device={device} x={x} y={y} whole={int(whole)} "
+            f"timeout={timeout:g}", timeout=timeout + 60)
+        status, _, detail = reply.partition(" ")
+        if status != "ok":
+            raise AssertionError(f"host pixel check: {detail}")
+        return int(detail.rpartition("attempts=")[2])
 
-def wait_for_pixels(take: Callable[[], Image], x: int, y: int, expected: Image,
-                    timeout: float = 15.0) -> tuple[bool, Image]:
-    """Take screendumps until the region at (x, y) equals `expected` or `timeout` passes.
 
-    The display lags the guest's writes (fbdev damage is flushed by a worker), so a single
-    screendump right after writing would be racy.  Returns (matched, last screendump).
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        image = take()
-        height, width = expected.shape[:2]
-        region = image[y:y + height, x:x + width]
-        if region.shape == expected.shape and np.array_equal(region, expected):
-            return True, image
-        if time.monotonic() > deadline:
-            return False, image
-        time.sleep(0.5)
+def ppm_bytes(image: Image) -> bytes:
+    """(H, W, 3) uint8 RGB as a binary 8-bit PPM."""
+    height, width = image.shape[:2]
+    return b"P6 %d %d 255\n" % (width, height) + np.ascontiguousarray(image, np.uint8).tobytes()
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """The guest kernel's USERPTR entry building, as the userspace driver reproduces it
-(pure functions: these also run outside the VM)."""
+(pure functions, but like every guest test they run only inside a scripts/vm.py guest:
+guest_tests/conftest.py skips them elsewhere)."""
 
 from __future__ import annotations
 

@@ -6,7 +6,9 @@
 #
 #   sh scripts/test.sh            (as root, or with sudo available)
 #
-# VM logs and screendumps go to $VGPU_RESULTS_DIR (default /tmp/vgpu-results).
+# VM logs and screendumps go to $VGPU_RESULTS_DIR (default /tmp/vgpu-results).  Each VM step
+# has its own --timeout (the guest suite runs ~1 min, boot takes 5-50 s under TCG); inside
+# the guest each test also has vm.py's --per-test-timeout (pytest-timeout).
 set -eu
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
@@ -27,16 +29,17 @@ step "host tests (pytest tests/)"
 $PY -m pytest -q -p no:cacheprovider tests
 
 step "VM: guest console on vgpu-backend (QMP screendump check)"
-$PY scripts/vm.py console-check --backend ours \
+$PY scripts/vm.py console-check --backend ours --timeout 300 \
     --screenshot "${VGPU_RESULTS_DIR:-/tmp/vgpu-results}/console-ours.png"
 step "VM: guest suite on vgpu-backend (DRM path + userspace driver)"
-$PY scripts/vm.py test --backend ours --second-gpu
+$PY scripts/vm.py test --backend ours --second-gpu --timeout 900
 step "VM: userspace-driver suite with guest RAM on host huge pages (hugetlb=on)"
 if [ "$(id -u)" = 0 ]; then
-    $PY scripts/vm.py test --backend ours --second-gpu --host-hugetlb -- -k userspace
+    $PY scripts/vm.py test --backend ours --second-gpu --host-hugetlb --timeout 600 \
+        -- -k userspace
 else
     echo "skipped: --host-hugetlb raises vm.nr_hugepages for the run, which needs root"
 fi
 step "VM: guest suite on QEMU's C reference back-end (2D subset)"
-$PY scripts/vm.py test --backend reference --second-gpu
+$PY scripts/vm.py test --backend reference --second-gpu --timeout 900
 step "all tests passed"

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from vmrunner.artifacts import cache_dir, prepare_artifacts
-from vmrunner.backend import PRESETS, REFERENCE_BACKEND, backend_spec
+from vmrunner.backend import DEFAULT_PRESET, PRESETS, REFERENCE_BACKEND, backend_spec
 from vmrunner.commands import run_console_check, run_test
 from vmrunner.demo import run_demo
 from vmrunner.errors import (
@@ -27,8 +27,10 @@ from vmrunner.qemu import USERSPACE_GPU_PCI
 from vmrunner.rootfs import ROOT_KINDS
 from vmrunner.session import SessionOptions
 
-#: the back-end a command uses without --backend (vm.py's general default is the reference)
-DEFAULT_BACKEND = {"demo": "ours"}
+#: --timeout without the option: the guest suite runs ~1 min, boot takes 5-50 s under TCG
+DEFAULT_TIMEOUT = 900.0
+#: the demo's guest program allows itself 300 s per kernel
+DEMO_TIMEOUT = 1800.0
 
 DESCRIPTION = f"""\
 Boot a Linux 6.1 guest under QEMU 10 (TCG) with a vhost-user-gpu-pci device served by the
@@ -36,7 +38,8 @@ back-end under test, and run checks inside it.
 
 commands:
   test           boot the guest root and run `pytest guest_tests/` in it (as root, from this
-                 checkout shared read-only); exits with the guest pytest's exit code
+                 checkout shared read-only), with the userspace-driver GPU unless
+                 --no-second-gpu; exits with the guest pytest's exit code
   console-check  boot only the busybox initramfs; the guest draws text on the fbcon console
                  and a pattern into /dev/fb0, the host checks a screendump pixel by pixel
   demo           boot with the userspace-driver GPU and run guest_tests/demo.py: a guest
@@ -45,8 +48,9 @@ commands:
   artifacts      build or check the cached guest kernel, initramfs and root image
 
 back-ends (the device under test; each listens on --socket-path and exits when QEMU leaves):
-  --backend ours        python3 -m vgpu_backend --socket-path {{socket}}   (from the repo root)
-  --backend reference   {REFERENCE_BACKEND} --socket-path {{socket}}   (default)
+  --backend ours        python3 -m vgpu_backend --socket-path {{socket}}   (from the repo root;
+                        the default of every command)
+  --backend reference   {REFERENCE_BACKEND} --socket-path {{socket}}
   --backend-cmd 'CMD'   any command line containing {{socket}}, e.g.
                         'python3 -m vgpu_backend --socket-path {{socket}} --log-level debug'
 
@@ -57,6 +61,11 @@ exit codes:
   {EXIT_CONSOLE_CHECK_FAILED}    console-check ran and the screen was wrong
   {EXIT_TIMEOUT}   a time limit passed (the tails of the serial and back-end logs are printed)
 
+time limits: --timeout bounds the whole run (default {DEFAULT_TIMEOUT:.0f} s, for the demo
+{DEMO_TIMEOUT:.0f} s); `test` also gives each guest test --per-test-timeout through
+pytest-timeout when the guest root has it (python3-pytest-timeout: a test that hangs fails
+with "Timeout", the others still run).
+
 Every run keeps serial.log, backend-N.log, qemu.log, qemu-command.txt, control.log,
 screendumps/ and junit.xml in its results directory.
 
@@ -64,16 +73,17 @@ environment: VGPU_CACHE_DIR (artifact cache, default ~/.cache/vgpu-backend),
 VGPU_RESULTS_DIR (parent of per-run results directories, default /tmp/vgpu-results).
 
 examples:
+  python3 scripts/vm.py test -- -k smoke -x
+  python3 scripts/vm.py test --backend reference --timeout 600
   python3 scripts/vm.py console-check --backend reference --screenshot console.png
-  python3 scripts/vm.py test --backend ours --second-gpu -- -k smoke -x
-  python3 scripts/vm.py demo --backend ours --size-mib 64
+  python3 scripts/vm.py demo --size-mib 64
 """
 
 
-def _add_vm_options(parser: argparse.ArgumentParser) -> None:
+def _add_vm_options(parser: argparse.ArgumentParser, timeout: float = DEFAULT_TIMEOUT) -> None:
     vm = parser.add_argument_group("virtual machine")
-    vm.add_argument("--backend", choices=sorted(PRESETS), default=None,
-                    help="back-end preset (default: reference)")
+    vm.add_argument("--backend", choices=sorted(PRESETS), default=DEFAULT_PRESET,
+                    help="back-end preset (default: %(default)s)")
     vm.add_argument("--backend-cmd", metavar="TEMPLATE",
                     help="back-end command line with {socket}; overrides --backend")
     vm.add_argument("--results-dir", type=Path,
@@ -82,7 +92,7 @@ def _add_vm_options(parser: argparse.ArgumentParser) -> None:
     vm.add_argument("--boot-timeout", type=float, default=180.0, metavar="S",
                     help="limit for QEMU start to guest init and for init to pytest/console "
                          "start (default: %(default)s)")
-    vm.add_argument("--timeout", type=float, default=1800.0, metavar="S",
+    vm.add_argument("--timeout", type=float, default=timeout, metavar="S",
                     help="limit for the whole VM run from back-end start (default: %(default)s)")
     vm.add_argument("--shutdown-timeout", type=float, default=60.0, metavar="S",
                     help="limit for QEMU and the back-ends to exit (default: %(default)s)")
@@ -114,14 +124,20 @@ def build_parser() -> argparse.ArgumentParser:
         "test", help="run guest_tests/ with pytest inside the guest",
         usage="vm.py test [options] [-- PYTEST ARGS]",
         description="Boot the guest root and run `python3 -m pytest guest_tests/ -v "
-                    "--junitxml=RESULTS/junit.xml [PYTEST ARGS]` in it.  Guest environment: "
+                    "--junitxml=RESULTS/junit.xml [--timeout=S] [PYTEST ARGS]` in it (the "
+                    "--timeout of --per-test-timeout if the guest has pytest-timeout).  Guest "
+                    "environment: "
                     "VGPU_BACKEND (ours|reference|custom), VGPU_RESULTS_DIR, VGPU_PROJECT_DIR, "
-                    "VGPU_CONTROL_PORT, VGPU_USERSPACE_PCI (with --second-gpu).")
+                    "VGPU_CONTROL_PORT, VGPU_USERSPACE_PCI (with the second GPU).")
     _add_vm_options(test)
-    test.add_argument("--second-gpu", action="store_true",
-                      help=f"add a second vhost-user-gpu-pci at {USERSPACE_GPU_PCI}, with its "
-                           "own back-end, kept away from the guest's virtio driver for a "
-                           "userspace driver (VGPU_USERSPACE_PCI)")
+    test.add_argument("--second-gpu", action=argparse.BooleanOptionalAction, default=True,
+                      help=f"a second vhost-user-gpu-pci at {USERSPACE_GPU_PCI}, with its own "
+                           "back-end, kept away from the guest's virtio driver for the "
+                           "userspace-driver and USERPTR tests (VGPU_USERSPACE_PCI); "
+                           "--no-second-gpu skips those tests (default: on)")
+    test.add_argument("--per-test-timeout", type=float, default=300.0, metavar="S",
+                      help="pytest-timeout's --timeout for each guest test, passed only when "
+                           "the guest root has pytest-timeout; 0: none (default: %(default)s)")
     test.add_argument("--guest-root", choices=ROOT_KINDS, default="host",
                       help="host: this host's / read-only over 9p (default; needs Debian's "
                            "python3-numpy/pytest); image: a debootstrap ext4 image over "
@@ -142,8 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "since the guest init starts pytest), streaming its output.  Exit status: "
                     "0 verified, 1 verification failed (or the demo failed), 2 bad demo "
                     "arguments, 77 the back-end cannot run it (no USERPTR), 10 harness error, "
-                    "124 timeout.  The back-end defaults to ours here.")
-    _add_vm_options(demo)
+                    "124 timeout.")
+    _add_vm_options(demo, timeout=DEMO_TIMEOUT)
     demo.add_argument("--size-mib", type=int, default=128, metavar="N",
                       help="the guest program's buffer (default: %(default)s)")
     demo.add_argument("--matmul", type=int, default=768, metavar="N",
@@ -171,12 +187,12 @@ def _results_dir(args: argparse.Namespace) -> Path:
 
 def _options(args: argparse.Namespace, mode: str) -> SessionOptions:
     return SessionOptions(
-        mode=mode, backend=backend_spec(args.backend or DEFAULT_BACKEND.get(args.command),
-                                        args.backend_cmd),
+        mode=mode, backend=backend_spec(args.backend, args.backend_cmd),
         results_dir=_results_dir(args),
         second_gpu=getattr(args, "second_gpu", False) or args.command == "demo",
         guest_root=getattr(args, "guest_root", "host"), boot_timeout=args.boot_timeout,
-        timeout=args.timeout, shutdown_timeout=args.shutdown_timeout,
+        timeout=args.timeout, per_test_timeout=getattr(args, "per_test_timeout", 0.0),
+        shutdown_timeout=args.shutdown_timeout,
         memory_mib=args.memory, smp=args.smp, hugepages=args.hugepages,
         host_hugetlb=args.host_hugetlb, extra_cmdline=args.append, show_console=args.show_console)
 

@@ -168,6 +168,7 @@ def test_backend_spec_templates() -> None:
     assert spec.name == "custom"
     assert spec.argv(Path("/s")) == ["prog", "--socket-path", "/s", "--log-level", "debug"]
     assert backend_spec("reference", None).argv(Path("/s"))[-2:] == ["--socket-path", "/s"]
+    assert backend_spec(None, None).name == "ours"  # the runner tests this project's back-end
     with pytest.raises(HarnessError):
         backend_spec(None, "prog --no-socket")
     with pytest.raises(HarnessError):

@@ -18,6 +18,7 @@ from .processes import ManagedProcess, tail
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 REFERENCE_BACKEND = "/usr/lib/qemu/vhost-user-gpu"
+DEFAULT_PRESET = "ours"  # the runner exists to test this project's back-end
 SOCKET_PLACEHOLDER = "{socket}"
 PRESETS = {
     "ours": (f"{shlex.quote(sys.executable)} -m vgpu_backend --socket-path {SOCKET_PLACEHOLDER}",
@@ -41,13 +42,14 @@ class BackendSpec:
 
 
 def backend_spec(preset: str | None, command: str | None) -> BackendSpec:
-    """The spec for --backend PRESET or --backend-cmd 'TEMPLATE' (the latter wins)."""
+    """The spec for --backend PRESET (default DEFAULT_PRESET) or --backend-cmd 'TEMPLATE'
+    (the latter wins)."""
     if command is not None:
         template = tuple(shlex.split(command))
         if not any(SOCKET_PLACEHOLDER in arg for arg in template):
             raise HarnessError(f"--backend-cmd must contain {SOCKET_PLACEHOLDER}: {command!r}")
         return BackendSpec("custom", template, REPO_ROOT)
-    name = preset or "reference"
+    name = preset or DEFAULT_PRESET
     if name not in PRESETS:
         raise HarnessError(f"unknown back-end {name!r} (choose from {', '.join(PRESETS)})")
     line, cwd = PRESETS[name]

@@ -91,7 +91,7 @@ def run_test(options: SessionOptions, pytest_args: list[str],
 async def _test(options: SessionOptions, artifacts: GuestArtifacts, clock: PhaseClock,
                 pytest_args: list[str]) -> int:
     session = VmSession(options, artifacts, clock)
-    session.write_guest_env(pytest_args)
+    session.write_guest_env(pytest_args, options.per_test_timeout)
     exit_file = session.results / "exit-code"
     exit_file.unlink(missing_ok=True)
     try:

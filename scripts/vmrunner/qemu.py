@@ -6,13 +6,18 @@ on every run: the DRM GPU at 00:02.0, the userspace-driver GPU (--second-gpu) at
 
 from __future__ import annotations
 
+import re
 import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import HarnessError
 
 QEMU_BINARY = "qemu-system-x86_64"
+#: older QEMU (Debian 12's 7.2) refuses vhost-user devices without KVM
+MIN_QEMU_VERSION = (8, 0)
+QEMU_VERSION_RE = re.compile(r"QEMU emulator version (\d+)\.(\d+)(?:\.(\d+))?")
 CONTROL_PORT_NAME = "org.vgpu.control"
 GPU_IDS = ("gpu0", "gpu1")
 GPU_SLOTS = ("02.0", "0a.0")
@@ -61,11 +66,38 @@ def kernel_cmdline(mode: str, root: str, userspace_pci: str | None, hugepages: i
     return " ".join([*words, extra]).strip()
 
 
+def parse_qemu_version(text: str) -> tuple[int, int, int]:
+    """(major, minor, micro) from `qemu-system-x86_64 -version` output."""
+    match = QEMU_VERSION_RE.search(text)
+    if match is None:
+        raise HarnessError(f"cannot read a QEMU version from {text.strip()[:200]!r}")
+    return int(match.group(1)), int(match.group(2)), int(match.group(3) or 0)
+
+
+def check_qemu_version(qemu: str, version: tuple[int, int, int]) -> None:
+    """Raise unless `version` can run vhost-user-gpu under TCG."""
+    if version[:2] < MIN_QEMU_VERSION:
+        wanted = ".".join(map(str, MIN_QEMU_VERSION))
+        raise HarnessError(
+            f"{qemu} is QEMU {'.'.join(map(str, version))}, but vhost-user-gpu without KVM "
+            f"needs QEMU >= {wanted} (Debian 12's 7.2 refuses vhost-user without KVM): run "
+            "scripts/setup-host.sh, which installs QEMU 10 from bookworm-backports")
+
+
 def find_qemu() -> str:
-    """Path of qemu-system-x86_64 or a HarnessError telling how to install it."""
+    """Path of a new enough qemu-system-x86_64, or a HarnessError telling how to get it."""
     found = shutil.which(QEMU_BINARY)
     if found is None:
         raise HarnessError(f"{QEMU_BINARY} not found: run scripts/setup-host.sh")
+    try:
+        done = subprocess.run([found, "-version"], capture_output=True, text=True,
+                              timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise HarnessError(f"{found} -version failed: {error}") from error
+    if done.returncode != 0:
+        raise HarnessError(f"{found} -version exited with status {done.returncode}: "
+                           f"{(done.stderr or done.stdout).strip()[:200]}")
+    check_qemu_version(found, parse_qemu_version(done.stdout))
     return found
 
 

@@ -2,11 +2,12 @@
 
 ``host``: the host's ``/`` exported read-only over virtio-9p; needs Debian's python3-numpy,
 python3-pytest and python3-construct (the guest tests import ``protocol``) on the host
-(scripts/setup-host.sh installs them).  Nothing to build.
+(scripts/setup-host.sh installs them, and python3-pytest-timeout for the optional per-test
+timeout).  Nothing to build.
 
-``image``: ``debootstrap --variant=minbase`` of bookworm with python3, pytest, numpy and
-construct, packed
-into an ext4 image by ``mke2fs -d`` (no loop mount) and attached read-only as virtio-blk.
+``image``: ``debootstrap --variant=minbase`` of bookworm with python3, pytest,
+pytest-timeout, numpy and construct, packed into an ext4 image by ``mke2fs -d`` (no loop
+mount) and attached read-only as virtio-blk.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from .errors import HarnessError
 ROOT_KINDS = ("host", "image")
 DEBIAN_SUITE = "bookworm"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
-IMAGE_PACKAGES = ("python3", "python3-pytest", "python3-numpy", "python3-construct")
+IMAGE_PACKAGES = ("python3", "python3-pytest", "python3-pytest-timeout", "python3-numpy",
+                  "python3-construct")
 HOST_ROOT_REQUIREMENTS = (
     Path("/usr/bin/python3"),
     Path("/usr/lib/python3/dist-packages/numpy"),

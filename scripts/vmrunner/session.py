@@ -22,11 +22,18 @@ from .errors import HarnessError, HarnessTimeout
 from .hugepages import HugePageReservation
 from .processes import ManagedProcess, tail
 from .qemu import USERSPACE_GPU_PCI, Share, VmLayout, find_qemu, kernel_cmdline, qemu_command
+from .screencheck import ScreenChecker
 from .screendump import Screendumper, connect_qmp
 
 BACKEND_LISTEN_TIMEOUT = 30.0
 QMP_CONNECT_TIMEOUT = 30.0
+EXIT_RACE_GRACE = 1.0  # a back-end exits right after QEMU: wait this long for QEMU's exit too
 RUNNER_FATAL = "runner-fatal"  # synthetic event: a watcher saw the run cannot succeed
+GUEST_ROOT_MOUNT = "/newroot"  # where guest_tests/boot/init mounts the guest root
+GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # as the init's
+#: exits 0 when the guest root's python3 can load pytest-timeout (without importing pytest)
+TIMEOUT_PLUGIN_PROBE = ('import importlib.util, sys; '
+                        'sys.exit(importlib.util.find_spec("pytest_timeout") is None)')
 LOG_LIMITS = {"qemu.log": 16 * 2**20, "serial.log": 64 * 2**20}  # runaway-output guard
 
 
@@ -40,7 +47,9 @@ class SessionOptions:
     second_gpu: bool = False
     guest_root: str = "host"
     boot_timeout: float = 180.0
-    timeout: float = 1800.0
+    timeout: float = 900.0
+    #: pytest-timeout's --timeout in the guest (test mode, where the plugin exists; 0: none)
+    per_test_timeout: float = 300.0
     shutdown_timeout: float = 60.0
     memory_mib: int = 2048
     smp: int = 1
@@ -118,12 +127,27 @@ class VmSession:
             root_image=self.artifacts.root_image if opts.mode in ("test", "demo") else None,
             memory_mib=opts.memory_mib, smp=opts.smp, host_hugetlb=opts.host_hugetlb)
 
-    def write_guest_env(self, args: list[str]) -> None:
+    def write_guest_env(self, args: list[str], per_test_timeout: float = 0.0) -> None:
         """What the guest init sources from the results share: the back-end's name and
-        the arguments of the guest program (pytest, or the demo)."""
+        the arguments of the guest program (pytest, or the demo).
+
+        A `per_test_timeout` > 0 puts ``--timeout=S`` before `args` if the guest root's
+        python3 has pytest-timeout, which the init finds out after mounting the root.
+        """
         quoted = " ".join(shlex.quote(arg) for arg in args)
-        (self.results / "guest-env.sh").write_text(
-            f"VGPU_BACKEND={shlex.quote(self.options.backend.name)}\nset -- {quoted}\n")
+        script = f"VGPU_BACKEND={shlex.quote(self.options.backend.name)}\nset -- {quoted}\n"
+        if per_test_timeout > 0:
+            seconds = f"{per_test_timeout:g}"
+            probe = (f"chroot {GUEST_ROOT_MOUNT} /usr/bin/env -i PATH={GUEST_PATH} "
+                     f"python3 -c {shlex.quote(TIMEOUT_PLUGIN_PROBE)}")
+            script += (f"if {probe} 2>/dev/null; then\n"
+                       f"    set -- --timeout={seconds} \"$@\"\n"
+                       f"    echo 'vgpu-init: per-test timeout {seconds} s (pytest-timeout)'\n"
+                       "else\n"
+                       "    echo 'vgpu-init: no pytest-timeout in the guest root, so no "
+                       "per-test timeout (scripts/setup-host.sh installs it)'\n"
+                       "fi\n")
+        (self.results / "guest-env.sh").write_text(script)
 
     def _watch(self, process: ManagedProcess) -> None:
         async def report_exit() -> None:
@@ -197,6 +221,7 @@ class VmSession:
             raise type(error)(f"{error}\n{self.diagnostics()}") from error
         self.screendumper = Screendumper(self.qmp, self.results / "screendumps")
         self.control.handlers["screendump"] = self.screendumper.handle_request
+        self.control.handlers["screencheck"] = ScreenChecker(self.screendumper).handle_request
 
     def remaining(self, limit: float) -> float:
         """`limit` capped by what is left of the overall timeout."""
@@ -218,8 +243,18 @@ class VmSession:
             if event.name == "error":
                 raise HarnessError(f"guest init failed: {event.text}\n" + self.diagnostics())
             if event.name == RUNNER_FATAL:
-                raise HarnessError(f"{event.text} while waiting for the guest's '{name}'\n"
-                                   + self.diagnostics())
+                raise HarnessError(f"{await self._fatal_cause(event)} while waiting for the "
+                                   f"guest's '{name}'\n" + self.diagnostics())
+
+    async def _fatal_cause(self, event: GuestEvent) -> str:
+        """The event's text and every process exit, QEMU's first: a back-end exits (0) as
+        soon as QEMU is gone, so a QEMU crash may reach the queue second."""
+        if self.qemu is not None and self.qemu.returncode is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.qemu.wait()), EXIT_RACE_GRACE)
+        exits = [process.describe_exit() for process in [self.qemu, *self.backends]
+                 if process is not None and process.returncode is not None]
+        return "; ".join(exits if event.text in exits else [event.text, *exits])
 
     async def shutdown(self) -> list[str]:
         """Wait for QEMU and then each back-end to exit on their own; problems as text."""

@@ -1,0 +1,101 @@
+"""The host-side pixel check the guest asks for (``screencheck``): comparison, retries
+until the display catches up, and the answers the guest reads."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+from vmrunner import screencheck
+from vmrunner.screencheck import ScreenChecker, compare_pixels
+from vmrunner.screendump import Screendumper, parse_ppm
+
+from guest_tests.guest_helpers import ppm_bytes
+
+RNG = np.random.default_rng(5)
+SCREEN = RNG.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+
+
+def test_ppm_round_trip() -> None:
+    assert np.array_equal(parse_ppm(ppm_bytes(SCREEN)), SCREEN)
+
+
+def test_compare_whole_display() -> None:
+    assert compare_pixels(SCREEN, SCREEN.copy(), 0, 0, whole=True) is None
+    wrong = SCREEN.copy()
+    wrong[7, 9] ^= 1
+    wrong[30, 2] ^= 1
+    verdict = compare_pixels(SCREEN, wrong, 0, 0, whole=True)
+    assert verdict is not None
+    assert verdict.startswith("2 of 3072 pixels differ; first at (9,7)")
+    assert compare_pixels(SCREEN, SCREEN[:40], 0, 0, whole=True) == \
+        "display is 64x48, expected 64x40"
+
+
+def test_compare_region() -> None:
+    patch = SCREEN[10:20, 30:50]
+    assert compare_pixels(SCREEN, patch, 30, 10, whole=False) is None
+    verdict = compare_pixels(SCREEN, patch, 31, 10, whole=False)
+    assert verdict is not None and "pixels differ" in verdict
+    assert "does not fit" in str(compare_pixels(SCREEN, patch, 50, 10, whole=False))
+
+
+class FakeDumper(Screendumper):
+    """Writes the given screens in turn, as QEMU's screendump would."""
+
+    def __init__(self, directory: Path, screens: list[np.ndarray]) -> None:
+        self.directory = directory
+        self.screens = screens
+        self.dumps = 0
+
+    async def dump(self, path: Path, device: str = "gpu0", fmt: str = "ppm") -> Path:
+        screen = self.screens[min(self.dumps, len(self.screens) - 1)]
+        self.dumps += 1
+        path.write_bytes(ppm_bytes(screen))
+        return path
+
+
+def ask(tmp_path: Path, screens: list[np.ndarray], expected: np.ndarray, args: str,
+        monkeypatch: pytest.MonkeyPatch) -> tuple[str, int]:
+    monkeypatch.setattr(screencheck, "POLL_INTERVAL", 0.01)
+    (tmp_path / "shot.expected.ppm").write_bytes(ppm_bytes(expected))
+    dumper = FakeDumper(tmp_path, screens)
+    reply = asyncio.run(ScreenChecker(dumper).handle_request(args))
+    return reply, dumper.dumps
+
+
+def test_waits_until_the_display_catches_up(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    stale = np.zeros_like(SCREEN)
+    reply, dumps = ask(tmp_path, [stale, stale, SCREEN], SCREEN, "shot timeout=5",
+                       monkeypatch)
+    assert (reply, dumps) == ("ok shot.ppm attempts=3", 3)
+    assert np.array_equal(parse_ppm((tmp_path / "shot.ppm").read_bytes()), SCREEN)
+
+
+def test_reports_what_differs_when_time_is_up(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    reply, dumps = ask(tmp_path, [np.zeros_like(SCREEN)], SCREEN, "shot timeout=0.05",
+                       monkeypatch)
+    assert reply.startswith("error shot: ") and "pixels differ" in reply
+    assert dumps >= 1
+
+
+def test_region_on_another_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    reply, _ = ask(tmp_path, [SCREEN], SCREEN[5:9, 6:10], "shot device=gpu1 x=6 y=5 whole=0",
+                   monkeypatch)
+    assert reply.startswith("ok ")
+
+
+@pytest.mark.parametrize("args", ["../etc device=gpu0", "shot device=gpu7", "shot x=a",
+                                  "missing"])
+def test_bad_requests_are_answered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                   args: str) -> None:
+    reply, dumps = ask(tmp_path, [SCREEN], SCREEN, args, monkeypatch)
+    assert reply.startswith("error ") and dumps == 0
