@@ -93,3 +93,28 @@ def test_product_written_over_an_operand(shared: str, scattered: bool) -> None:
         matmul_f32(cbuf, abuf, bbuf, n, n, n, KernelStats())
     np.testing.assert_allclose(cbuf.gather().view(np.float32).reshape(n, n), a @ b,
                                rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("m", "n", "k"), [(64, 64, 64), (48, 256, 128), (40, 70, 90)],
+                         ids=["16 rows per run", "4+ rows per run", "rows split across runs"])
+def test_rows_in_one_run_are_used_in_place(m: int, n: int, k: int) -> None:
+    """When every run of ``a`` and ``c`` holds whole rows, a block or more, their row
+    blocks are used in place (only ``b``, spread over several runs, is staged); rows
+    split across runs are staged; the product is right either way."""
+    arena = ScatteredArena(256)
+    a = RNG.standard_normal((m, k)).astype(np.float32)
+    b = RNG.standard_normal((k, n)).astype(np.float32)
+    abuf, bbuf = arena.buffer(0x10000, a.nbytes), arena.buffer(0x200000, b.nbytes)
+    cbuf = arena.buffer(0x400000, m * n * 4)
+    f32(abuf, a)
+    f32(bbuf, b)
+    stats = KernelStats()
+    with mock.patch.object(kernels, "_MATMUL_BLOCK_MACS", 1), \
+            mock.patch.object(kernels, "_MATMUL_GOOD_ROWS", 3):  # blocks cut by runs, too
+        matmul_f32(cbuf, abuf, bbuf, m, n, k, stats)
+    np.testing.assert_allclose(cbuf.gather().view(np.float32).reshape(m, n), a @ b,
+                               rtol=1e-4, atol=1e-4)
+    if RUN % (4 * k) == 0 and RUN % (4 * n) == 0:
+        assert stats.staged_bytes == bbuf.nbytes
+    else:
+        assert stats.staged_bytes > bbuf.nbytes

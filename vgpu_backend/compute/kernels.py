@@ -11,6 +11,7 @@ bytes is reported.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import zlib
 from dataclasses import dataclass
@@ -127,27 +128,72 @@ def checksum_crc32(buf: Buffer, nbytes: int, stats: KernelStats) -> int:
 
 def matmul_f32(c: Buffer, a: Buffer, b: Buffer, m: int, n: int, k: int,
                stats: KernelStats) -> None:
-    """``c[m, n] = a[m, k] @ b[k, n]`` (float32, row major)."""
-    def operand(buf: Buffer, slot: int, rows: int, cols: int) -> npt.NDArray[np.float32]:
-        if buf.single:
-            raw = buf.whole()
-        else:  # BLAS wants each operand contiguous: stage scattered ones
-            raw = buf.gather(staging(slot, buf.nbytes))
-            stats.staged_bytes += buf.nbytes
-        return raw.view("<f4").reshape(rows, cols)
+    """``c[m, n] = a[m, k] @ b[k, n]`` (float32, row major).
 
-    left, right = operand(a, 0, m, k), operand(b, 1, k, n)
-    # the product goes straight into c only when c is one run that no operand shares:
-    # row blocks written early must not change rows read later
-    direct = c.single and not c.overlaps(a) and not c.overlaps(b)
-    out = (c.whole() if direct else staging(2, c.nbytes)).view("<f4").reshape(m, n)
+    BLAS wants contiguous rows in blocks of a few hundred.  ``a`` and ``c`` are used in
+    place when each of their runs holds whole rows, a full block of them (huge-page
+    guest memory and narrow matrices); otherwise they are staged whole, as is ``b``
+    unless it is one run -- the analogue of a GPU loading tiles.  ``stats.staged_bytes``
+    counts what was staged."""
     row_macs = max(1, n * k)
     rows = max(1, _MATMUL_BLOCK_MACS // row_macs,
                min(_MATMUL_GOOD_ROWS, _MATMUL_MAX_BLOCK_MACS // row_macs))
-    for r in range(0, m, rows):
-        np.matmul(left[r:r + rows], right, out=out[r:r + rows])
+    if b.single:
+        right = b.whole().view("<f4").reshape(k, n)
+    else:
+        right = b.gather(staging(1, b.nbytes)).view("<f4").reshape(k, n)
+        stats.staged_bytes += b.nbytes
+    left_whole = None
+    if not _rows_in_runs(a, 4 * k, m, rows):
+        left_whole = a.gather(staging(0, a.nbytes)).view("<f4").reshape(-1)[:m * k]
+        stats.staged_bytes += a.nbytes
+    # c is written in place only if no operand shares its memory (row blocks written
+    # early must not change rows read later) and its runs hold whole row blocks
+    out_whole = None
+    if c.overlaps(a) or c.overlaps(b) or not _rows_in_runs(c, 4 * n, m, rows):
+        out_whole = staging(2, c.nbytes).view("<f4").reshape(-1)[:m * n].reshape(m, n)
+    in_place = [(buf, size) for buf, size, whole in ((a, 4 * k, left_whole),
+                                                     (c, 4 * n, out_whole)) if whole is None]
+    for r0, r1 in _row_blocks(m, rows, in_place):
+        if left_whole is not None:
+            left = left_whole[k * r0:k * r1].reshape(r1 - r0, k)
+        else:
+            left = _run_rows(a, 4 * k, r0, r1).view("<f4").reshape(r1 - r0, k)
+        out = out_whole[r0:r1] if out_whole is not None else \
+            _run_rows(c, 4 * n, r0, r1).view("<f4").reshape(r1 - r0, n)
+        np.matmul(left, right, out=out)
         stats.step()
-    if not direct:
-        c.scatter(out.view(np.uint8).reshape(-1))
-        stats.staged_bytes += c.nbytes
+    if out_whole is not None:
+        c.move(0, out_whole.view(np.uint8).reshape(-1), into_buffer=True)
+        stats.staged_bytes += out_whole.nbytes
     stats.bytes_touched += a.nbytes + b.nbytes + c.nbytes
+
+
+def _rows_in_runs(buf: Buffer, row_bytes: int, total_rows: int, rows: int) -> bool:
+    """Every run of ``buf``'s first ``total_rows`` rows ends on a row boundary and (but
+    the last) holds at least ``rows`` rows: row blocks can be views of single runs."""
+    if buf.single:
+        return True
+    limit = row_bytes * total_rows
+    ends = buf.ends[buf.ends < limit]
+    lengths = np.diff(ends, prepend=0)
+    return bool((ends % row_bytes == 0).all() and (lengths >= rows * row_bytes).all())
+
+
+def _run_rows(buf: Buffer, row_bytes: int, r0: int, r1: int) -> npt.NDArray[np.uint8]:
+    """The view of rows ``[r0, r1)``, which :func:`_row_blocks` put in one run."""
+    view = buf.run_at(row_bytes * r0, row_bytes * r1)
+    assert view is not None, "row block across runs"
+    return view
+
+
+def _row_blocks(m: int, rows: int, in_place: list[tuple[Buffer, int]]
+                ) -> list[tuple[int, int]]:
+    """``[r0, r1)`` blocks of at most ``rows`` rows, also cut where a run of an operand
+    used in place (buffer, bytes per row) ends, so that its blocks fall in one run."""
+    cuts = {0, m, *range(rows, m, rows)}
+    for buf, row_bytes in in_place:
+        ends = buf.ends // row_bytes
+        cuts.update(int(e) for e in ends[(ends > 0) & (ends < m)])
+    ordered = sorted(cuts)
+    return list(itertools.pairwise(ordered))
