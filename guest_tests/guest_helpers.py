@@ -5,6 +5,7 @@ Runs inside the scripts/vm.py guest under Debian's python3 (numpy 1.24, pytest 7
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import select
@@ -29,6 +30,13 @@ class GuestEnvironment:
     project_dir: Path
     control_port: str
     userspace_pci: str  # "" without --second-gpu
+
+    def host_facts(self) -> dict[str, str]:
+        """What the runner says the guest may expect of the host side (host.json in the
+        results share: ``backend``, ``host_gpu`` = sim, kfd or unknown)."""
+        path = self.results_dir / "host.json"
+        facts: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
+        return facts
 
     @classmethod
     def from_environ(cls) -> GuestEnvironment | None:

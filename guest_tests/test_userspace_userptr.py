@@ -14,6 +14,7 @@ import zlib
 import numpy as np
 import pytest
 
+from guest_tests.guest_helpers import GuestEnvironment
 from guest_tests.userspace.compute import ComputeContext, dispatch
 from guest_tests.userspace.gpu import VirtioGpu
 from guest_tests.userspace.pinned import MAX_SEGMENT, PinnedBuffer
@@ -46,7 +47,8 @@ from protocol.virtio_gpu_codes import BlobFlag, BlobMem, Resp
 from protocol.wire import layout
 
 
-def test_userptr_capset_reports_what_the_host_does(gpu: VirtioGpu, vgpu_backend: str) -> None:
+def test_userptr_capset_reports_what_the_host_does(gpu: VirtioGpu, vgpu_backend: str,
+                                                   guest_env: GuestEnvironment) -> None:
     capsets = require_userptr(gpu, vgpu_backend)
     cap = capsets.userptr
     assert cap is not None and capsets.userptr_id == DEFAULT_USERPTR_CAPSET
@@ -65,6 +67,10 @@ def test_userptr_capset_reports_what_the_host_does(gpu: VirtioGpu, vgpu_backend:
     assert (HostPath(cap.host_path) is HostPath.BATCH) == \
         (UserptrCapFlag.BATCH_SUPPORTED in flags)
     assert HostBackend(cap.host_backend) in (HostBackend.KFD, HostBackend.SIM)
+    if guest_env.host_facts().get("host_gpu") == "sim":  # our defaults, no /dev/kfd
+        assert HostBackend(cap.host_backend) is HostBackend.SIM
+        assert HostPath(cap.host_path) is HostPath.BATCH  # the simulated kernel has it
+        assert cap.num_gpus == 1
     assert cap.page_size == os.sysconf("SC_PAGE_SIZE") == 4096
     assert cap.max_entries > 16384  # beyond QEMU's sg cap: a 1 GiB buffer fits uncoalesced
     assert cap.max_bytes >= 1 << 30

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import shlex
 import shutil
 import tempfile
@@ -148,6 +149,16 @@ class VmSession:
                        "per-test timeout (scripts/setup-host.sh installs it)'\n"
                        "fi\n")
         (self.results / "guest-env.sh").write_text(script)
+        (self.results / "host.json").write_text(json.dumps(self.host_facts()))
+
+    def host_facts(self) -> dict[str, str]:
+        """What the guest tests may expect of the host side: for our back-end with its
+        defaults, the host GPU it picks (``--gpu auto``: /dev/kfd if present, else the
+        simulated KFD); "unknown" for other back-ends and custom commands."""
+        host_gpu = "unknown"
+        if self.options.backend.name == "ours":
+            host_gpu = "kfd" if Path("/dev/kfd").exists() else "sim"
+        return {"backend": self.options.backend.name, "host_gpu": host_gpu}
 
     def _watch(self, process: ManagedProcess) -> None:
         async def report_exit() -> None:
