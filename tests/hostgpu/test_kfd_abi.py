@@ -115,3 +115,19 @@ def test_ranges_data_bytes() -> None:
     assert reserved.buffer[4] == 5
     with pytest.raises(ValueError, match="differ"):
         abi.UserptrRangesData(np.zeros(2, np.uint64), np.zeros(1, np.uint64))
+
+
+#: ``KFD_IOC_ALLOC_MEM_FLAGS_*`` as the reference (userptr-kfd-uapi.md section 3.4,
+#: from kfd_ioctl.h) lists them: type bits, attribute bits, and the proposed batch bit
+DOCUMENTED_ALLOC_FLAGS = {
+    "VRAM": 1 << 0, "GTT": 1 << 1, "USERPTR": 1 << 2, "DOORBELL": 1 << 3,
+    "MMIO_REMAP": 1 << 4, "WRITABLE": 1 << 31, "EXECUTABLE": 1 << 30, "PUBLIC": 1 << 29,
+    "NO_SUBSTITUTE": 1 << 28, "AQL_QUEUE_MEM": 1 << 27, "COHERENT": 1 << 26,
+    "UNCACHED": 1 << 25, "EXT_COHERENT": 1 << 24, "CONTIGUOUS": 1 << 23,
+    "USERPTR_BATCH": 1 << 22,
+}
+
+
+@pytest.mark.parametrize(("name", "value"), DOCUMENTED_ALLOC_FLAGS.items())
+def test_every_alloc_flag_matches_the_reference(name: str, value: int) -> None:
+    assert getattr(abi, f"KFD_IOC_ALLOC_MEM_FLAGS_{name}") == value
