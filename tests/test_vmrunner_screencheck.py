@@ -94,7 +94,8 @@ def test_region_on_another_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 
 @pytest.mark.parametrize("args", ["../etc device=gpu0", "shot device=gpu7", "shot x=a",
-                                  "missing"])
+                                  "missing", "shot timeout=nan", "shot timeout=-1",
+                                  "shot x=-20 whole=0", "shot x=3"])
 def test_bad_requests_are_answered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                    args: str) -> None:
     reply, dumps = ask(tmp_path, [SCREEN], SCREEN, args, monkeypatch)

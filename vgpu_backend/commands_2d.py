@@ -165,7 +165,7 @@ class Commands2D:
 
     def _unref_now(self, resource_id: int) -> Reply:
         res = self.s.resources.get(resource_id)
-        for hook in self.s.unref_hooks:
+        for hook in self.s.release_hooks:
             hook(res)
         self.destroy(res)
         return OK
@@ -209,6 +209,8 @@ class Commands2D:
 
     def _detach_now(self, resource_id: int) -> Reply:
         res = self.s.resources.get(resource_id)
+        for hook in self.s.release_hooks:
+            hook(res)
         for hook in self.s.detach_hooks:
             hook(res)
         res.backing = None

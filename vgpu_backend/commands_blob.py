@@ -97,7 +97,7 @@ class BlobCommands:
         self.contexts = contexts
         self._warned_features = False
         self._warned_unsupported = False
-        state.unref_hooks.append(self._release_for_unref)
+        state.release_hooks.append(self._release_strictly)
         state.destroy_hooks.append(self._release)
         state.detach_hooks.append(self._invalidate)
 
@@ -197,11 +197,12 @@ class BlobCommands:
 
     # --- lifecycle hooks -----------------------------------------------------------
 
-    def _release_for_unref(self, res: Resource) -> None:
-        """RESOURCE_UNREF: the host mapping must be gone before the answer (the guest
-        unpins the pages right after).  If the host GPU cannot unmap it, the UNREF is
-        refused and the resource stays: the guest learns the pages are still in use and
-        may retry; the mapping is unusable for any context meanwhile."""
+    def _release_strictly(self, res: Resource) -> None:
+        """RESOURCE_UNREF, DETACH_BACKING: the host mapping must be gone before the answer
+        (the guest unpins the pages right after).  If the host GPU cannot unmap it, the
+        command is refused and the resource keeps its memory: the guest learns the pages
+        are still in use and may retry; the mapping is unusable for any context
+        meanwhile."""
         self._release(res, strict=True)
 
     def _release(self, res: Resource, *, strict: bool = False) -> None:

@@ -152,9 +152,10 @@ class DeviceState:
     offered_features: int = 0
     #: run before a resource is destroyed (release host GPU mappings, detach contexts)
     destroy_hooks: list[Callable[[Resource], None]] = field(default_factory=list)
-    #: run by RESOURCE_UNREF before the resource is destroyed; may refuse with a
-    #: GuestProtocolError (the resource then stays, and the guest may retry)
-    unref_hooks: list[Callable[[Resource], None]] = field(default_factory=list)
+    #: run by RESOURCE_UNREF and DETACH_BACKING before the resource loses its guest
+    #: memory (the guest may reuse the pages right after the answer); may refuse with a
+    #: GuestProtocolError (nothing changes, and the guest may retry)
+    release_hooks: list[Callable[[Resource], None]] = field(default_factory=list)
     #: run before a resource's backing is dropped by DETACH_BACKING
     detach_hooks: list[Callable[[Resource], None]] = field(default_factory=list)
     #: run when a resource's host GPU mapping goes away (released or invalidated)

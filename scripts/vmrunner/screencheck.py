@@ -30,7 +30,9 @@ def compare_pixels(image: np.ndarray, expected: np.ndarray, x: int, y: int,
     """None if ``image`` shows ``expected`` at (x, y) (and nothing else is checked unless
     ``whole``); otherwise what differs, naming the first wrong pixel."""
     height, width = expected.shape[:2]
-    if whole and (image.shape[:2] != expected.shape[:2] or (x, y) != (0, 0)):
+    if whole and (x, y) != (0, 0):
+        return f"a whole-display check starts at (0,0), not ({x},{y})"
+    if whole and image.shape[:2] != expected.shape[:2]:
         return (f"display is {image.shape[1]}x{image.shape[0]}, expected "
                 f"{width}x{height}")
     region = image[y:y + height, x:x + width]
@@ -63,8 +65,12 @@ class ScreenChecker:
             return f"error device must be one of {GPU_IDS}"
         try:
             x, y = int(fields.get("x", "0")), int(fields.get("y", "0"))
-            timeout = min(float(fields.get("timeout", "15")), MAX_TIMEOUT)
+            timeout = float(fields.get("timeout", "15"))
             whole = fields.get("whole", "1") == "1"
+            if x < 0 or y < 0 or not 0 <= timeout <= MAX_TIMEOUT or (whole and (x or y)):
+                raise ValueError(f"x={x} y={y} timeout={timeout} whole={int(whole)}: need "
+                                 f"x, y >= 0 (0 with whole=1) and 0 <= timeout <= "
+                                 f"{MAX_TIMEOUT:g}")
             expected = parse_ppm((self.dumper.directory / f"{name}.expected.ppm").read_bytes())
         except (OSError, ValueError) as error:
             return f"error {name}: bad request or expected picture: {error}"

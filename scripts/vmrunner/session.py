@@ -214,7 +214,8 @@ class VmSession:
         if layout.host_hugetlb and self._huge_pages is None:
             self._huge_pages = HugePageReservation(layout.memory_mib)
         await self.control.start()
-        argv = qemu_command(layout, find_qemu())
+        # runs `qemu -version`: off the loop, which serves the back-ends meanwhile
+        argv = qemu_command(layout, await asyncio.to_thread(find_qemu))
         (self.results / "qemu-command.txt").write_text(shlex.join(argv) + "\n")
         self.qemu = ManagedProcess("QEMU", argv, self.results / "qemu.log")
         self.serial_log.unlink(missing_ok=True)

@@ -118,3 +118,17 @@ def test_rows_in_one_run_are_used_in_place(m: int, n: int, k: int) -> None:
         assert stats.staged_bytes == bbuf.nbytes
     else:
         assert stats.staged_bytes > bbuf.nbytes
+
+
+@pytest.mark.parametrize(("m", "n", "k"), [(4, 3, 0), (4, 0, 5), (0, 3, 5), (0, 0, 0)])
+def test_empty_dimensions(m: int, n: int, k: int) -> None:
+    """An empty inner dimension gives zeros (a sum of no terms); an empty result writes
+    nothing; neither is an error."""
+    arena = ScatteredArena(8)
+    abuf, bbuf = arena.buffer(0x1000, max(4, 4 * m * k)), arena.buffer(0x9000, max(4, 4 * k * n))
+    cbuf = arena.buffer(0x20000, 4 * max(1, m * n))
+    f32(cbuf, np.full(max(1, m * n), 7.0, np.float32))
+    matmul_f32(cbuf, abuf, bbuf, m, n, k, KernelStats())
+    got = cbuf.gather().view(np.float32)
+    expected = np.zeros(m * n, np.float32) if m * n else np.full(1, 7.0, np.float32)
+    np.testing.assert_array_equal(got[:expected.shape[0]], expected)

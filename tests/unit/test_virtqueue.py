@@ -436,3 +436,52 @@ def test_random_rings_pop_or_raise(num: int, table: list[tuple[int, int, int, in
     finally:
         ring.close()
         ram.close()
+
+
+# --- the two-descriptor fast path agrees with the general walk -----------------------
+
+
+def chain_outcome(queue: Virtqueue, head: int, walk: str) -> tuple[object, ...]:
+    """What a walk makes of ``head``: the buffers' bytes and lengths, or the error."""
+    try:
+        chain = getattr(queue, walk)(head)
+    except GuestProtocolError as err:
+        return ("fatal", str(err), err.ring_fatal)
+    return (chain.head, [bytes(b) for b in chain.out], [bytes(b) for b in chain.inp],
+            chain.out_len, chain.in_len, chain.writable_ok,
+            None if chain.error is None else str(chain.error))
+
+
+ADDRS = st.sampled_from([DATA, DATA + 0x7F0, RAM_SIZE - 8, RAM_SIZE - 4, RAM_SIZE, OUTSIDE,
+                         0x1_0000_0000_0000 - 4, 2**64 - 8])
+DESC = st.tuples(ADDRS, st.sampled_from([0, 1, 8, 24, 0x800, 2**32 - 1]),
+                 st.sampled_from([0, NEXT, WRITE, NEXT | WRITE, INDIRECT, NEXT | INDIRECT,
+                                  0x8]),
+                 st.integers(0, NUM + 1))
+
+
+@settings(max_examples=400, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(first=DESC, second=DESC, indirect=st.booleans(),
+       table_at=st.sampled_from([TABLES, RAM_SIZE - 16, OUTSIDE]))
+def test_fast_path_agrees_with_the_general_walk(ram: GuestRam, ring: DriverRing,
+                                                first: tuple[int, int, int, int],
+                                                second: tuple[int, int, int, int],
+                                                indirect: bool, table_at: int) -> None:
+    queue = ring.queue()
+    if indirect:
+        if table_at != OUTSIDE:
+            ring.write_table(table_at, [first, second][:2 if table_at == TABLES else 1])
+        ring.set_desc(0, table_at, 32, INDIRECT)
+    else:
+        ring.set_desc(0, *first)
+        ring.set_desc(first[3] % NUM, *second)
+    ram.write(DATA, bytes(range(256)) * 8)
+    queue._last_region = None  # both walks start from the same cache state
+    general = chain_outcome(queue, 0, "_walk_any")
+    queue._last_region = None
+    assert chain_outcome(queue, 0, "_walk") == general
+    queue._last_region = queue._memory.regions[0]  # and with the region cached
+    fast = chain_outcome(queue, 0, "_walk")
+    queue._last_region = queue._memory.regions[0]
+    assert fast == chain_outcome(queue, 0, "_walk_any")

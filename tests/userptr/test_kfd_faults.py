@@ -162,3 +162,15 @@ def test_unref_refused_while_the_host_cannot_unmap(start_vm: VmFactory, gpus: in
     vm.unref(blob.resource_id).expect(Resp.OK_NODATA)
     vm.unref(blob.resource_id).expect(Resp.ERR_INVALID_RESOURCE_ID)
     vm.still_serving()
+
+
+def test_detach_backing_refused_while_the_host_cannot_unmap(start_vm: VmFactory) -> None:
+    """The same for DETACH_BACKING: refused while the mapping is live (the backing
+    stays), so a later UNREF cannot answer OK over a live mapping; retries succeed."""
+    vm = start_vm(*fault("UNMAP_MEMORY_FROM_GPU", "EIO", 1, 0, device=0))
+    ctx = results_context(vm)
+    blob = ctx.blob(BLOB)
+    vm.s.gpu.detach_backing(blob.resource_id).expect(Resp.ERR_UNSPEC)
+    vm.s.gpu.detach_backing(blob.resource_id).expect(Resp.OK_NODATA)
+    vm.unref(blob.resource_id).expect(Resp.OK_NODATA)
+    vm.still_serving()

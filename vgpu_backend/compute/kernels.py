@@ -135,7 +135,13 @@ def matmul_f32(c: Buffer, a: Buffer, b: Buffer, m: int, n: int, k: int,
     guest memory and narrow matrices); otherwise they are staged whole, as is ``b``
     unless it is one run -- the analogue of a GPU loading tiles.  ``stats.staged_bytes``
     counts what was staged."""
-    row_macs = max(1, n * k)
+    stats.bytes_touched += a.nbytes + b.nbytes + c.nbytes
+    if m == 0 or n == 0:
+        return  # an empty product: nothing to write
+    if k == 0:  # a sum of no terms
+        c.move(0, np.zeros(4 * m * n, dtype=np.uint8), into_buffer=True)
+        return
+    row_macs = n * k
     rows = max(1, _MATMUL_BLOCK_MACS // row_macs,
                min(_MATMUL_GOOD_ROWS, _MATMUL_MAX_BLOCK_MACS // row_macs))
     if b.single:
@@ -166,7 +172,6 @@ def matmul_f32(c: Buffer, a: Buffer, b: Buffer, m: int, n: int, k: int,
     if out_whole is not None:
         c.move(0, out_whole.view(np.uint8).reshape(-1), into_buffer=True)
         stats.staged_bytes += out_whole.nbytes
-    stats.bytes_touched += a.nbytes + b.nbytes + c.nbytes
 
 
 def _rows_in_runs(buf: Buffer, row_bytes: int, total_rows: int, rows: int) -> bool:
@@ -183,7 +188,8 @@ def _rows_in_runs(buf: Buffer, row_bytes: int, total_rows: int, rows: int) -> bo
 def _run_rows(buf: Buffer, row_bytes: int, r0: int, r1: int) -> npt.NDArray[np.uint8]:
     """The view of rows ``[r0, r1)``, which :func:`_row_blocks` put in one run."""
     view = buf.run_at(row_bytes * r0, row_bytes * r1)
-    assert view is not None, "row block across runs"
+    if view is None:  # _rows_in_runs and _row_blocks rule this out
+        raise RuntimeError(f"rows [{r0}, {r1}) are not in one run")
     return view
 
 
