@@ -149,6 +149,11 @@ class Engine:
             outcome.results.append(CmdResult(cmd.cmd_id, Status.OK, value))
             outcome.completed += 1
         outcome.elapsed_ns = time.perf_counter_ns() - start
+        stats = outcome.stats
+        log.debug("context %d: %d of %d commands in %.3f ms, %d bytes touched, %d staged "
+                  "(kernel scratch for pieces that are not host-contiguous)", vm.ctx_id,
+                  outcome.completed, len(commands), outcome.elapsed_ns / 1e6,
+                  stats.bytes_touched, stats.staged_bytes)
         if target is not None and not (cancel is not None and cancel.is_set()):
             self._write_results(vm, target, outcome)
         return outcome
