@@ -37,9 +37,10 @@ PAGE = 4096
 MAX_PIECE = 2 << 20
 #: runs shorter than this on average make :func:`blocks` stage instead of walking runs
 _STAGE_BELOW = 64 << 10
-#: staging memory a worker thread keeps between dispatches (matmul operands of
-#: scattered buffers): fresh large arrays cost page faults and THP compaction each time
-STAGING_CACHE_BYTES = 256 << 20
+#: staging memory a worker thread keeps between dispatches (a matmul's scattered right
+#: operand, 256 MiB at 8192², plus its row blocks): fresh large arrays cost page faults
+#: and THP compaction each time
+STAGING_CACHE_BYTES = 320 << 20
 _scratch = threading.local()
 
 

@@ -130,11 +130,11 @@ def matmul_f32(c: Buffer, a: Buffer, b: Buffer, m: int, n: int, k: int,
                stats: KernelStats) -> None:
     """``c[m, n] = a[m, k] @ b[k, n]`` (float32, row major).
 
-    BLAS wants contiguous rows in blocks of a few hundred.  ``a`` and ``c`` are used in
-    place when each of their runs holds whole rows, a full block of them (huge-page
-    guest memory and narrow matrices); otherwise they are staged whole, as is ``b``
-    unless it is one run -- the analogue of a GPU loading tiles.  ``stats.staged_bytes``
-    counts what was staged."""
+    BLAS wants contiguous rows in blocks of a few hundred.  Row blocks of ``a`` and ``c``
+    are used in place when each of their runs holds whole rows, a full block of them
+    (huge-page guest memory and narrow matrices); otherwise each block is staged
+    through a small per-thread scratch block, and ``b`` is staged whole unless it is one
+    run -- the analogue of a GPU loading tiles.  ``stats.staged_bytes`` counts it."""
     stats.bytes_touched += a.nbytes + b.nbytes + c.nbytes
     if m == 0 or n == 0:
         return  # an empty product: nothing to write
@@ -149,25 +149,31 @@ def matmul_f32(c: Buffer, a: Buffer, b: Buffer, m: int, n: int, k: int,
     else:
         right = b.gather(staging(1, b.nbytes)).view("<f4").reshape(k, n)
         stats.staged_bytes += b.nbytes
-    left_whole = None
-    if not _rows_in_runs(a, 4 * k, m, rows):
-        left_whole = a.gather(staging(0, a.nbytes)).view("<f4").reshape(-1)[:m * k]
-        stats.staged_bytes += a.nbytes
-    # c is written in place only if no operand shares its memory (row blocks written
-    # early must not change rows read later) and its runs hold whole row blocks
-    out_whole = None
-    if c.overlaps(a) or c.overlaps(b) or not _rows_in_runs(c, 4 * n, m, rows):
-        out_whole = staging(2, c.nbytes).view("<f4").reshape(-1)[:m * n].reshape(m, n)
-    in_place = [(buf, size) for buf, size, whole in ((a, 4 * k, left_whole),
-                                                     (c, 4 * n, out_whole)) if whole is None]
+    a_in_place = _rows_in_runs(a, 4 * k, m, rows)
+    # c is written block by block only if no operand shares its memory (row blocks
+    # written early must not change rows read later); else the product is staged whole
+    shared = c.overlaps(a) or c.overlaps(b)
+    out_whole = staging(2, 4 * m * n).view("<f4").reshape(m, n) if shared else None
+    c_in_place = not shared and _rows_in_runs(c, 4 * n, m, rows)
+    in_place = [(a, 4 * k)] * a_in_place + [(c, 4 * n)] * c_in_place
     for r0, r1 in _row_blocks(m, rows, in_place):
-        if left_whole is not None:
-            left = left_whole[k * r0:k * r1].reshape(r1 - r0, k)
+        if a_in_place:
+            left = _run_rows(a, 4 * k, r0, r1)
         else:
-            left = _run_rows(a, 4 * k, r0, r1).view("<f4").reshape(r1 - r0, k)
-        out = out_whole[r0:r1] if out_whole is not None else \
-            _run_rows(c, 4 * n, r0, r1).view("<f4").reshape(r1 - r0, n)
-        np.matmul(left, right, out=out)
+            left = staging(0, 4 * k * (r1 - r0))
+            a.move(4 * k * r0, left, into_buffer=False)
+            stats.staged_bytes += left.nbytes
+        if out_whole is not None:
+            out = out_whole[r0:r1].view(np.uint8).reshape(-1)
+        elif c_in_place:
+            out = _run_rows(c, 4 * n, r0, r1)
+        else:
+            out = staging(3, 4 * n * (r1 - r0))
+        np.matmul(left.view("<f4").reshape(r1 - r0, k), right,
+                  out=out.view("<f4").reshape(r1 - r0, n))
+        if out_whole is None and not c_in_place:
+            c.move(4 * n * r0, out, into_buffer=True)
+            stats.staged_bytes += out.nbytes
         stats.step()
     if out_whole is not None:
         c.move(0, out_whole.view(np.uint8).reshape(-1), into_buffer=True)
