@@ -96,3 +96,18 @@ def test_matmul_on_aliased_operands_stages_nothing(ram: FileRam) -> None:
     np.testing.assert_allclose(cbuf.gather().view(np.float32).reshape(m, n), a @ b,
                                rtol=1e-4, atol=1e-3)
     assert stats.staged_bytes == 0
+
+
+def test_a_buffer_may_start_and_end_inside_a_page(ram: FileRam) -> None:
+    """Page-structured runs: the first starts inside a page, the last ends inside one;
+    the view covers exactly the buffer's bytes."""
+    addr = ram.base + np.array([8 * RUN + 100, 3 * RUN, 20 * RUN], np.int64)
+    length = np.array([RUN - 100, 2 * RUN, 1000], np.int64)
+    buf = Buffer(0x10000, int(length.sum()), addr, length, ram.file_of)
+    data = np.random.default_rng(4).integers(0, 256, buf.nbytes, dtype=np.uint8)
+    buf.scatter(data)
+    with buf.contiguous(writable=True) as view:
+        assert view is not None and view.shape == (buf.nbytes,)
+        assert np.array_equal(view, data)
+        view[-10:] = 1
+    assert (buf.gather()[-10:] == 1).all()

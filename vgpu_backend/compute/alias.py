@@ -59,9 +59,16 @@ def _map(addr: I64, length: I64, file_of: FileOf,
         return None
     fds, offsets = backing
     granule = max(hostmem.file_page_size(fd) for fd in np.unique(fds).tolist())
+    # the first run may start and the last end inside a page: map those pages whole
+    head = int(offsets[0]) % granule
+    offsets = offsets.copy()
+    length = length.copy()
+    offsets[0] -= head
+    length[0] += head
+    length[-1] += -int(offsets[-1] + length[-1]) % granule
     if ((offsets | length) % granule).any():
-        return None  # a run the file cannot be mapped at (e.g. inside a huge page)
-    span = total + granule
+        return None  # a run inside the buffer does not cover whole pages
+    span = int(length.sum()) + granule
     try:
         raw = hostmem.reserve(span)
     except OSError as err:
@@ -72,10 +79,10 @@ def _map(addr: I64, length: I64, file_of: FileOf,
     try:
         for fd, offset, size in zip(fds.tolist(), offsets.tolist(), length.tolist(),
                                     strict=True):
-            hostmem.map_file_fixed(at, size, fd, offset, writable=writable)
+            hostmem.map_file_fixed(at, size, fd, offset, writable=writable, populate=True)
             at += size
     except OSError as err:
         hostmem.unmap(raw, span)
         log.debug("alias view of %d runs: %s", count, err)
         return None
-    return start, raw, span
+    return start + head, raw, span
