@@ -6,6 +6,7 @@ from __future__ import annotations
 import mmap
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -111,3 +112,38 @@ def test_a_buffer_may_start_and_end_inside_a_page(ram: FileRam) -> None:
         assert np.array_equal(view, data)
         view[-10:] = 1
     assert (buf.gather()[-10:] == 1).all()
+
+
+def test_read_only_views_refuse_writes(ram: FileRam) -> None:
+    buf = ram.buffer(0x10000, 2 * RUN)
+    with buf.contiguous(writable=False) as view:
+        assert view is not None
+        with pytest.raises(ValueError, match="read-only"):
+            view[0] = 1
+
+
+def file_mappings() -> int:
+    """Mappings of the test's memfd in this process."""
+    return Path("/proc/self/maps").read_text().count("memfd:alias-test")
+
+
+def test_a_failed_mapping_leaves_nothing_behind(ram: FileRam,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second run cannot be mapped: no view, and no page of the file stays mapped
+    (the failed run's range may stay reserved: it might no longer be ours to unmap)."""
+    from vgpu_backend.hostgpu import hostmem
+    calls: list[int] = []
+    real = hostmem.map_file_fixed
+
+    def failing(addr: int, length: int, fd: int, offset: int, **kw: bool) -> None:
+        calls.append(addr)
+        if len(calls) == 2:
+            raise OSError(22, "refused")
+        real(addr, length, fd, offset, **kw)
+
+    before = file_mappings()
+    monkeypatch.setattr(hostmem, "map_file_fixed", failing)
+    with ram.buffer(0x10000, 3 * RUN).contiguous(writable=False) as view:
+        assert view is None
+    assert len(calls) == 2
+    assert file_mappings() == before == 1

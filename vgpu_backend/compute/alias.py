@@ -12,6 +12,8 @@ the kernel stages.
 from __future__ import annotations
 
 import logging
+import os
+import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -31,6 +33,7 @@ FileOf = Callable[[I64, I64], "tuple[npt.NDArray[np.int32], I64] | None"]
 MAX_ALIAS_RUNS = 4096
 #: runs shorter than this on average are cheaper to stage than to map
 MIN_ALIAS_RUN = 256 << 10
+_HUGE = 2 << 20
 
 @contextmanager
 def aliased(addr: I64, length: I64, file_of: FileOf | None, *,
@@ -40,9 +43,10 @@ def aliased(addr: I64, length: I64, file_of: FileOf | None, *,
     if base is None:
         yield None
         return
-    total = int(length.sum())
+    view = hostmem.view(base[0], int(length.sum()))
+    view.flags.writeable = writable  # a stray write raises instead of faulting
     try:
-        yield hostmem.view(base[0], total)
+        yield view
     finally:
         hostmem.unmap(base[1], base[2])
 
@@ -58,7 +62,13 @@ def _map(addr: I64, length: I64, file_of: FileOf,
     if backing is None:
         return None
     fds, offsets = backing
-    granule = max(hostmem.file_page_size(fd) for fd in np.unique(fds).tolist())
+    files = np.unique(fds).tolist()
+    if not all(stat.S_ISREG(os.fstat(fd).st_mode) for fd in files):
+        return None  # memfd, shmem and hugetlbfs files only (a DAX device maps its own way)
+    granules = {hostmem.file_page_size(fd) for fd in files}
+    if len(granules) != 1:
+        return None
+    granule = granules.pop()
     # the first run may start and the last end inside a page: map those pages whole
     head = int(offsets[0]) % granule
     offsets = offsets.copy()
@@ -68,21 +78,28 @@ def _map(addr: I64, length: I64, file_of: FileOf,
     length[-1] += -int(offsets[-1] + length[-1]) % granule
     if ((offsets | length) % granule).any():
         return None  # a run inside the buffer does not cover whole pages
-    span = int(length.sum()) + granule
+    # 2 MiB-aligned runs of a 4 KiB-page file (shmem THP) keep their huge pages only at
+    # 2 MiB-aligned addresses
+    align = max(granule, _HUGE) if not ((offsets | length) % _HUGE).any() else granule
+    span = int(length.sum()) + align
     try:
         raw = hostmem.reserve(span)
     except OSError as err:
         log.debug("alias view of %d runs: %s", count, err)
         return None
-    start = -(-raw // granule) * granule
+    start = -(-raw // align) * align
     at = start
-    try:
-        for fd, offset, size in zip(fds.tolist(), offsets.tolist(), length.tolist(),
-                                    strict=True):
+    for fd, offset, size in zip(fds.tolist(), offsets.tolist(), length.tolist(),
+                                strict=True):
+        try:
             hostmem.map_file_fixed(at, size, fd, offset, writable=writable, populate=True)
-            at += size
-    except OSError as err:
-        hostmem.unmap(raw, span)
-        log.debug("alias view of %d runs: %s", count, err)
-        return None
+        except OSError as err:
+            # [at, at+size) may be a hole now: give back only what is still ours
+            if at > raw:
+                hostmem.unmap(raw, at - raw)
+            if raw + span > at + size:
+                hostmem.unmap(at + size, raw + span - at - size)
+            log.debug("alias view of %d runs: %s", count, err)
+            return None
+        at += size
     return start + head, raw, span
