@@ -103,9 +103,11 @@ class Timelines:
             done, self._done = self._done, []
         for key, on_done, result in done:
             line = self._lines[key]
-            line.running = False
             line.undelivered.popleft()
+            # still "running" while on_done runs: a job it submits on this timeline is
+            # queued behind the next one, never started beside it
             on_done(result)
+            line.running = False
             if line.queued:
                 self._start_next(key, line)
             elif not line.undelivered:
