@@ -105,6 +105,7 @@ class VirtioGpuDevice:
         self._again = [False, False]
         self._closing = False
         self._inflight: list[tuple[Deferred, Callable[[], Reply]]] = []
+        self._quiescing = False
         self.internal_errors = 0
         memory.add_unmap_listener(self._region_unmapping)
 
@@ -168,6 +169,8 @@ class VirtioGpuDevice:
         """Drain every available chain of queue ``index``.  Not re-entrant: a call made
         while a command of that queue is being executed (e.g. from a display callback)
         runs after it, so replies keep their order."""
+        if self._quiescing:
+            return  # the ring is stopping: what is still available stays for later
         if self._processing[index]:
             self._again[index] = True
             return
@@ -310,9 +313,15 @@ class VirtioGpuDevice:
         """Finish in-flight work and answer every deferred command (a ring stops)."""
         if self.compute is not None:
             self.compute.drain()
-        for deferred, fallback in list(self._inflight):
-            deferred.resolve(fallback())
-        self._inflight.clear()
+        # answering a queue-holding command would let the queue run on and pop more
+        # chains whose answers would then be lost: nothing is popped meanwhile
+        self._quiescing = True
+        try:
+            while self._inflight:
+                deferred, fallback = self._inflight.pop(0)
+                deferred.resolve(fallback())
+        finally:
+            self._quiescing = False
         self._waiting = None
 
     # --- lifecycle -----------------------------------------------------------------

@@ -149,3 +149,26 @@ def test_odd_display_modes_still_give_an_edid(mode: DisplayOne) -> None:
         assert harness.device.internal_errors == 0
     finally:
         harness.close()
+
+
+def test_quiesce_answers_what_was_popped_and_leaves_the_rest_available() -> None:
+    """GET_VRING_BASE while a command holds the queue (QEMU's display has not answered)
+    and another waits behind it: the first is answered (fallback), the second is not
+    popped -- it stays in the avail ring for the ring's next start -- and nothing is
+    pushed into the ring after it restarts (a guest reset)."""
+    h = DeviceHarness(limits=Limits(max_hostmem=16 << 20, display_reply_timeout=1.0),
+                      display=True)
+    try:
+        h.peer.answer_display_info = False
+        assert h.submit(command(Cmd.GET_DISPLAY_INFO)) == []
+        assert h.submit(command(Cmd.GET_DISPLAY_INFO)) == []  # queued behind the first
+        h.device.quiesce()
+        answered = h.collect()
+        assert [r.head for r in answered] == [0]
+        assert h.device.queues[0].last_avail == 1
+        h.device.reset()
+        with pytest.raises(AssertionError, match="not met"):  # no late answer
+            run_until(h.loop, lambda: h.control.used_idx() != h.control.seen_used,
+                      timeout=2.0)
+    finally:
+        h.close()
