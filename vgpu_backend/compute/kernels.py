@@ -131,10 +131,11 @@ def matmul_f32(c: Buffer, a: Buffer, b: Buffer, m: int, n: int, k: int,
                stats: KernelStats) -> None:
     """``c[m, n] = a[m, k] @ b[k, n]`` (float32, row major).
 
-    BLAS wants contiguous rows in blocks of a few hundred.  An operand that is not one
-    run is used as a contiguous view of its own pages mapped side by side
-    (:meth:`Buffer.contiguous`: huge-page guest memory) or, row block by row block, in
-    place when its runs hold whole blocks; only what neither allows is staged through
+    BLAS wants contiguous rows in blocks of a few hundred.  An input that is not one
+    run is read through a contiguous read-only view of its own pages mapped side by
+    side (:meth:`Buffer.contiguous`: huge-page guest memory) or, row block by row block,
+    in place when its runs hold whole blocks; the product is written in place the same
+    way or staged block by block; only what none of this allows is staged through
     per-thread scratch -- the analogue of a GPU loading tiles.  ``stats.staged_bytes``
     counts what was staged."""
     stats.bytes_touched += a.nbytes + b.nbytes + c.nbytes
@@ -155,9 +156,10 @@ def matmul_f32(c: Buffer, a: Buffer, b: Buffer, m: int, n: int, k: int,
         left_whole = _contiguous(a, views, writable=False)
         a_in_place = left_whole is None and _rows_in_runs(a, 4 * k, m, rows)
         # c is written block by block only if no operand shares its memory (row blocks
-        # written early must not change rows read later); else it is staged whole
+        # written early must not change rows read later); else it is staged whole.  It
+        # is written through its own runs, never through a second (aliased) mapping.
         shared = c.overlaps(a) or c.overlaps(b)
-        out_whole = staging(2, 4 * m * n) if shared else _contiguous(c, views, writable=True)
+        out_whole = staging(2, 4 * m * n) if shared else (c.whole() if c.single else None)
         c_in_place = out_whole is None and _rows_in_runs(c, 4 * n, m, rows)
         in_place = [(a, 4 * k)] * a_in_place + [(c, 4 * n)] * c_in_place
         for r0, r1 in _row_blocks(m, rows, in_place):
