@@ -92,8 +92,7 @@ class VirtioGpuDevice:
             self._handlers.update(self.blobs.handlers())
         self.compute: ComputeCommands | None = None
         if options.compute and gpu_memory is not None:
-            self.compute = ComputeCommands(self.state, self.contexts,
-                                           Engine(gpu_memory, memory.file_backing))
+            self.compute = ComputeCommands(self.state, self.contexts, Engine(gpu_memory))
             self._handlers.update(self.compute.handlers())
             self.state.capsets.append(compute_capset(self.state))
         if options.userptr_protocol is not UserptrProtocol.OFF:

@@ -260,14 +260,6 @@ class GuestMemory:
         for r in self._regions:
             self._host_lut[r.id], self._fd_lut[r.id], self._file_lut[r.id] = \
                 r.host_addr, r.fd, r.mmap_offset
-        # host address -> backing file, for host runs (one immutable tuple: worker
-        # threads read it while the loop thread may replace it)
-        by_host = sorted(self._regions, key=lambda r: r.host_addr)
-        self._host_index = (
-            np.array([r.host_addr for r in by_host], dtype=np.int64),
-            np.array([r.host_addr + r.size for r in by_host], dtype=np.int64),
-            np.array([r.fd for r in by_host], dtype=np.int32),
-            np.array([r.mmap_offset for r in by_host], dtype=np.int64))
         # adjacent[k]: region k+1 starts exactly where region k ends
         adjacent = self._ends[:-1] == self._starts[1:]
         self._gaps_before = np.concatenate(([0], np.cumsum(~adjacent))).astype(np.int64)
@@ -396,19 +388,6 @@ class GuestMemory:
     def host_base(self, region_ids: npt.NDArray[np.int64]) -> U64:
         """Host address of each (live) region's first guest byte."""
         return np.take(self._host_lut, region_ids)  # take: faster than fancy indexing
-
-    def file_backing(self, addr: npt.NDArray[np.int64], length: npt.NDArray[np.int64]
-                     ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int64]] | None:
-        """Backing fd and file offset of host runs ``[addr, addr+length)`` that lie in
-        guest RAM mappings, one region each; None if any does not.  Safe to call from
-        a worker thread."""
-        starts, ends, fds, offsets = self._host_index
-        where = np.searchsorted(starts, addr, side="right") - 1
-        if not starts.size or (where < 0).any():
-            return None
-        if (addr + length > ends[where]).any() or (fds[where] < 0).any():
-            return None
-        return fds[where], addr - starts[where] + offsets[where]
 
     def file_base(self, region_ids: npt.NDArray[np.int64]) -> tuple[
             npt.NDArray[np.int32], U64]:

@@ -143,13 +143,21 @@ class SplitRing:
     def completions(self) -> list[tuple[int, int]]:
         """New used elements as ``(head, written)``; their descriptors are freed."""
         used = self.used_index
-        done: list[tuple[int, int]] = []
-        while self.last_used != used:
-            element = self.used_ring[self.last_used % self.size]
-            head, written = int(element["id"]), int(element["len"])
-            done.append((head, written))
+        count = (used - self.last_used) & 0xFFFF
+        slots = [(self.last_used + i) % self.size for i in range(count)]
+        done = [(int(self.used_ring[slot]["id"]), int(self.used_ring[slot]["len"]))
+                for slot in slots]
+        heads = [head for head, _ in done]
+        if count > len(self._chains) or len(set(heads)) != count or \
+                not set(heads) <= self._chains.keys():
+            # nothing is consumed: the state stays as the device left it, for the record
+            raise RuntimeError(
+                f"queue {self.index}: the device returned unknown head(s): used index "
+                f"{used}, last seen {self.last_used}, slots {slots} hold heads {heads}, "
+                f"in flight {sorted(self._chains)}")
+        for head in heads:
             self._release(head)
-            self.last_used = (self.last_used + 1) & 0xFFFF
+        self.last_used = used
         return done
 
     def _release(self, head: int) -> None:

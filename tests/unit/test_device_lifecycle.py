@@ -159,6 +159,7 @@ def test_quiesce_answers_what_was_popped_and_leaves_the_rest_available() -> None
     h = DeviceHarness(limits=Limits(max_hostmem=16 << 20, display_reply_timeout=1.0),
                       display=True)
     try:
+        assert h.peer is not None
         h.peer.answer_display_info = False
         assert h.submit(command(Cmd.GET_DISPLAY_INFO)) == []
         assert h.submit(command(Cmd.GET_DISPLAY_INFO)) == []  # queued behind the first

@@ -337,22 +337,3 @@ def test_region_array_sees_the_guest_bytes_at_mmap_offset(
     assert bases.tolist() == [second.host_addr] * 2
     fds, offsets = ram.memory.file_base(np.array([second.id], np.int64))
     assert (fds.tolist(), offsets.tolist()) == ([second.fd], [100])
-
-
-def test_file_backing_of_host_runs(two_adjacent_and_one_apart: GuestRam) -> None:
-    """Host runs inside a region's mapping -> that region's fd and file offset (with its
-    mmap_offset); a run outside guest RAM or across two mappings -> None."""
-    memory = two_adjacent_and_one_apart.memory
-    regions = sorted(memory.regions, key=lambda r: r.gpa)
-    second = regions[1]  # mmap_offset 100
-    addr = np.array([second.host_addr + 8, regions[0].host_addr], np.int64)
-    length = np.array([PAGE, PAGE], np.int64)
-    backing = memory.file_backing(addr, length)
-    assert backing is not None
-    fds, offsets = backing
-    assert fds.tolist() == [second.fd, regions[0].fd]
-    assert offsets.tolist() == [second.mmap_offset + 8, regions[0].mmap_offset]
-    past_end = np.array([second.host_addr + second.size - 8], np.int64)
-    assert memory.file_backing(past_end, np.array([16], np.int64)) is None
-    assert memory.file_backing(np.array([8], np.int64), np.array([8], np.int64)) is None
-    assert GuestMemory().file_backing(addr, length) is None

@@ -20,13 +20,11 @@ from __future__ import annotations
 import itertools
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
-from vgpu_backend.compute.alias import FileOf, aliased
 from vgpu_backend.hostgpu import hostmem
 
 __all__ = ["MAX_PIECE", "PAGE", "STAGING_CACHE_BYTES", "Buffer", "blocks", "staging"]
@@ -64,14 +62,11 @@ class Buffer:
     bytes are ever touched.
     """
 
-    __slots__ = ("_paging", "_paging_known", "addr", "ends", "file_of", "length", "nbytes",
-                 "offset", "va", "window")
+    __slots__ = ("_paging", "_paging_known", "addr", "ends", "length", "nbytes", "offset",
+                 "va", "window")
 
-    def __init__(self, va: int, nbytes: int, addr: I64, length: I64,
-                 file_of: FileOf | None = None) -> None:
+    def __init__(self, va: int, nbytes: int, addr: I64, length: I64) -> None:
         self.va = va
-        #: where the runs' backing file pages are (guest RAM), for :meth:`contiguous`
-        self.file_of = file_of
         self.nbytes = nbytes
         self.addr = addr
         self.length = length
@@ -90,12 +85,6 @@ class Buffer:
     def single(self) -> bool:
         """One host run."""
         return int(self.addr.shape[0]) == 1
-
-    def contiguous(self, *, writable: bool) -> AbstractContextManager[U8 | None]:
-        """While in the ``with`` block: the whole buffer as one contiguous view of the
-        same memory (its file pages mapped side by side, see :mod:`.alias`), or None
-        when that is not possible; the caller then stages."""
-        return aliased(self.addr, self.length, self.file_of, writable=writable)
 
     def whole(self) -> U8:
         """A view of the whole buffer (only when :attr:`single`)."""

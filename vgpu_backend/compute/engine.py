@@ -36,7 +36,6 @@ from protocol.compute import (
 )
 from protocol.wire import encode
 from vgpu_backend.compute import kernels
-from vgpu_backend.compute.alias import FileOf
 from vgpu_backend.compute.buffers import Buffer
 from vgpu_backend.compute.kernels import KernelStats
 from vgpu_backend.hostgpu.base import GpuFault, GpuMapping, GpuMemory
@@ -111,11 +110,8 @@ class _Failure(Exception):
 class Engine:
     """Runs streams against a page table (thread-safe; one call per job)."""
 
-    def __init__(self, memory: GpuMemory, file_of: FileOf | None = None) -> None:
-        """:param file_of: where host runs in guest RAM are backed (lets kernels map an
-            operand contiguously instead of staging it)."""
+    def __init__(self, memory: GpuMemory) -> None:
         self._memory = memory
-        self._file_of = file_of
         self._ops: dict[Op, Callable[[ContextVm, Command, Any, KernelStats], int]] = {
             Op.MAP_RESOURCE: self._map, Op.UNMAP_RESOURCE: self._unmap,
             Op.DISPATCH: self._dispatch, Op.FILL: self._fill, Op.COPY: self._copy,
@@ -194,7 +190,7 @@ class Engine:
             addr, length = self._memory.resolve_arrays(va, size, write=write)
         except GpuFault as fault:
             raise _Failure(Status.FAULT, str(fault), fault.address) from None
-        return Buffer(va, size, addr, length, self._file_of)
+        return Buffer(va, size, addr, length)
 
     # --- stream commands -------------------------------------------------------------
 

@@ -11,7 +11,6 @@ bytes is reported.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import threading
 import zlib
@@ -131,13 +130,11 @@ def matmul_f32(c: Buffer, a: Buffer, b: Buffer, m: int, n: int, k: int,
                stats: KernelStats) -> None:
     """``c[m, n] = a[m, k] @ b[k, n]`` (float32, row major).
 
-    BLAS wants contiguous rows in blocks of a few hundred.  An input that is not one
-    run is read through a contiguous read-only view of its own pages mapped side by
-    side (:meth:`Buffer.contiguous`: huge-page guest memory) or, row block by row block,
-    in place when its runs hold whole blocks; the product is written in place the same
-    way or staged block by block; only what none of this allows is staged through
-    per-thread scratch -- the analogue of a GPU loading tiles.  ``stats.staged_bytes``
-    counts what was staged."""
+    BLAS wants contiguous rows in blocks of a few hundred.  Row blocks of ``a`` and ``c``
+    are used in place when each of their runs holds whole rows, a full block of them
+    (huge-page guest memory and narrow matrices); otherwise each block is staged
+    through a small per-thread scratch block, and ``b`` is staged whole unless it is one
+    run -- the analogue of a GPU loading tiles.  ``stats.staged_bytes`` counts it."""
     stats.bytes_touched += a.nbytes + b.nbytes + c.nbytes
     if m == 0 or n == 0:
         return  # an empty product: nothing to write
@@ -147,54 +144,40 @@ def matmul_f32(c: Buffer, a: Buffer, b: Buffer, m: int, n: int, k: int,
     row_macs = n * k
     rows = max(1, _MATMUL_BLOCK_MACS // row_macs,
                min(_MATMUL_GOOD_ROWS, _MATMUL_MAX_BLOCK_MACS // row_macs))
-    with contextlib.ExitStack() as views:
-        right_bytes = _contiguous(b, views, writable=False)
-        if right_bytes is None:
-            right_bytes = b.gather(staging(1, b.nbytes))
-            stats.staged_bytes += b.nbytes
-        right = right_bytes[:4 * k * n].view("<f4").reshape(k, n)
-        left_whole = _contiguous(a, views, writable=False)
-        a_in_place = left_whole is None and _rows_in_runs(a, 4 * k, m, rows)
-        # c is written block by block only if no operand shares its memory (row blocks
-        # written early must not change rows read later); else it is staged whole.  It
-        # is written through its own runs, never through a second (aliased) mapping.
-        shared = c.overlaps(a) or c.overlaps(b)
-        out_whole = staging(2, 4 * m * n) if shared else (c.whole() if c.single else None)
-        c_in_place = out_whole is None and _rows_in_runs(c, 4 * n, m, rows)
-        in_place = [(a, 4 * k)] * a_in_place + [(c, 4 * n)] * c_in_place
-        for r0, r1 in _row_blocks(m, rows, in_place):
-            if left_whole is not None:
-                left = left_whole[4 * k * r0:4 * k * r1]
-            elif a_in_place:
-                left = _run_rows(a, 4 * k, r0, r1)
-            else:
-                left = staging(0, 4 * k * (r1 - r0))
-                a.move(4 * k * r0, left, into_buffer=False)
-                stats.staged_bytes += left.nbytes
-            if out_whole is not None:
-                out = out_whole[4 * n * r0:4 * n * r1]
-            elif c_in_place:
-                out = _run_rows(c, 4 * n, r0, r1)
-            else:
-                out = staging(3, 4 * n * (r1 - r0))
-            np.matmul(left.view("<f4").reshape(r1 - r0, k), right,
-                      out=out.view("<f4").reshape(r1 - r0, n))
-            if out_whole is None and not c_in_place:
-                c.move(4 * n * r0, out, into_buffer=True)
-                stats.staged_bytes += out.nbytes
-            stats.step()
-        if shared and out_whole is not None:
-            c.move(0, out_whole, into_buffer=True)
-            stats.staged_bytes += out_whole.nbytes
-
-
-def _contiguous(buf: Buffer, views: contextlib.ExitStack,
-                *, writable: bool) -> npt.NDArray[np.uint8] | None:
-    """``buf`` as one contiguous view without copying (one run, or its pages mapped side
-    by side until ``views`` closes), or None."""
-    if buf.single:
-        return buf.whole()
-    return views.enter_context(buf.contiguous(writable=writable))
+    if b.single:
+        right = b.whole().view("<f4").reshape(k, n)
+    else:
+        right = b.gather(staging(1, b.nbytes)).view("<f4").reshape(k, n)
+        stats.staged_bytes += b.nbytes
+    a_in_place = _rows_in_runs(a, 4 * k, m, rows)
+    # c is written block by block only if no operand shares its memory (row blocks
+    # written early must not change rows read later); else the product is staged whole
+    shared = c.overlaps(a) or c.overlaps(b)
+    out_whole = staging(2, 4 * m * n).view("<f4").reshape(m, n) if shared else None
+    c_in_place = not shared and _rows_in_runs(c, 4 * n, m, rows)
+    in_place = [(a, 4 * k)] * a_in_place + [(c, 4 * n)] * c_in_place
+    for r0, r1 in _row_blocks(m, rows, in_place):
+        if a_in_place:
+            left = _run_rows(a, 4 * k, r0, r1)
+        else:
+            left = staging(0, 4 * k * (r1 - r0))
+            a.move(4 * k * r0, left, into_buffer=False)
+            stats.staged_bytes += left.nbytes
+        if out_whole is not None:
+            out = out_whole[r0:r1].view(np.uint8).reshape(-1)
+        elif c_in_place:
+            out = _run_rows(c, 4 * n, r0, r1)
+        else:
+            out = staging(3, 4 * n * (r1 - r0))
+        np.matmul(left.view("<f4").reshape(r1 - r0, k), right,
+                  out=out.view("<f4").reshape(r1 - r0, n))
+        if out_whole is None and not c_in_place:
+            c.move(4 * n * r0, out, into_buffer=True)
+            stats.staged_bytes += out.nbytes
+        stats.step()
+    if out_whole is not None:
+        c.move(0, out_whole.view(np.uint8).reshape(-1), into_buffer=True)
+        stats.staged_bytes += out_whole.nbytes
 
 
 def _rows_in_runs(buf: Buffer, row_bytes: int, total_rows: int, rows: int) -> bool:

@@ -44,7 +44,6 @@ _HUGETLBFS_MAGIC: Final = 0x958458F6  # <linux/magic.h>
 _MAP_FAILED: Final = ctypes.c_void_p(-1).value
 _MAP_NORESERVE: Final = getattr(mmap, "MAP_NORESERVE", 0x4000)
 _MAP_FIXED: Final = 0x10  # <sys/mman.h>, the same on every Linux architecture
-_MAP_POPULATE: Final = getattr(mmap, "MAP_POPULATE", 0x8000)
 _PROT_NONE: Final = 0
 
 
@@ -76,14 +75,11 @@ def map_file(length: int, fd: int, offset: int = 0, *, writable: bool = True) ->
     return _checked_mmap(None, length, prot, mmap.MAP_SHARED, fd=fd, offset=offset)
 
 
-def map_file_fixed(addr: int, length: int, fd: int, offset: int, *, writable: bool,
-                   populate: bool = False) -> None:
+def map_file_fixed(addr: int, length: int, fd: int, offset: int, *, writable: bool) -> None:
     """Map ``fd`` at ``offset`` shared at exactly ``addr`` (``MAP_FIXED``), replacing
-    whatever was there (normally part of a :func:`reserve` reservation); ``populate``
-    sets the page tables up at once (``MAP_POPULATE``) instead of fault by fault."""
+    whatever was there (normally part of a :func:`reserve` reservation)."""
     prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-    flags = mmap.MAP_SHARED | _MAP_FIXED | (_MAP_POPULATE if populate else 0)
-    got = _checked_mmap(addr, length, prot, flags, fd=fd, offset=offset)
+    got = _checked_mmap(addr, length, prot, mmap.MAP_SHARED | _MAP_FIXED, fd=fd, offset=offset)
     if got != addr:  # pragma: no cover - MAP_FIXED either maps at addr or fails
         raise OSError(0, f"MAP_FIXED mapped at {got:#x}, not {addr:#x}")
 
