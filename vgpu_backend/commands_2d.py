@@ -157,11 +157,7 @@ class Commands2D:
         """Destroy a resource (blobs release their host GPU mapping first).  While compute
         work that may use it is in flight, the queue waits for that work first."""
         res = self.s.resources.get(body.resource_id)
-        barrier = self.s.compute_barrier
-        wait = barrier(res.contexts) if res.contexts and barrier is not None else None
-        if wait is not None:
-            return wait.then(lambda: self._unref_now(body.resource_id))
-        return self._unref_now(body.resource_id)
+        return self.s.after_compute(res.contexts, lambda: self._unref_now(body.resource_id))
 
     def _unref_now(self, resource_id: int) -> Reply:
         res = self.s.resources.get(resource_id)
@@ -201,11 +197,7 @@ class Commands2D:
         """Forget a resource's guest pages (no backing: nothing to do).  While compute
         work that may use them is in flight, the queue waits for that work first."""
         res = self.s.resources.get(body.resource_id)
-        barrier = self.s.compute_barrier
-        wait = barrier(res.contexts) if res.contexts and barrier is not None else None
-        if wait is not None:
-            return wait.then(lambda: self._detach_now(body.resource_id))
-        return self._detach_now(body.resource_id)
+        return self.s.after_compute(res.contexts, lambda: self._detach_now(body.resource_id))
 
     def _detach_now(self, resource_id: int) -> Reply:
         res = self.s.resources.get(resource_id)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Hashable, Iterable
 
 import numpy as np
 
@@ -352,7 +352,7 @@ class ComputeCommands:
                 raise GuestProtocolError("buffer went away", Resp.ERR_UNSPEC)
             res.backing.read_into(body.offset, hostmem.view(res.host_addr + start, size))
             return OK
-        return self._after_compute(res, now)
+        return self.s.after_compute(res.contexts, now)
 
     def transfer_from_host(self, hdr: CtrlHdr, body: TransferHost3d,
                            chain: DescriptorChain) -> Reply | Deferred:
@@ -364,8 +364,4 @@ class ComputeCommands:
                 raise GuestProtocolError("buffer went away", Resp.ERR_UNSPEC)
             res.backing.write(body.offset, hostmem.view(res.host_addr + start, size))
             return OK
-        return self._after_compute(res, now)
-
-    def _after_compute(self, res: Resource, action: Callable[[], Reply]) -> Reply | Deferred:
-        wait = self._barrier(res.contexts)
-        return action() if wait is None else wait.then(action)
+        return self.s.after_compute(res.contexts, now)

@@ -129,7 +129,7 @@ class ContextTable:
         def now() -> Reply:
             self.destroy(self.get(hdr.ctx_id))
             return OK
-        return self._after_compute(hdr.ctx_id, now)
+        return self.s.after_compute((hdr.ctx_id,), now)
 
     def attach(self, hdr: CtrlHdr, body: CtxResource, chain: DescriptorChain) -> Reply:
         """Make a resource usable in a context (idempotent)."""
@@ -147,13 +147,7 @@ class ContextTable:
         def now() -> Reply:
             self.unlink(self.get(hdr.ctx_id), self.s.resources.get(body.resource_id))
             return OK
-        return self._after_compute(hdr.ctx_id, now)
-
-    def _after_compute(self, ctx_id: int, action: Callable[[], Reply]) -> Reply | Deferred:
-        """``action`` once the context's compute work submitted so far is done."""
-        barrier = self.s.compute_barrier
-        wait = barrier((ctx_id,)) if barrier is not None else None
-        return wait.then(action) if wait is not None else action()
+        return self.s.after_compute((hdr.ctx_id,), now)
 
     # --- operations ----------------------------------------------------------------
 

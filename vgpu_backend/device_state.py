@@ -170,6 +170,14 @@ class DeviceState:
     def __post_init__(self) -> None:
         self.num_scanouts = self.options.max_outputs
 
+    def after_compute(self, ctx_ids: Iterable[int],
+                      action: Callable[[], Reply]) -> Reply | Deferred:
+        """``action()`` now, or (holding the queue) once the compute work the contexts
+        ``ctx_ids`` submitted so far is done: a resource or context is going away."""
+        barrier = self.compute_barrier
+        wait = barrier(ctx_ids) if barrier is not None else None
+        return action() if wait is None else wait.then(action)
+
     def set_modes(self, modes: list[DisplayOne], info: bytes) -> None:
         """New display info (``info`` is the whole 408-byte response).  The guest may
         address QEMU's max_outputs scanouts, or more if QEMU reports more enabled."""
