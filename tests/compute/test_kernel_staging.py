@@ -14,6 +14,7 @@ from vgpu_backend.compute.buffers import Buffer
 from vgpu_backend.compute.kernels import KernelStats, matmul_f32
 
 RUN = 4096
+F32 = npt.NDArray[np.float32]
 RNG = np.random.default_rng(77)
 
 
@@ -38,6 +39,19 @@ def f32(buf: Buffer, values: npt.NDArray[np.float32]) -> None:
     buf.scatter(values.astype(np.float32).view(np.uint8).reshape(-1))
 
 
+def matmul_operands(arena: ScatteredArena, m: int, n: int, k: int
+                    ) -> tuple[F32, F32, Buffer, Buffer, Buffer]:
+    """Random ``a`` (m x k) and ``b`` (k x n) written to scattered buffers, and a
+    scattered buffer for ``c``."""
+    a = RNG.standard_normal((m, k)).astype(np.float32)
+    b = RNG.standard_normal((k, n)).astype(np.float32)
+    abuf, bbuf = arena.buffer(0x10000, a.nbytes), arena.buffer(0x200000, b.nbytes)
+    cbuf = arena.buffer(0x400000, m * n * 4)
+    f32(abuf, a)
+    f32(bbuf, b)
+    return a, b, abuf, bbuf, cbuf
+
+
 @pytest.mark.parametrize("cache_bytes", [buffers.STAGING_CACHE_BYTES, 64 * 1024, 0],
                          ids=["cached", "partly cached", "uncached"])
 def test_consecutive_matmuls_of_other_shapes(cache_bytes: int) -> None:
@@ -46,12 +60,7 @@ def test_consecutive_matmuls_of_other_shapes(cache_bytes: int) -> None:
     stats = KernelStats()
     with mock.patch.object(buffers, "STAGING_CACHE_BYTES", cache_bytes):
         for m, n, k in [(96, 80, 112), (7, 5, 3), (33, 130, 65), (96, 80, 112)]:
-            a = RNG.standard_normal((m, k)).astype(np.float32)
-            b = RNG.standard_normal((k, n)).astype(np.float32)
-            abuf, bbuf = arena.buffer(0x10000, a.nbytes), arena.buffer(0x90000, b.nbytes)
-            cbuf = arena.buffer(0x120000, m * n * 4)
-            f32(abuf, a)
-            f32(bbuf, b)
+            a, b, abuf, bbuf, cbuf = matmul_operands(arena, m, n, k)
             f32(cbuf, np.full(m * n, np.nan, np.float32))
             matmul_f32(cbuf, abuf, bbuf, m, n, k, stats)
             got = cbuf.gather().view(np.float32).reshape(m, n)
@@ -102,12 +111,7 @@ def test_rows_in_one_run_are_used_in_place(m: int, n: int, k: int) -> None:
     blocks are used in place (only ``b``, spread over several runs, is staged); rows
     split across runs are staged; the product is right either way."""
     arena = ScatteredArena(256)
-    a = RNG.standard_normal((m, k)).astype(np.float32)
-    b = RNG.standard_normal((k, n)).astype(np.float32)
-    abuf, bbuf = arena.buffer(0x10000, a.nbytes), arena.buffer(0x200000, b.nbytes)
-    cbuf = arena.buffer(0x400000, m * n * 4)
-    f32(abuf, a)
-    f32(bbuf, b)
+    a, b, abuf, bbuf, cbuf = matmul_operands(arena, m, n, k)
     stats = KernelStats()
     with mock.patch.object(kernels, "_MATMUL_BLOCK_MACS", 1), \
             mock.patch.object(kernels, "_MATMUL_GOOD_ROWS", 3):  # blocks cut by runs, too
