@@ -53,7 +53,8 @@ _FENCE = int(CtrlFlag.FENCE)
 _INFO_RING_IDX = int(CtrlFlag.INFO_RING_IDX)
 _FENCE_FLAGS = _FENCE | _INFO_RING_IDX
 _HDR = layout(CtrlHdr).struct  # the same bytes both ways: commands and responses
-_unpack_hdr, _make_hdr, _PAD = _HDR.unpack_from, CtrlHdr._make, b"\0\0\0"
+_unpack_hdr, _PAD = _HDR.unpack_from, b"\0\0\0"
+_new_hdr = tuple.__new__  # CtrlHdr._make without its length check (unpack gives all 6)
 
 
 def _context_types(options: DeviceOptions) -> list[int]:
@@ -190,20 +191,24 @@ class VirtioGpuDevice:
         if index == CONTROL_QUEUE and not self._control_may_run():
             return
         used_before = queue.used_idx
-        while queue.ready:
+        held = False
+        while queue.ready and not held:
             try:
-                chain = queue.pop()
+                chains = queue.pop_batch()
             except GuestProtocolError as err:
                 queue.mark_broken(str(err))
                 break
-            if chain is None:
+            if not chains:
                 break
-            if index == CURSOR_QUEUE:
-                self._run_cursor(chain)
-                queue.push(chain.head, 0)
-                continue
-            if self._run_control(queue, chain):
-                break  # a Deferred holds the queue
+            for done, chain in enumerate(chains, 1):
+                if index == CURSOR_QUEUE:
+                    self._run_cursor(chain)
+                    queue.push(chain.head, 0)
+                elif self._run_control(queue, chain):
+                    held = True  # a Deferred holds the queue: the rest waits
+                if held or not queue.ready:
+                    queue.unpop(len(chains) - done)
+                    break
         if queue.used_idx != used_before:
             queue.notify()
 
@@ -215,11 +220,19 @@ class VirtioGpuDevice:
 
     def _run_control(self, queue: Virtqueue, chain: DescriptorChain) -> bool:
         """Execute one control command; True if the queue must wait for it."""
-        data = chain.read(_COMMAND_READ)
-        hdr = _make_hdr(_unpack_hdr(data)) if len(data) >= CTRL_HDR_SIZE else CtrlHdr(0)
+        out = chain.out
+        data = bytes(out[0][:_COMMAND_READ]) if len(out) == 1 else chain.read(_COMMAND_READ)
+        hdr = _new_hdr(CtrlHdr, _unpack_hdr(data)) if len(data) >= CTRL_HDR_SIZE \
+            else CtrlHdr(0)
         result = self._execute(hdr, data, chain)
         if hdr.flags & _FENCE:
             result = self._after_earlier_work(hdr, result)
+        elif result.__class__ is Reply and not result.body and chain.writable_ok and \
+                chain.in_len >= CTRL_HDR_SIZE and len(chain.inp) == 1:
+            # the common case: a bare, unfenced header into one buffer
+            _HDR.pack_into(chain.inp[0], 0, result.resp, 0, 0, 0, 0, _PAD)
+            queue.push(chain.head, CTRL_HDR_SIZE)
+            return False
         if isinstance(result, Reply):
             self._respond(queue, chain, hdr, result)
             return False

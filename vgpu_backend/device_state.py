@@ -197,10 +197,10 @@ def with_body(body_type: type[Any],
     ERR_INVALID_PARAMETER."""
     codec = layout(body_type)
     need = CTRL_HDR_SIZE + codec.size
-    unpack, make = codec.struct.unpack_from, body_type._make
+    unpack, new = codec.struct.unpack_from, tuple.__new__  # _make without its check
 
     def handle(hdr: CtrlHdr, data: bytes, chain: DescriptorChain) -> Reply | Deferred:
         if len(data) < need:
             raise GuestProtocolError(f"{codec.c_name}: {len(data)} bytes, needs {need}")
-        return handler(hdr, make(unpack(data, CTRL_HDR_SIZE)), chain)
+        return handler(hdr, new(body_type, unpack(data, CTRL_HDR_SIZE)), chain)
     return handle

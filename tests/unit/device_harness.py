@@ -125,6 +125,12 @@ class DeviceHarness:
     def submit(self, cmd: bytes, response_size: int = 4096) -> list[Response]:
         """Queue one command (out descriptor + in descriptor) and process the queue;
         returns every used element published (the device may answer later)."""
+        self.stage(cmd, response_size)
+        self.device.process(CONTROL_QUEUE)
+        return self.collect()
+
+    def stage(self, cmd: bytes, response_size: int = 4096) -> None:
+        """Make one command available without a kick (several go in one batch)."""
         assert len(cmd) <= COMMAND_SIZE and response_size <= RESPONSE_SIZE
         slot = self.control.avail_idx % SLOTS
         command_gpa = COMMAND_GPA + slot * COMMAND_SIZE
@@ -135,8 +141,6 @@ class DeviceHarness:
         self.control.set_desc(head, command_gpa, len(cmd), _NEXT, head + 1)
         self.control.set_desc(head + 1, response_gpa, response_size, _WRITE)
         self.control.publish(head)
-        self.device.process(CONTROL_QUEUE)
-        return self.collect()
 
     def collect(self) -> list[Response]:
         """Used elements published since the last look, with the response bytes."""

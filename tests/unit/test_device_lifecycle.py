@@ -173,3 +173,43 @@ def test_quiesce_answers_what_was_popped_and_leaves_the_rest_available() -> None
                       timeout=2.0)
     finally:
         h.close()
+
+
+def test_a_held_command_keeps_the_rest_of_its_batch_in_order(shown: DeviceHarness) -> None:
+    """One kick, four commands, the second waiting for QEMU's display: only the first
+    is answered at once; the rest stay available and run, in order, once it is done."""
+    peer = peer_of(shown)
+    peer.answer_display_info = False
+    shown.stage(command(Cmd.RESOURCE_CREATE_2D, ResourceCreate2d(1, 2, 4, 4)))
+    shown.stage(command(Cmd.GET_DISPLAY_INFO))
+    shown.stage(command(Cmd.RESOURCE_CREATE_2D, ResourceCreate2d(2, 2, 4, 4)))
+    shown.stage(command(Cmd.RESOURCE_CREATE_2D, ResourceCreate2d(1, 2, 4, 4)))  # in use
+    shown.device.process(0)
+    assert [r.head for r in shown.collect()] == [0]
+    assert shown.device.queues[0].last_avail == 2  # the held one, not those behind it
+    peer.close()
+    run_until(shown.loop, lambda: shown.control.used_idx() == 4)
+    got = shown.collect()
+    assert [r.head for r in got] == [2, 4, 6]
+    assert [Resp(r.type).name for r in got] == [
+        "OK_DISPLAY_INFO", "OK_NODATA", "ERR_INVALID_RESOURCE_ID"]
+
+
+def test_quiesce_leaves_the_rest_of_a_batch_available() -> None:
+    """GET_VRING_BASE while a command holds the queue and two more came in the same
+    kick: the held one is answered, the others were never consumed (the ring's base
+    is right after the held one)."""
+    h = DeviceHarness(limits=Limits(max_hostmem=16 << 20, display_reply_timeout=5.0),
+                      display=True)
+    try:
+        assert h.peer is not None
+        h.peer.answer_display_info = False
+        for _ in range(3):
+            h.stage(command(Cmd.GET_DISPLAY_INFO))
+        h.device.process(0)
+        assert h.collect() == []
+        h.device.quiesce()
+        assert [r.head for r in h.collect()] == [0]
+        assert h.device.queues[0].stop() == 1
+    finally:
+        h.close()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -282,6 +282,43 @@ def test_event_idx_publishes_avail_event(ring: DriverRing) -> None:
     assert ring.avail_event() == 3
 
 
+def test_pop_batch_takes_every_available_chain_in_order(ring: DriverRing) -> None:
+    queue = ring.queue()
+    queue.event_idx = True
+    for i in range(5):
+        ring.set_desc(i, DATA + 16 * i, 4)
+    ring.publish(3, 1, 4, 0, 2)
+    assert [c.head for c in queue.pop_batch(2)] == [3, 1]
+    assert ring.avail_event() == 2
+    assert [c.head for c in queue.pop_batch()] == [4, 0, 2]
+    assert ring.avail_event() == 5 and queue.pop_batch() == []
+
+
+def test_pop_batch_serves_the_chains_before_a_corrupt_one(ring: DriverRing) -> None:
+    """A bad head in the middle of a batch: what came before is returned (and served);
+    the next pop raises, and the ring's base stays at the corrupt entry."""
+    queue = ring.queue()
+    for i in range(2):
+        ring.set_desc(i, DATA, 4)
+    ring.publish(0, 1, NUM, 0)
+    assert [c.head for c in queue.pop_batch()] == [0, 1]
+    assert_ring_fatal(queue, "head index")
+    assert queue.last_avail == 2
+
+
+def test_unpop_gives_chains_back(ring: DriverRing) -> None:
+    queue = ring.queue()
+    queue.event_idx = True
+    for i in range(3):
+        ring.set_desc(i, DATA + 16 * i, 4 + i)
+    ring.publish(2, 0, 1)
+    first = queue.pop_batch()
+    queue.unpop(2)
+    assert queue.last_avail == 1 and ring.avail_event() == 1
+    again = queue.pop_batch()
+    assert [(c.head, c.out_len) for c in again] == [(c.head, c.out_len) for c in first[1:]]
+
+
 def test_event_idx_avail_event_on_an_empty_ring(ring: DriverRing) -> None:
     queue = ring.queue()
     queue.event_idx = True
@@ -397,31 +434,35 @@ LENGTHS = st.sampled_from([0, 1, 8, 16, 24, 32, 48, 64, 0x1000, 0xFFFF_FFFF])
 DESCS = st.tuples(ADDRESSES, LENGTHS, st.integers(0, 7), st.integers(0, 12))
 
 
-def pop_until_empty_or_fatal(queue: Virtqueue, num: int) -> None:
-    """Pop at most ``num + 2`` times: chains, ``None`` or a ring-fatal error only."""
+def pop_until_empty_or_fatal(queue: Virtqueue, num: int, batch: int) -> None:
+    """Pop (``batch`` chains at a time) at most ``num + 2`` times: chains, nothing or a
+    ring-fatal error only."""
     with deadline(5.0):
         for _ in range(num + 2):
             try:
-                chain = queue.pop()
+                chains = queue.pop_batch(batch)
             except GuestProtocolError as err:
                 assert err.ring_fatal
                 return
-            if chain is None:
+            if not chains:
                 return
-            assert 0 <= chain.head < num
-            assert chain.out_len == sum(len(b) for b in chain.out)
-            assert chain.in_len == sum(len(b) for b in chain.inp)
-            assert len(chain.read(chain.out_len + 8)) == chain.out_len
+            assert len(chains) <= batch
+            for chain in chains:
+                assert 0 <= chain.head < num
+                assert chain.out_len == sum(len(b) for b in chain.out)
+                assert chain.in_len == sum(len(b) for b in chain.inp)
+                assert len(chain.read(chain.out_len + 8)) == chain.out_len
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(num=st.integers(1, 8), table=st.lists(DESCS, min_size=8, max_size=8),
        indirect=st.lists(DESCS, min_size=6, max_size=6),
        heads=st.lists(st.integers(0, 10), max_size=8), avail_idx=st.integers(0, 0xFFFF),
-       event_idx=st.booleans())
+       event_idx=st.booleans(), batch=st.sampled_from([1, 3, 0xFFFF]))
 def test_random_rings_pop_or_raise(num: int, table: list[tuple[int, int, int, int]],
                                    indirect: list[tuple[int, int, int, int]],
-                                   heads: list[int], avail_idx: int, event_idx: bool) -> None:
+                                   heads: list[int], avail_idx: int, event_idx: bool,
+                                   batch: int) -> None:
     ram = GuestRam([(0, RAM_SIZE)])
     ring = DriverRing(ram, num, 0x1000)
     try:
@@ -432,7 +473,7 @@ def test_random_rings_pop_or_raise(num: int, table: list[tuple[int, int, int, in
         ring.publish(*heads)
         if avail_idx % 3 == 0:
             ring.set_avail_idx(avail_idx)
-        pop_until_empty_or_fatal(queue, num)
+        pop_until_empty_or_fatal(queue, num, batch)
     finally:
         ring.close()
         ram.close()
@@ -441,15 +482,28 @@ def test_random_rings_pop_or_raise(num: int, table: list[tuple[int, int, int, in
 # --- the two-descriptor fast path agrees with the general walk -----------------------
 
 
-def chain_outcome(queue: Virtqueue, head: int, walk: str) -> tuple[object, ...]:
-    """What a walk makes of ``head``: the buffers' bytes and lengths, or the error."""
+def outcome(pop: Callable[[], DescriptorChain | None]) -> tuple[object, ...]:
+    """What a walk makes of a chain: the buffers' bytes and lengths, or the error."""
     try:
-        chain = getattr(queue, walk)(head)
+        chain = pop()
     except GuestProtocolError as err:
         return ("fatal", str(err), err.ring_fatal)
+    assert chain is not None
     return (chain.head, [bytes(b) for b in chain.out], [bytes(b) for b in chain.inp],
             chain.out_len, chain.in_len, chain.writable_ok,
             None if chain.error is None else str(chain.error))
+
+
+def popped(queue: Virtqueue, ring: DriverRing) -> tuple[object, ...]:
+    """Head 0 as the ring's pop (with its fast paths) makes it."""
+    queue.last_avail = ring.avail_idx
+    ring.publish(0)
+    return outcome(queue.pop)
+
+
+def walked(queue: Virtqueue) -> tuple[object, ...]:
+    """Head 0 as the general walk makes it."""
+    return outcome(lambda: queue._walk_any(0))
 
 
 ADDRS = st.sampled_from([DATA, DATA + 0x7F0, RAM_SIZE - 8, RAM_SIZE - 4, RAM_SIZE, OUTSIDE,
@@ -487,10 +541,10 @@ def test_fast_path_agrees_with_the_general_walk(ram: GuestRam, ring: DriverRing,
         ring.set_desc(first[3] % NUM, *second)
     ram.write(DATA, bytes(range(256)) * 8)
     queue._last_region = None  # both walks start from the same cache state
-    general = chain_outcome(queue, 0, "_walk_any")
+    general = walked(queue)
     queue._last_region = None
-    assert chain_outcome(queue, 0, "_walk") == general
+    assert popped(queue, ring) == general
     queue._last_region = queue._memory.regions[0]  # and with the region cached
-    fast = chain_outcome(queue, 0, "_walk")
+    fast = popped(queue, ring)
     queue._last_region = queue._memory.regions[0]
-    assert fast == chain_outcome(queue, 0, "_walk_any")
+    assert fast == walked(queue)
