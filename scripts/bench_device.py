@@ -5,8 +5,10 @@ Lays out a control queue in memfd guest RAM (INDIRECT chains, as Linux builds th
 then times ``VirtioGpuDevice.process()`` over batches of 64 commands: the cost of
 popping, decoding, executing, answering and pushing, with no socket, eventfd wake-up
 or scheduler in the measurement (those dominate ``bench_2d.py`` on a loaded machine).
+The device is configured as ``vgpu-backend`` configures it from the same options
+(default: every feature on, the simulated host GPU).
 
-    python3 scripts/bench_device.py [--batches 2000]
+    python3 scripts/bench_device.py [--batches 2000] [-- BACKEND-OPTIONS...]
 """
 
 from __future__ import annotations
@@ -22,16 +24,18 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from protocol.limits import Limits
 from protocol.vhost_user import MemRegion
 from protocol.virtio_gpu import CtrlHdr, ResourceCreate2d, ResourceUnref
 from protocol.virtio_gpu_codes import Cmd, Format, Resp
 from protocol.virtqueue import DescFlag
 from protocol.wire import encode
+from vgpu_backend.cli import parser as backend_parser
+from vgpu_backend.config import BackendConfig, ConfigError, build_config
 from vgpu_backend.device import VirtioGpuDevice
-from vgpu_backend.device_state import DeviceOptions, UserptrProtocol
 from vgpu_backend.eventloop import EventLoop
 from vgpu_backend.guest_memory import GuestMemory
+from vgpu_backend.hostgpu.base import HostGpu
+from vgpu_backend.runtime import open_host_gpu
 
 RAM = 64 << 20
 QSIZE = 256
@@ -40,7 +44,8 @@ TABLES, CMDS = 0x20000, 0x40000
 UADDR = 0x7F00_0000_0000
 
 
-def build(batch: list[bytes]) -> tuple[GuestMemory, VirtioGpuDevice, np.ndarray, EventLoop]:
+def build(batch: list[bytes], config: BackendConfig
+          ) -> tuple[GuestMemory, VirtioGpuDevice, np.ndarray, EventLoop, HostGpu | None]:
     """A device whose control queue holds ``batch`` as INDIRECT chains."""
     fd = os.memfd_create("bench-ram")
     os.ftruncate(fd, RAM)
@@ -48,8 +53,8 @@ def build(batch: list[bytes]) -> tuple[GuestMemory, VirtioGpuDevice, np.ndarray,
     memory.add(MemRegion(0, RAM, UADDR, 0), fd, 8)
     ram = memory.regions[0].array
     loop = EventLoop()
-    options = DeviceOptions(userptr_protocol=UserptrProtocol.OFF, compute=False, blob=False)
-    device = VirtioGpuDevice(loop, memory, Limits(), options, None)
+    host_gpu = open_host_gpu(config)
+    device = VirtioGpuDevice(loop, memory, config.limits, config.device, host_gpu)
     for i, command in enumerate(batch):
         cmd_at, resp_at, table_at = CMDS + i * 256, CMDS + i * 256 + 128, TABLES + i * 32
         ram[cmd_at:cmd_at + len(command)] = np.frombuffer(command, np.uint8)
@@ -65,20 +70,27 @@ def build(batch: list[bytes]) -> tuple[GuestMemory, VirtioGpuDevice, np.ndarray,
     queue.set_base(0)
     queue.started = queue.enabled = True
     avail_idx = ram[AVAIL + 2:AVAIL + 4].view("<u2")
-    return memory, device, avail_idx, loop
+    return memory, device, avail_idx, loop, host_gpu
 
 
 def main() -> int:
     """Run and print commands per second."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", type=int, default=2000)
+    ap.add_argument("backend_options", nargs="*", metavar="BACKEND-OPTIONS",
+                    help="vgpu-backend options (after --), e.g. --no-compute")
     args = ap.parse_args()
+    try:
+        config = build_config(backend_parser().parse_args(
+            ["--socket-path", "unused", *args.backend_options]))
+    except ConfigError as err:
+        raise SystemExit(f"bench_device: {err}") from None
     batch = []
     for i in range(32):
         batch.append(encode(CtrlHdr(Cmd.RESOURCE_CREATE_2D)) + encode(
             ResourceCreate2d(5000 + i, Format.B8G8R8X8_UNORM, 64, 64)))
         batch.append(encode(CtrlHdr(Cmd.RESOURCE_UNREF)) + encode(ResourceUnref(5000 + i)))
-    memory, device, avail_idx, loop = build(batch)
+    memory, device, avail_idx, loop, host_gpu = build(batch, config)
     queue = device.queues[0]
     ram = memory.regions[0].array
     times = []
@@ -99,7 +111,10 @@ def main() -> int:
     per_batch = float(np.median(times))
     print(f"in-process CREATE_2D+UNREF, 64 per batch: {per_batch * 1e6:.1f} us per batch, "
           f"{per_batch / 64 * 1e6:.2f} us per command, {64 / per_batch:,.0f} commands/s")
+    device.close()
     memory.clear()
+    if host_gpu is not None:
+        host_gpu.close()
     loop.close()
     return 0
 

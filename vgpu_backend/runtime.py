@@ -21,7 +21,8 @@ __all__ = ["Backend"]
 log = logging.getLogger("vgpu_backend")
 
 
-def _open_host_gpu(config: BackendConfig) -> HostGpu | None:
+def open_host_gpu(config: BackendConfig) -> HostGpu | None:
+    """The host GPU the configuration asks for (None when nothing needs one)."""
     if config.device.userptr_protocol is UserptrProtocol.OFF and not config.device.compute:
         return None
     from vgpu_backend.hostgpu.factory import HostGpuOptions, create_host_gpu
@@ -54,7 +55,7 @@ class Backend:
         self.memory = GuestMemory()
         self.leaks: list[str] = []
         self._fds_at_start = open_fds()
-        self.host_gpu = _open_host_gpu(config)
+        self.host_gpu = open_host_gpu(config)
         self.device = VirtioGpuDevice(loop, self.memory, config.limits, config.device,
                                       self.host_gpu)
         self.session: VhostUserSession | None = None
