@@ -265,6 +265,10 @@ class Virtqueue:
         before it are returned, and the next call raises.  Chains the caller does not
         get to run go back with :meth:`unpop`.
 
+        With EVENT_IDX, ``avail_event`` is published only when the ring is found
+        empty (as Linux's vhost does): while the device works through what is
+        available it will look again anyway, so the driver need not kick.
+
         :raise GuestProtocolError: (``ring_fatal``) the ring is corrupt.
         """
         pending = self.pending()
@@ -317,17 +321,12 @@ class Virtqueue:
                 break  # the chains before the corrupt one are served first
             last = (last + 1) & 0xFFFF
         self.last_avail = last
-        if self.event_idx:
-            _U16.pack_into(self._used, self._avail_event_at, last)
         return chains
 
     def unpop(self, count: int) -> None:
         """Give the last ``count`` popped chains back: they are popped again later
         (the driver may not touch them: they are neither used nor free)."""
-        if count:
-            self.last_avail = (self.last_avail - count) & 0xFFFF
-            if self.event_idx and self._mapped:
-                _U16.pack_into(self._used, self._avail_event_at, self.last_avail)
+        self.last_avail = (self.last_avail - count) & 0xFFFF
 
     def _walk(self, head: int) -> DescriptorChain:
         addr, length, flags, nxt = _DESC.unpack_from(self._desc, 16 * head)

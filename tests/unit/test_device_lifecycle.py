@@ -184,15 +184,19 @@ def test_a_held_command_keeps_the_rest_of_its_batch_in_order(shown: DeviceHarnes
     shown.stage(command(Cmd.GET_DISPLAY_INFO))
     shown.stage(command(Cmd.RESOURCE_CREATE_2D, ResourceCreate2d(2, 2, 4, 4)))
     shown.stage(command(Cmd.RESOURCE_CREATE_2D, ResourceCreate2d(1, 2, 4, 4)))  # in use
+    shown.device.queues[0].event_idx = True
     shown.device.process(0)
     assert [r.head for r in shown.collect()] == [0]
     assert shown.device.queues[0].last_avail == 2  # the held one, not those behind it
+    # the device is not done with what is available: no kick is asked for meanwhile
+    assert shown.control.avail_event() == 0
     peer.close()
     run_until(shown.loop, lambda: shown.control.used_idx() == 4)
     got = shown.collect()
     assert [r.head for r in got] == [2, 4, 6]
     assert [Resp(r.type).name for r in got] == [
         "OK_DISPLAY_INFO", "OK_NODATA", "ERR_INVALID_RESOURCE_ID"]
+    assert shown.control.avail_event() == 4  # all done: the next buffer is kicked
 
 
 def test_quiesce_leaves_the_rest_of_a_batch_available() -> None:

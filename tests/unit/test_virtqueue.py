@@ -267,17 +267,19 @@ def submit(ring: DriverRing, queue: Virtqueue, count: int) -> None:
         queue.push(chain.head, 4)
 
 
-def test_event_idx_publishes_avail_event(ring: DriverRing) -> None:
+def test_event_idx_publishes_avail_event_when_the_ring_is_empty(ring: DriverRing) -> None:
+    """While chains are available the device will look again anyway: the driver is
+    asked for a kick only once the device found the ring empty (as vhost does)."""
     queue = ring.queue()
     queue.event_idx = True
     for i in range(3):
         ring.set_desc(i, DATA, 4)
     ring.publish(0, 1, 2)
     pop_one(queue)
-    assert ring.avail_event() == 1
+    assert ring.avail_event() == 0
     pop_one(queue)
     pop_one(queue)
-    assert ring.avail_event() == 3
+    assert ring.avail_event() == 0
     assert queue.pop() is None
     assert ring.avail_event() == 3
 
@@ -289,9 +291,9 @@ def test_pop_batch_takes_every_available_chain_in_order(ring: DriverRing) -> Non
         ring.set_desc(i, DATA + 16 * i, 4)
     ring.publish(3, 1, 4, 0, 2)
     assert [c.head for c in queue.pop_batch(2)] == [3, 1]
-    assert ring.avail_event() == 2
     assert [c.head for c in queue.pop_batch()] == [4, 0, 2]
-    assert ring.avail_event() == 5 and queue.pop_batch() == []
+    assert ring.avail_event() == 0
+    assert queue.pop_batch() == [] and ring.avail_event() == 5
 
 
 def test_pop_batch_serves_the_chains_before_a_corrupt_one(ring: DriverRing) -> None:
@@ -308,13 +310,12 @@ def test_pop_batch_serves_the_chains_before_a_corrupt_one(ring: DriverRing) -> N
 
 def test_unpop_gives_chains_back(ring: DriverRing) -> None:
     queue = ring.queue()
-    queue.event_idx = True
     for i in range(3):
         ring.set_desc(i, DATA + 16 * i, 4 + i)
     ring.publish(2, 0, 1)
     first = queue.pop_batch()
     queue.unpop(2)
-    assert queue.last_avail == 1 and ring.avail_event() == 1
+    assert queue.last_avail == 1
     again = queue.pop_batch()
     assert [(c.head, c.out_len) for c in again] == [(c.head, c.out_len) for c in first[1:]]
 
