@@ -227,12 +227,6 @@ class VirtioGpuDevice:
         result = self._execute(hdr, data, chain)
         if hdr.flags & _FENCE:
             result = self._after_earlier_work(hdr, result)
-        elif result.__class__ is Reply and not result.body and chain.writable_ok and \
-                chain.in_len >= CTRL_HDR_SIZE and len(chain.inp) == 1:
-            # the common case: a bare, unfenced header into one buffer
-            _HDR.pack_into(chain.inp[0], 0, result.resp, 0, 0, 0, 0, _PAD)
-            queue.push(chain.head, CTRL_HDR_SIZE)
-            return False
         if isinstance(result, Reply):
             self._respond(queue, chain, hdr, result)
             return False

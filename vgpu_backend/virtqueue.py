@@ -297,16 +297,14 @@ class Virtqueue:
                 if head >= num:
                     raise _ring_fatal(f"head index {head} >= queue size {num}")
                 addr, length, flags, _next = unpack_desc(table, 16 * head)
-                # Linux's INDIRECT table of two in the last-used region: decoded here,
-                # without the general walk (a differential test holds them equal)
+                # Linux's INDIRECT table of two in the last-used region: without the
+                # general walk (a differential test holds them equal)
                 if flags == _INDIRECT and length == 32 and pairs and \
                         gpa <= addr and addr + 32 <= end:
-                    a0, l0, f0, n0, a1, l1, f1, _n1 = _DESC_PAIR.unpack_from(view, addr - gpa)
-                    if f0 == _NEXT and n0 == 1 and f1 == _WRITE and l0 and l1 and \
-                            gpa <= a0 and a0 + l0 <= end and gpa <= a1 and a1 + l1 <= end:
-                        chains.append(DescriptorChain(
-                            head, [view[a0 - gpa:a0 - gpa + l0]],
-                            [view[a1 - gpa:a1 - gpa + l1]], l0, l1))
+                    chain = self._simple_pair(head, _DESC_PAIR.unpack_from(view, addr - gpa),
+                                              0, 1)
+                    if chain is not None:
+                        chains.append(chain)
                         last = (last + 1) & 0xFFFF
                         continue
                 chains.append(self._walk(head))
