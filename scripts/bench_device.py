@@ -34,7 +34,6 @@ from vgpu_backend.config import BackendConfig, ConfigError, build_config
 from vgpu_backend.device import VirtioGpuDevice
 from vgpu_backend.eventloop import EventLoop
 from vgpu_backend.guest_memory import GuestMemory
-from vgpu_backend.hostgpu.base import HostGpu
 from vgpu_backend.runtime import open_host_gpu
 
 RAM = 64 << 20
@@ -45,7 +44,7 @@ UADDR = 0x7F00_0000_0000
 
 
 def build(batch: list[bytes], config: BackendConfig
-          ) -> tuple[GuestMemory, VirtioGpuDevice, np.ndarray, EventLoop, HostGpu | None]:
+          ) -> tuple[GuestMemory, VirtioGpuDevice, np.ndarray, EventLoop]:
     """A device whose control queue holds ``batch`` as INDIRECT chains."""
     fd = os.memfd_create("bench-ram")
     os.ftruncate(fd, RAM)
@@ -53,8 +52,8 @@ def build(batch: list[bytes], config: BackendConfig
     memory.add(MemRegion(0, RAM, UADDR, 0), fd, 8)
     ram = memory.regions[0].array
     loop = EventLoop()
-    host_gpu = open_host_gpu(config)
-    device = VirtioGpuDevice(loop, memory, config.limits, config.device, host_gpu)
+    device = VirtioGpuDevice(loop, memory, config.limits, config.device,
+                             open_host_gpu(config))
     for i, command in enumerate(batch):
         cmd_at, resp_at, table_at = CMDS + i * 256, CMDS + i * 256 + 128, TABLES + i * 32
         ram[cmd_at:cmd_at + len(command)] = np.frombuffer(command, np.uint8)
@@ -70,7 +69,7 @@ def build(batch: list[bytes], config: BackendConfig
     queue.set_base(0)
     queue.started = queue.enabled = True
     avail_idx = ram[AVAIL + 2:AVAIL + 4].view("<u2")
-    return memory, device, avail_idx, loop, host_gpu
+    return memory, device, avail_idx, loop
 
 
 def main() -> int:
@@ -90,7 +89,7 @@ def main() -> int:
         batch.append(encode(CtrlHdr(Cmd.RESOURCE_CREATE_2D)) + encode(
             ResourceCreate2d(5000 + i, Format.B8G8R8X8_UNORM, 64, 64)))
         batch.append(encode(CtrlHdr(Cmd.RESOURCE_UNREF)) + encode(ResourceUnref(5000 + i)))
-    memory, device, avail_idx, loop, host_gpu = build(batch, config)
+    memory, device, avail_idx, loop = build(batch, config)
     queue = device.queues[0]
     ram = memory.regions[0].array
     times = []
@@ -113,8 +112,8 @@ def main() -> int:
           f"{per_batch / 64 * 1e6:.2f} us per command, {64 / per_batch:,.0f} commands/s")
     device.close()
     memory.clear()
-    if host_gpu is not None:
-        host_gpu.close()
+    if device.state.host_gpu is not None:
+        device.state.host_gpu.close()
     loop.close()
     return 0
 
