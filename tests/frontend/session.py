@@ -28,7 +28,7 @@ from tests.frontend.guest_ram import GuestRam
 from tests.frontend.vhost_frontend import ReplyError, VhostUserFrontend
 from tests.frontend.virtqueue_driver import SplitQueueDriver
 
-__all__ = ["Session", "SessionConfig"]
+__all__ = ["Session", "SessionConfig", "close_sessions"]
 
 MiB = 1024 * 1024
 CTRL, CURSOR = 0, 1
@@ -324,3 +324,26 @@ class Session:
             self.queues.clear()
             self.ram.close()
             self.backend.cleanup()
+
+
+def close_sessions(sessions: Sequence[Session], *, passed: bool) -> list[str]:
+    """Disconnect every open session.  After a passed test each back-end must have
+    nothing unsolicited pending, a clean display protocol and exit 0: what is wrong is
+    returned.  After a failed one the processes are only stopped."""
+    problems = []
+    for session in sessions:
+        if session.closed:
+            continue
+        if not passed:
+            session.close(expect_exit=None)
+            continue
+        try:
+            if session.frontend.pending():
+                problems.append("back-end sent an unsolicited message or closed the "
+                                "vhost-user socket")
+            session.check_display()
+            session.close()
+        except AssertionError as exc:
+            problems.append(str(exc))
+            session.close(expect_exit=None)
+    return problems

@@ -20,7 +20,7 @@ import pytest
 from protocol.virtio_gpu_codes import Feature
 from tests.frontend.backend_process import OURS_COMMAND, BackendProcess
 from tests.frontend.flavour import FLAVOURS, QEMU_7_2, QEMU_10, QemuFlavour
-from tests.frontend.session import Session, SessionConfig
+from tests.frontend.session import Session, SessionConfig, close_sessions
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FLAVOUR_NAMES = [QEMU_7_2.name, QEMU_10.name]
@@ -115,23 +115,8 @@ def open_session(request: pytest.FixtureRequest, backend: BackendSpec,
 
     yield factory
     call_report = getattr(request.node, "report_call", None)
-    passed = call_report is not None and call_report.passed
-    problems = []
-    for session in sessions:
-        if session.closed:
-            continue
-        if not passed:
-            session.close(expect_exit=None)
-            continue
-        try:
-            if session.frontend.pending():
-                problems.append("back-end sent an unsolicited message or closed the "
-                                "vhost-user socket")
-            session.check_display()
-            session.close()
-        except AssertionError as exc:
-            problems.append(str(exc))
-            session.close(expect_exit=None)
+    problems = close_sessions(sessions,
+                              passed=call_report is not None and call_report.passed)
     if problems:
         pytest.fail("; ".join(problems))
 

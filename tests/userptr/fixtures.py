@@ -20,7 +20,7 @@ from dataclasses import fields
 import pytest
 
 from tests.frontend.backend_process import OURS_COMMAND, BackendProcess
-from tests.frontend.session import Session, SessionConfig
+from tests.frontend.session import Session, SessionConfig, close_sessions
 from tests.userptr.vm import Vm
 
 __all__ = ["VmFactory", "VmPool", "shared_vm", "start_vm", "vm", "vm_pool"]
@@ -58,22 +58,7 @@ def _start(args: tuple[str, ...], config: dict[str, object],
 
 def _close_all(sessions: list[Session], *, passed: bool) -> None:
     """Disconnect every session; when ``passed``, each back-end must exit 0."""
-    problems = []
-    for session in sessions:
-        if session.closed:
-            continue
-        if not passed:
-            session.close(expect_exit=None)
-            continue
-        try:
-            if session.frontend.pending():
-                problems.append("back-end sent an unsolicited message or closed the "
-                                "vhost-user socket")
-            session.check_display()
-            session.close()
-        except AssertionError as exc:
-            problems.append(str(exc))
-            session.close(expect_exit=None)
+    problems = close_sessions(sessions, passed=passed)
     if problems:
         pytest.fail("; ".join(problems))
 
