@@ -133,12 +133,30 @@ sys.exit(0)
 
 
 @dataclass
+class Played:
+    """What one run of the runner against the fakes gave."""
+
+    code: int
+    elapsed: float
+    err: str
+
+
+@dataclass
 class FakeVm:
     """The fakes' paths and what a run printed."""
 
     root: Path
     backend_script: Path
     pids: Path
+    monkeypatch: pytest.MonkeyPatch
+    capsys: pytest.CaptureFixture[str]
+
+    def play(self, scenario: str, backend_mode: str = "serve", **limits: float) -> Played:
+        """Run the `test` command with the fake QEMU playing ``scenario`` and the fake
+        back-end in ``backend_mode``; ``limits`` are SessionOptions time limits."""
+        self.monkeypatch.setenv("FAKE_QEMU_SCENARIO", scenario)
+        code, elapsed = self.run(self.options(backend_mode, **limits))
+        return Played(code, elapsed, self.capsys.readouterr().err)
 
     def options(self, backend_mode: str = "serve", boot_timeout: float = 10.0,
                 timeout: float = 15.0) -> SessionOptions:
@@ -170,7 +188,8 @@ class FakeVm:
 
 
 @pytest.fixture
-def fake_vm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeVm]:
+def fake_vm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+            capsys: pytest.CaptureFixture[str]) -> Iterator[FakeVm]:
     """A fake qemu-system-x86_64 first on PATH and a fake back-end script."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -183,125 +202,94 @@ def fake_vm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeVm]
     pids.touch()
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
     monkeypatch.setenv("FAKE_PIDS", str(pids))
-    fake = FakeVm(tmp_path, backend, pids)
+    fake = FakeVm(tmp_path, backend, pids, monkeypatch, capsys)
     yield fake
     for pid in fake.leftovers():  # only if a test failed: leave nothing running
         os.kill(pid, 9)
 
 
-def test_the_fakes_pass_a_run_that_goes_well(fake_vm: FakeVm, monkeypatch: pytest.MonkeyPatch,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_fakes_pass_a_run_that_goes_well(fake_vm: FakeVm) -> None:
     """The positive control: every failure test below differs from this in one thing."""
-    monkeypatch.setenv("FAKE_QEMU_SCENARIO", "pass")
-    code, _ = fake_vm.run(fake_vm.options())
-    assert code == 0, capsys.readouterr().err
+    run = fake_vm.play("pass")
+    assert run.code == 0, run.err
     assert fake_vm.leftovers() == []
     assert "qemu-system-x86_64 -machine q35,accel=tcg" in \
         (fake_vm.root / "results" / "qemu-command.txt").read_text().replace(
             str(fake_vm.root / "bin") + "/", "")
 
 
-def test_a_guest_that_never_starts_times_out_within_the_boot_limit(
-        fake_vm: FakeVm, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setenv("FAKE_QEMU_SCENARIO", "hang-before-init")
-    code, elapsed = fake_vm.run(fake_vm.options(boot_timeout=2.0))
-    err = capsys.readouterr().err
-    assert code == EXIT_TIMEOUT, err
-    assert "guest sent no 'init' within 2 s (time limit)" in err
-    assert "fake qemu: started" in err  # the diagnostics carry the qemu.log tail
-    assert elapsed < 2.0 + 6.0
+def test_a_guest_that_never_starts_times_out_within_the_boot_limit(fake_vm: FakeVm) -> None:
+    run = fake_vm.play("hang-before-init", boot_timeout=2.0)
+    assert run.code == EXIT_TIMEOUT, run.err
+    assert "guest sent no 'init' within 2 s (time limit)" in run.err
+    assert "fake qemu: started" in run.err  # the diagnostics carry the qemu.log tail
+    assert run.elapsed < 2.0 + 6.0
     assert fake_vm.leftovers() == []
 
 
-def test_a_hanging_test_run_ends_at_the_overall_timeout(
-        fake_vm: FakeVm, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setenv("FAKE_QEMU_SCENARIO", "hang-in-tests")
-    code, elapsed = fake_vm.run(fake_vm.options(timeout=3.0))
-    err = capsys.readouterr().err
-    assert code == EXIT_TIMEOUT, err
-    assert "guest sent no 'pytest-exit'" in err and "(overall timeout)" in err
-    assert elapsed < 3.0 + 6.0
+def test_a_hanging_test_run_ends_at_the_overall_timeout(fake_vm: FakeVm) -> None:
+    run = fake_vm.play("hang-in-tests", timeout=3.0)
+    assert run.code == EXIT_TIMEOUT, run.err
+    assert "guest sent no 'pytest-exit'" in run.err and "(overall timeout)" in run.err
+    assert run.elapsed < 3.0 + 6.0
     assert fake_vm.leftovers() == []
 
 
-def test_qemu_exiting_early_is_a_harness_error_with_its_log(
-        fake_vm: FakeVm, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setenv("FAKE_QEMU_SCENARIO", "exit-after-init")
-    code, elapsed = fake_vm.run(fake_vm.options())
-    err = capsys.readouterr().err
-    assert code == EXIT_HARNESS_ERROR, err
+def test_qemu_exiting_early_is_a_harness_error_with_its_log(fake_vm: FakeVm) -> None:
+    run = fake_vm.play("exit-after-init")
+    assert run.code == EXIT_HARNESS_ERROR, run.err
     # QEMU's exit is named first, although its back-end's exit (0) was reported before it
-    assert err.startswith("vm: ERROR: QEMU exited with status 1; back-end 0 (custom) exited "
-                          "with status 0")
-    assert "while waiting for the guest's '" in err
-    assert "fake: guest crashed" in err
-    assert elapsed < 8.0  # not the 10 s boot limit: the exit is noticed at once
+    assert run.err.startswith("vm: ERROR: QEMU exited with status 1; back-end 0 (custom) "
+                              "exited with status 0")
+    assert "while waiting for the guest's '" in run.err
+    assert "fake: guest crashed" in run.err
+    assert run.elapsed < 8.0  # not the 10 s boot limit: the exit is noticed at once
     assert fake_vm.leftovers() == []
 
 
-def test_qemu_exiting_before_qmp_is_a_harness_error(
-        fake_vm: FakeVm, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setenv("FAKE_QEMU_SCENARIO", "exit-at-once")
-    code, elapsed = fake_vm.run(fake_vm.options())
-    err = capsys.readouterr().err
-    assert code == EXIT_HARNESS_ERROR, err
-    assert "QEMU exited before its QMP monitor answered" in err
-    assert "fake realize failure" in err
-    assert elapsed < 8.0
+def test_qemu_exiting_before_qmp_is_a_harness_error(fake_vm: FakeVm) -> None:
+    run = fake_vm.play("exit-at-once")
+    assert run.code == EXIT_HARNESS_ERROR, run.err
+    assert "QEMU exited before its QMP monitor answered" in run.err
+    assert "fake realize failure" in run.err
+    assert run.elapsed < 8.0
     assert fake_vm.leftovers() == []
 
 
-def test_a_dying_backend_is_a_harness_error_naming_it(
-        fake_vm: FakeVm, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setenv("FAKE_QEMU_SCENARIO", "hang-after-init")
-    code, elapsed = fake_vm.run(fake_vm.options("die-after-connect"))
-    err = capsys.readouterr().err
-    assert code == EXIT_HARNESS_ERROR, err
-    assert "back-end 0 (custom) exited with status 3 while waiting for the guest's '" in err
-    assert "vring 0 is corrupt" in err  # the back-end log's tail
-    assert elapsed < 8.0
+def test_a_dying_backend_is_a_harness_error_naming_it(fake_vm: FakeVm) -> None:
+    run = fake_vm.play("hang-after-init", "die-after-connect")
+    assert run.code == EXIT_HARNESS_ERROR, run.err
+    assert "back-end 0 (custom) exited with status 3 while waiting for the guest's '" \
+        in run.err
+    assert "vring 0 is corrupt" in run.err  # the back-end log's tail
+    assert run.elapsed < 8.0
     assert fake_vm.leftovers() == []
 
 
-def test_a_backend_that_dies_before_listening_stops_the_run(
-        fake_vm: FakeVm, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setenv("FAKE_QEMU_SCENARIO", "pass")
-    code, _ = fake_vm.run(fake_vm.options("die-at-once"))
-    err = capsys.readouterr().err
-    assert code == EXIT_HARNESS_ERROR, err
-    assert "back-end 0 (custom) exited with status 2 before listening on" in err
-    assert "cannot open the render node" in err
+def test_a_backend_that_dies_before_listening_stops_the_run(fake_vm: FakeVm) -> None:
+    run = fake_vm.play("pass", "die-at-once")
+    assert run.code == EXIT_HARNESS_ERROR, run.err
+    assert "back-end 0 (custom) exited with status 2 before listening on" in run.err
+    assert "cannot open the render node" in run.err
     assert not (fake_vm.root / "results" / "qemu-command.txt").exists()  # QEMU never ran
 
 
-def test_a_backend_that_never_listens_times_out(
-        fake_vm: FakeVm, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setenv("FAKE_QEMU_SCENARIO", "pass")
+def test_a_backend_that_never_listens_times_out(fake_vm: FakeVm,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(session, "BACKEND_LISTEN_TIMEOUT", 1.0)
-    code, elapsed = fake_vm.run(fake_vm.options("never-listen"))
-    err = capsys.readouterr().err
-    assert code == EXIT_TIMEOUT, err
-    assert "back-end 0 (custom) did not listen on" in err
-    assert elapsed < 1.0 + 8.0
+    run = fake_vm.play("pass", "never-listen")
+    assert run.code == EXIT_TIMEOUT, run.err
+    assert "back-end 0 (custom) did not listen on" in run.err
+    assert run.elapsed < 1.0 + 8.0
     assert fake_vm.leftovers() == []
 
 
-def test_a_too_old_qemu_stops_the_run_before_booting(
-        fake_vm: FakeVm, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setenv("FAKE_QEMU_SCENARIO", "pass")
+def test_a_too_old_qemu_stops_the_run_before_booting(fake_vm: FakeVm,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FAKE_QEMU_VERSION", "QEMU emulator version 7.2.19 (Debian 1:7.2+dfsg)")
-    code, _ = fake_vm.run(fake_vm.options())
-    err = capsys.readouterr().err
-    assert code == EXIT_HARNESS_ERROR, err
-    assert "is QEMU 7.2.19" in err and "scripts/setup-host.sh" in err
+    run = fake_vm.play("pass")
+    assert run.code == EXIT_HARNESS_ERROR, run.err
+    assert "is QEMU 7.2.19" in run.err and "scripts/setup-host.sh" in run.err
     assert fake_vm.leftovers() == []
 
 
