@@ -55,6 +55,10 @@ class Limits:
         10.0, "seconds to wait for compute jobs when rings stop or memory goes away, "
         "before cancelling them")
     max_capset_bytes: int = _limit(64 * KiB, "max size of a capset we publish")
+    # --- host GPU --------------------------------------------------------------------
+    max_per_range_ranges: int = _limit(
+        4096, "max host ranges of one USERPTR buffer on the per-range host path (an "
+        "allocation and a map ioctl per range, on the event loop)", "max-per-range-ranges")
     # --- virtqueues --------------------------------------------------------------
     max_queue_size: int = _limit(32768, "max split virtqueue size (virtio limit)")
     max_indirect_descriptors: int = _limit(

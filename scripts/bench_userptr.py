@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark: USERPTR entry lists validated, translated to host ranges and coalesced.
 
-Runs the device's own code path on a memfd guest RAM (sparse, 4 GiB by default):
+Runs the device's own code path on a memfd guest RAM (sparse, 6 GiB by default):
 the entry array is snapshotted out of a descriptor chain in guest memory
 (``read_mem_entries``), validated and translated (``translate_userptr``), and turned into
 host ranges (``host_ranges``).  Prints the median and p90 per entry count, for

@@ -56,16 +56,16 @@ def parser() -> argparse.ArgumentParser:
     dev.add_argument("--no-edid", dest="edid", action="store_false",
                      help="do not offer VIRTIO_GPU_F_EDID")
     dev.add_argument("--no-blob", dest="blob", action="store_false",
-                     help="do not serve blob resources (implies no USERPTR)")
+                     help="do not serve blob resources (implies --userptr-protocol off)")
     dev.add_argument("--no-compute", dest="compute", action="store_false",
                      help="do not offer compute contexts")
-    dev.add_argument("--userptr-protocol", default="v5",
+    dev.add_argument("--userptr-protocol", default=None,
                      choices=[p.value for p in UserptrProtocol],
                      help="USERPTR guest protocol generation: v5 (default, safe: no "
                           "feature bit, userptr whenever blob is served), v3 (offers "
                           "feature bit 5 as RESOURCE_USERPTR; only for guests built from "
                           "the v3 series, never with Linux >= 7.2 where bit 5 is "
-                          "BLOB_ALIGNMENT), off")
+                          "BLOB_ALIGNMENT), off (the default with --no-blob)")
     dev.add_argument("--userptr-capset-id", type=lambda v: int(v, 0),
                      default=DEFAULT_USERPTR_CAPSET, metavar="ID",
                      help=f"capset id of the userptr capset, 10..63 (default "

@@ -39,13 +39,13 @@ class BackendConfig:
     host_gpu: dict[str, Any] = field(default_factory=dict)
 
 
-def _mode(text: str) -> tuple[int, int]:
+def _mode(text: str, max_dimension: int) -> tuple[int, int]:
     try:
         width, height = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise ConfigError(f"--default-mode {text!r}: expected WIDTHxHEIGHT") from None
-    if not (1 <= width <= 16384 and 1 <= height <= 16384):
-        raise ConfigError(f"--default-mode {text}: out of range")
+    if not (1 <= width <= max_dimension and 1 <= height <= max_dimension):
+        raise ConfigError(f"--default-mode {text}: out of range (1..{max_dimension})")
     return width, height
 
 
@@ -84,10 +84,10 @@ def build_config(args: argparse.Namespace) -> BackendConfig:
         limits = Limits(**overrides)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    protocol = UserptrProtocol(args.userptr_protocol)
+    protocol = UserptrProtocol(args.userptr_protocol or ("v5" if args.blob else "off"))
     if protocol is not UserptrProtocol.OFF and not args.blob:
-        raise ConfigError("USERPTR blobs need blob resources: drop --no-blob or use "
-                          "--userptr-protocol off")
+        raise ConfigError(f"--userptr-protocol {protocol.value}: USERPTR blobs need blob "
+                          "resources (drop --no-blob)")
     if not 1 <= args.max_outputs <= limits.max_scanouts:
         raise ConfigError(f"--max-outputs must be 1..{limits.max_scanouts}")
     for name in ("userptr_capset_id", "compute_capset_id"):
@@ -98,13 +98,14 @@ def build_config(args: argparse.Namespace) -> BackendConfig:
     if args.userptr_capset_id == args.compute_capset_id:
         raise ConfigError("the userptr and compute capsets need different ids")
     device = DeviceOptions(
-        max_outputs=args.max_outputs, default_mode=_mode(args.default_mode),
+        max_outputs=args.max_outputs, default_mode=_mode(args.default_mode, limits.max_dimension),
         edid=args.edid, blob=args.blob, userptr_protocol=protocol,
         userptr_capset_id=args.userptr_capset_id, compute=args.compute,
         compute_capset_id=args.compute_capset_id)
     host_gpu: dict[str, Any] = {"gpu": args.gpu, "gpu_ids": args.gpu_ids,
                                 "isolation": args.kfd_isolation,
-                                "userptr_path": args.userptr_host_path}
+                                "userptr_path": args.userptr_host_path,
+                                "max_per_range_ranges": limits.max_per_range_ranges}
     sim: dict[str, Any] = {}
     if args.sim_gpus is not None:
         sim["gpu_count"] = args.sim_gpus

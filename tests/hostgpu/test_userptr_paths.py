@@ -11,9 +11,9 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
+from protocol.limits import DEFAULT_LIMITS
 from vgpu_backend.hostgpu import hostmem
 from vgpu_backend.hostgpu.base import GpuFault, HostGpuError, HostRanges, UserptrPath
-from vgpu_backend.hostgpu.kfd import PER_RANGE_MAX_RANGES
 from vgpu_backend.hostgpu.sim_config import SimKfdConfig
 from vgpu_backend.hostgpu.userptr_paths import alias_refusal
 
@@ -172,7 +172,7 @@ def test_auto_fallback_to_per_range_keeps_its_range_limit(make_gpu: MakeGpu,
                                                           guest_ram: GuestRam) -> None:
     """Alias is impossible (no backing file): per-range takes over, but only up to its
     own limit of allocations (each one an ioctl pair on the event loop)."""
-    pages = [5, 7] * (PER_RANGE_MAX_RANGES // 2) + [9]
+    pages = [5, 7] * (DEFAULT_LIMITS.max_per_range_ranges // 2) + [9]
     ranges = guest_ram.ranges(pages)
     anon = HostRanges(ranges.addr, ranges.length, np.full(len(pages), -1, np.int32),
                       ranges.file_offset)

@@ -18,8 +18,15 @@ from protocol.capsets import (
 )
 from protocol.limits import DEFAULT_LIMITS, cli_fields
 from vgpu_backend.cli import CAPABILITIES, main, parser
-from vgpu_backend.config import ConfigError, build_config, listening_socket, with_limits
+from vgpu_backend.config import (
+    BackendConfig,
+    ConfigError,
+    build_config,
+    listening_socket,
+    with_limits,
+)
 from vgpu_backend.device_state import UserptrProtocol
+from vgpu_backend.runtime import open_host_gpu
 
 
 @pytest.fixture
@@ -30,7 +37,7 @@ def connected_fd() -> Iterator[int]:
     b.close()
 
 
-def config_from(*argv: str) -> object:
+def config_from(*argv: str) -> BackendConfig:
     return build_config(parser().parse_args(list(argv)))
 
 
@@ -44,8 +51,9 @@ def test_defaults(tmp_path: Path) -> None:
     assert device.userptr_protocol is UserptrProtocol.V5
     assert (device.userptr_capset_id, device.compute_capset_id) == (
         DEFAULT_USERPTR_CAPSET, DEFAULT_COMPUTE_CAPSET)
-    assert {k: config.host_gpu[k] for k in ("gpu", "gpu_ids", "isolation", "userptr_path")} \
-        == {"gpu": "auto", "gpu_ids": None, "isolation": "vm", "userptr_path": "auto"}
+    assert config.host_gpu == {"gpu": "auto", "gpu_ids": None, "isolation": "vm",
+                               "userptr_path": "auto",
+                               "max_per_range_ranges": DEFAULT_LIMITS.max_per_range_ranges}
 
 
 def test_fd_must_be_a_socket(connected_fd: int) -> None:
@@ -65,7 +73,7 @@ def test_fd_must_be_a_socket(connected_fd: int) -> None:
 @pytest.mark.parametrize("argv, message", [
     ([], "exactly one"),
     (["--socket-path", "s", "--fd", "0"], "exactly one"),
-    (["--socket-path", "s", "--no-blob"], "USERPTR blobs need blob"),
+    (["--socket-path", "s", "--no-blob", "--userptr-protocol", "v5"], "USERPTR blobs need"),
     (["--socket-path", "s", "--no-blob", "--userptr-protocol", "v3"], "USERPTR blobs need"),
     (["--socket-path", "s", "--max-outputs", "0"], "max-outputs"),
     (["--socket-path", "s", "--max-outputs", "17"], "max-outputs"),
@@ -93,6 +101,13 @@ def test_reserved_capset_ids_are_refused(option: str, capset_id: int) -> None:
         config_from("--socket-path", "s", option, str(capset_id))
 
 
+def test_no_blob_turns_userptr_off_unless_asked_for() -> None:
+    assert config_from("--socket-path", "s", "--no-blob").device.userptr_protocol \
+        is UserptrProtocol.OFF
+    assert config_from("--socket-path", "s", "--userptr-protocol", "v3").device \
+        .userptr_protocol is UserptrProtocol.V3
+
+
 def test_no_blob_with_userptr_off_is_fine() -> None:
     free_id = max(RESERVED_CAPSET_IDS) + 1
     config = build_config(parser().parse_args(
@@ -117,6 +132,18 @@ def test_every_limit_option_overrides_its_limit() -> None:
     assert {name: getattr(config.limits, name) for name in expected} == expected
     shrunk = with_limits(config, max_resources=3)
     assert shrunk.limits.max_resources == 3 and config.limits.max_resources != 3
+
+
+def test_the_per_range_limit_reaches_the_host_gpu() -> None:
+    """A host-GPU limit is not only parsed: the host GPU enforces the option's value."""
+    config = config_from("--socket-path", "s", "--gpu", "sim", "--userptr-host-path",
+                         "per-range", "--max-per-range-ranges", "8")
+    gpu = open_host_gpu(config)
+    assert gpu is not None
+    try:
+        assert gpu.info().max_ranges == 8
+    finally:
+        gpu.close()
 
 
 def test_print_capabilities_ignores_other_options(capsys: pytest.CaptureFixture[str]) -> None:

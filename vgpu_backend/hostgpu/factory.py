@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Final
 
+from protocol.limits import DEFAULT_LIMITS
 from vgpu_backend.hostgpu.base import HostGpu, HostGpuError
 from vgpu_backend.hostgpu.kfd import KfdHostGpu
 from vgpu_backend.hostgpu.sim_config import SimFault, SimKfdConfig
@@ -43,6 +44,7 @@ class HostGpuOptions:
     :param userptr_path: ``auto``, ``batch``, ``alias`` or ``per-range``.
     :param sim: the simulated kernel (``gpu`` sim, or auto without /dev/kfd).
     :param sim_gpus: shorthand for ``sim.gpu_count`` (the ``--sim-gpus`` option).
+    :param max_per_range_ranges: see :class:`KfdHostGpu`.
     """
 
     gpu: str = "auto"
@@ -53,6 +55,7 @@ class HostGpuOptions:
     sim_gpus: int | None = None
     #: faults the simulated kernel injects, armed after the start-up probes
     sim_faults: tuple[SimFault, ...] = ()
+    max_per_range_ranges: int = DEFAULT_LIMITS.max_per_range_ranges
 
     def __post_init__(self) -> None:
         if self.gpu_ids is not None:
@@ -107,7 +110,8 @@ def create_host_gpu(options: HostGpuOptions | None = None, *,
     options = options or HostGpuOptions()
     transport = transport or _transport(options)
     gpu = KfdHostGpu(transport, gpu_ids=options.gpu_ids,
-                     isolation=options.isolation, userptr_path=options.userptr_path)
+                     isolation=options.isolation, userptr_path=options.userptr_path,
+                     max_per_range_ranges=options.max_per_range_ranges)
     if options.sim_faults:
         if not isinstance(transport, SimTransport):
             raise HostGpuError("fault injection needs the simulated KFD", unsupported=True)

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
+from protocol.limits import DEFAULT_LIMITS
 from protocol.wire import decode
 from vgpu_backend.hostgpu import kfd_abi as abi
 from vgpu_backend.hostgpu.base import (
@@ -73,14 +74,10 @@ def _validated(ranges: HostRanges) -> tuple[_I64, _I64]:
     return addr.astype(np.int64), length.astype(np.int64)
 
 
-#: per-range registers one allocation (two ioctls) per range on the event loop
-PER_RANGE_MAX_RANGES = 4096
-
-
-def max_ranges(path: UserptrPath) -> int:
+def max_ranges(path: UserptrPath, per_range_max: int) -> int:
     """Most host ranges one buffer may have on ``path``: alias needs a mapping per range
     (half of ``vm.max_map_count``, leaving room for everything else); per-range an
-    allocation per range; batch has no limit of its own."""
+    allocation per range (``per_range_max``); batch has no limit of its own."""
     if path is UserptrPath.ALIAS:
         try:
             with open("/proc/sys/vm/max_map_count", encoding="ascii") as f:
@@ -88,7 +85,7 @@ def max_ranges(path: UserptrPath) -> int:
         except (OSError, ValueError):
             return 32768
     if path is UserptrPath.PER_RANGE:
-        return PER_RANGE_MAX_RANGES
+        return per_range_max
     return 1 << 32
 
 
@@ -101,6 +98,8 @@ class KfdHostGpu(HostGpu):
     :param isolation: ``"vm"`` or ``"context"``.
     :param userptr_path: ``"auto"`` (batch when the probe says so, else alias), or
         ``"batch"`` (refuse to start without it), ``"alias"``, ``"per-range"``.
+    :param max_per_range_ranges: most host ranges of one buffer on the per-range path
+        (chosen, or taken over from alias where aliasing is impossible).
 
     **Isolation.** ``"vm"``: one (primary) KFD process for the whole VM; every
     USERPTR blob lives in it.  ``"context"``: each virtio-gpu context gets its own
@@ -114,12 +113,14 @@ class KfdHostGpu(HostGpu):
     """
 
     def __init__(self, transport: KfdTransport, *, gpu_ids: Sequence[int] | None = None,
-                 isolation: str = "vm", userptr_path: str = "auto") -> None:
+                 isolation: str = "vm", userptr_path: str = "auto",
+                 max_per_range_ranges: int = DEFAULT_LIMITS.max_per_range_ranges) -> None:
         if isolation not in ("vm", "context"):
             raise ValueError(f"isolation must be 'vm' or 'context', not {isolation!r}")
         requested = None if userptr_path == "auto" else UserptrPath(userptr_path)
         self._t = transport
         self._isolation = isolation
+        self._per_range_max = max_per_range_ranges
         self._closed = False
         self._control_fd = -1
         self._main: KfdProcess | None = None
@@ -211,7 +212,7 @@ class KfdHostGpu(HostGpu):
                            gpu_ids=tuple(g.gpu_id for g in self._gpus),
                            kfd_version=self._version, isolation=self._isolation,
                            userptr_available=self._userptr_available,
-                           max_ranges=max_ranges(self._path))
+                           max_ranges=max_ranges(self._path, self._per_range_max))
 
     def available_memory(self) -> dict[int, int]:
         """AVAILABLE_MEMORY of every selected GPU (vm isolation), by gpu_id."""
@@ -238,9 +239,9 @@ class KfdHostGpu(HostGpu):
         path = self._path
         if path is UserptrPath.ALIAS and self._auto_path and alias_refusal(ranges):
             path = UserptrPath.PER_RANGE  # nothing to alias (host buffers), or hugetlb
-            if len(sizes) > PER_RANGE_MAX_RANGES:  # one alloc+map per range: bounded
+            if len(sizes) > self._per_range_max:  # one alloc+map per range: bounded
                 raise HostGpuError(f"{len(sizes)} host ranges exceed the per-range path's "
-                                   f"{PER_RANGE_MAX_RANGES} (alias is not possible here)",
+                                   f"{self._per_range_max} (alias is not possible here)",
                                    errno.ENOMEM)
         total = int(sizes.sum())
         va = proc.va.allocate(total)
