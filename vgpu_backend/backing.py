@@ -22,6 +22,7 @@ from vgpu_backend.virtqueue import DescriptorChain
 __all__ = ["Backing", "read_mem_entries"]
 
 Bytes = npt.NDArray[np.uint8]
+_I64 = npt.NDArray[np.int64]
 #: pieces smaller than this are gathered piece by piece instead of by index arrays
 _MIN_GATHER_UNIT: Final = 64
 _ENTRY_DTYPE: Final = layout(MemEntry).dtype
@@ -53,7 +54,26 @@ class Backing:
         if direct is not None:
             return direct
         out = np.empty(size, dtype=np.uint8)
-        self._move(start, out, to_guest=False)
+        self._move(_one(start), _one(size), out, to_guest=False)
+        return out
+
+    def read_rows(self, start: int, stride: int, row_bytes: int, rows: int) -> Bytes:
+        """``rows`` rows of ``row_bytes`` bytes, ``stride`` apart from ``start`` on, as a
+        ``(rows, row_bytes)`` array: a strided view when the span is contiguous in guest
+        RAM, else a copy of the rows only (never of the gaps between them, which a
+        guest-chosen stride can make as large as the backing).
+
+        :raise GuestProtocolError: a row is beyond the backing.
+        """
+        if rows <= 0 or row_bytes <= 0 or stride < row_bytes:
+            raise ValueError(f"{rows} rows of {row_bytes} bytes, stride {stride}")
+        direct = self._direct(start, (rows - 1) * stride + row_bytes)
+        if direct is not None:
+            return np.lib.stride_tricks.as_strided(direct, (rows, row_bytes), (stride, 1))
+        out = np.empty((rows, row_bytes), dtype=np.uint8)
+        row = np.arange(rows, dtype=np.int64)
+        self._move(start + row * stride, np.full(rows, row_bytes, np.int64), out.reshape(-1),
+                   to_guest=False)
         return out
 
     def read_into(self, start: int, out: Bytes) -> None:
@@ -65,7 +85,7 @@ class Backing:
         if direct is not None:
             out[:] = direct
         else:
-            self._move(start, out, to_guest=False)
+            self._move(_one(start), _one(out.shape[0]), out, to_guest=False)
 
     def write(self, start: int, data: Bytes) -> None:
         """Store ``data`` at ``[start, start+len(data))`` of the backing (guest RAM).
@@ -76,7 +96,7 @@ class Backing:
         if direct is not None:
             direct[:] = data
         else:
-            self._move(start, data, to_guest=True)
+            self._move(_one(start), _one(data.shape[0]), data, to_guest=True)
 
     def _direct(self, start: int, size: int) -> Bytes | None:
         """A view of ``[start, start+size)`` if it lies in one segment, else ``None``."""
@@ -93,28 +113,31 @@ class Backing:
         off = int(self.segments.offset[first]) + start - seg_start
         return region.array[off:off + size]
 
-    def _move(self, start: int, buf: Bytes, *, to_guest: bool) -> None:
-        """Copy between ``buf`` and the backing bytes from ``start`` on, over several
-        segments: vectorised as rows of ``unit`` bytes, ``unit`` the largest power-of-two
-        granule (<= 4 KiB) dividing every piece."""
-        size = buf.shape[0]
-        first = int(np.searchsorted(self._ends, np.uint64(start), side="right"))
-        last = int(np.searchsorted(self._ends, np.uint64(start + size - 1), side="right"))
-        sel = slice(first, last + 1)
-        region_id = self.segments.region_id[sel]
-        src = self.segments.offset[sel].astype(np.int64)
-        length = self.segments.length[sel].astype(np.int64)
-        dst = (self._ends[sel].astype(np.int64) - length) - start  # piece start in ``buf``
-        head_cut = -int(dst[0])  # the first piece starts before ``start``
-        src[0] += head_cut
-        length[0] -= head_cut
-        dst[0] = 0
-        length[-1] = size - int(dst[-1])  # the last piece may end after the range
+    def _move(self, starts: _I64, sizes: _I64, buf: Bytes, *, to_guest: bool) -> None:
+        """Copy between ``buf`` and the backing ranges ``[starts, starts+sizes)`` (in
+        order, disjoint, non-empty, inside the backing), which ``buf`` holds one after
+        the other: split at segment boundaries into pieces, then vectorised as rows of
+        ``unit`` bytes, ``unit`` the largest power-of-two granule (<= 4 KiB) dividing
+        every piece.  Ranges and segments being sorted and disjoint, there are fewer
+        pieces than ranges plus segments."""
+        ends = self._ends.astype(np.int64)
+        seg_length = self.segments.length.astype(np.int64)
+        first = np.searchsorted(ends, starts, side="right")
+        count = np.searchsorted(ends, starts + sizes - 1, side="right") - first + 1
+        owner = np.repeat(np.arange(starts.shape[0]), count)
+        seg = first[owner] + np.arange(owner.shape[0]) - np.repeat(np.cumsum(count) - count,
+                                                                    count)
+        seg_start = ends[seg] - seg_length[seg]
+        lo = np.maximum(starts[owner], seg_start)
+        length = np.minimum((starts + sizes)[owner], ends[seg]) - lo
+        region_id = self.segments.region_id[seg]
+        src = self.segments.offset[seg].astype(np.int64) + (lo - seg_start)
+        dst = (np.cumsum(sizes) - sizes)[owner] + (lo - starts[owner])  # piece in ``buf``
         unit = gcd(int(np.gcd.reduce(src)), int(np.gcd.reduce(length)),
                    int(np.gcd.reduce(dst)), 4096)
         if unit < _MIN_GATHER_UNIT:
-            # Unaligned entries: piece by piece (as QEMU's iov_to_buf does); the count
-            # is bounded by the entry limit.
+            # Unaligned pieces: one by one (as QEMU's iov_to_buf does); fewer than the
+            # ranges plus the entries, both bounded by limits.
             for rid, s, n, d in zip(region_id.tolist(), src.tolist(), length.tolist(),
                                     dst.tolist(), strict=True):
                 guest = self._memory.region(rid).array[s:s + n]
@@ -146,6 +169,10 @@ class Backing:
                 rows[src_units[mask]] = buf_rows[dst_units[mask]]
             else:
                 buf_rows[dst_units[mask]] = rows[src_units[mask]]
+
+
+def _one(value: int) -> _I64:
+    return np.array([value], dtype=np.int64)
 
 
 def read_mem_entries(chain: DescriptorChain, offset: int, count: int,

@@ -223,9 +223,8 @@ class Commands2D:
             rows = res.image[body.y:body.y + body.height].reshape(-1)
             res.backing.read_into(body.offset, rows)
         else:
-            src = res.backing.read(body.offset, (body.height - 1) * stride + row)
-            rows = np.lib.stride_tricks.as_strided(src, (body.height, row), (stride, 1))
-            res.image[body.y:body.y + body.height, body.x * 4:body.x * 4 + row] = rows
+            res.image[body.y:body.y + body.height, body.x * 4:body.x * 4 + row] = \
+                res.backing.read_rows(body.offset, stride, row, body.height)
         return OK
 
     # --- scanouts ------------------------------------------------------------------

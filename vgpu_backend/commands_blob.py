@@ -134,6 +134,8 @@ class BlobCommands:
         ctx = self.contexts.get(hdr.ctx_id) if blob_mem is BlobMem.HOST3D_GUEST else None
         if body.size == 0:
             raise GuestProtocolError("blob of size 0")
+        if not userptr and body.size > self.s.limits.max_blob_bytes:  # entries or later
+            raise GuestProtocolError(f"blob of {body.size} bytes", Resp.ERR_OUT_OF_MEMORY)
         limit = self.s.limits.max_userptr_entries if userptr else \
             self.s.limits.max_backing_entries
         addr, length = read_mem_entries(chain, _CREATE_SIZE, body.nr_entries, limit)
@@ -145,8 +147,6 @@ class BlobCommands:
             res.backing = Backing(self.s.memory, segments)
             self._register(res, segments, ctx.ctx_id if ctx else None)
         elif body.nr_entries:
-            if body.size > self.s.limits.max_blob_bytes:
-                raise GuestProtocolError(f"blob of {body.size} bytes", Resp.ERR_OUT_OF_MEMORY)
             segments = self.s.memory.translate(addr, length).coalesced()
             if segments.total < body.size:
                 raise GuestProtocolError(
@@ -260,7 +260,7 @@ class BlobCommands:
             # each flush converts up to this much on the event loop
             raise GuestProtocolError(f"scanout {body.width}x{body.height} exceeds the "
                                      "host-memory budget", Resp.ERR_OUT_OF_MEMORY)
-        if offset + stride * (fb_h - 1) + fb_w * 4 > res.backing.size:
+        if offset + stride * (fb_h - 1) + fb_w * 4 > res.size:  # as QEMU checks it
             raise GuestProtocolError("framebuffer extends beyond the blob")
         if body.width == 0 or body.height == 0 or body.x + body.width > fb_w or \
                 body.y + body.height > fb_h:
@@ -278,7 +278,6 @@ def _blob_source(res: BlobResource, fmt: Format, stride: int, offset: int) -> Pi
         backing = res.backing
         if backing is None:
             return np.zeros((h, w), dtype=np.uint32)
-        src = backing.read(offset + y * stride + x * 4, (h - 1) * stride + w * 4)
-        rows = np.lib.stride_tricks.as_strided(src, (h, w * 4), (stride, 1))
+        rows = backing.read_rows(offset + y * stride + x * 4, stride, w * 4, h)
         return to_bgrx(np.ascontiguousarray(rows).view("<u4"), fmt)
     return render

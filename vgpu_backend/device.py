@@ -106,8 +106,14 @@ class VirtioGpuDevice:
         self._closing = False
         self._inflight: list[tuple[Deferred, Callable[[], Reply]]] = []
         self._quiescing = False
-        self.internal_errors = 0
+        self._command_errors = 0
         memory.add_unmap_listener(self._region_unmapping)
+
+    @property
+    def internal_errors(self) -> int:
+        """Bugs of ours met so far (each logged with its traceback; the guest got
+        ERR_UNSPEC, or a scanout was not updated)."""
+        return self._command_errors + self.state.scanouts.internal_errors
 
     # --- virtio features and config ----------------------------------------------------
 
@@ -282,7 +288,7 @@ class VirtioGpuDevice:
             log.info("guest error: %s: %s", _command_name(hdr.type), err)
             return Reply(err.resp_code)
         except Exception:  # a bug of ours: answer, count, keep serving
-            self.internal_errors += 1
+            self._command_errors += 1
             log.exception("internal error in %s", _command_name(hdr.type))
             return Reply(Resp.ERR_UNSPEC)
 

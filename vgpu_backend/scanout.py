@@ -81,6 +81,9 @@ class ScanoutManager:
         self.scanouts = [Scanout(i) for i in range(count)]
         self._queue_limit = queue_limit
         self.display: DisplayChannel | None = None
+        #: bugs of ours met while reading a scanout's pixels (logged, not raised: this
+        #: also runs from the display socket's drain callback, on the event loop)
+        self.internal_errors = 0
 
     # --- display channel -----------------------------------------------------------
 
@@ -182,6 +185,11 @@ class ScanoutManager:
         except GuestProtocolError as err:  # e.g. a blob whose backing shrank since
             log.warning("scanout %d: cannot read its pixels (%s); not updated",
                         scanout.index, err)
+            return
+        except Exception:
+            self.internal_errors += 1
+            log.exception("internal error reading scanout %d's pixels; not updated",
+                          scanout.index)
             return
         display.update(scanout.index, local[0], local[1], pixels)
 

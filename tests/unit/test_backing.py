@@ -1,9 +1,11 @@
-"""``Backing.read`` against a concatenation model; ``read_mem_entries`` snapshots."""
+"""``Backing.read`` and ``read_rows`` against a concatenation model;
+``read_mem_entries`` snapshots."""
 
 from __future__ import annotations
 
 import random
 import struct
+import tracemalloc
 from collections.abc import Iterator
 
 import numpy as np
@@ -81,6 +83,43 @@ def test_reads_beyond_the_backing_are_refused(ram: GuestRam, data: st.DataObject
             backing.read(start, size)
     else:
         assert backing.read(start, size).shape == (size,)
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data(), aligned=st.booleans(), coalesce=st.booleans())
+def test_read_rows_matches_the_concatenation(ram: GuestRam, data: st.DataObject,
+                                             aligned: bool, coalesce: bool) -> None:
+    ranges = data.draw(entries(aligned))
+    model = b"".join(ram.read(a, n) for a, n in ranges)
+    backing = make_backing(ram, ranges, coalesce)
+    row_bytes = data.draw(st.integers(1, len(model)))
+    stride = data.draw(st.integers(row_bytes, len(model)))
+    rows = data.draw(st.integers(1, (len(model) - row_bytes) // stride + 1))
+    start = data.draw(st.integers(0, len(model) - (rows - 1) * stride - row_bytes))
+    got = backing.read_rows(start, stride, row_bytes, rows)
+    assert got.shape == (rows, row_bytes)
+    assert [got[i].tobytes() for i in range(rows)] == \
+        [model[start + i * stride:start + i * stride + row_bytes] for i in range(rows)]
+    with pytest.raises(GuestProtocolError):
+        backing.read_rows(start + 1, stride, row_bytes, rows + 1 + len(model) // stride)
+
+
+def test_read_rows_copies_the_rows_not_the_gaps(ram: GuestRam) -> None:
+    """A guest-chosen stride over a backing whose entries repeat the same pages spans
+    gigabytes: only the rows' bytes may be copied."""
+    pages = [(0x100000, 16 * PAGE), (0x200000, 16 * PAGE)] * 32768  # 4 GiB of backing
+    backing = make_backing(ram, pages, coalesce=False)
+    stride = 1 << 30
+    tracemalloc.start()
+    try:
+        rows = backing.read_rows(3, stride, 4, 4)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20  # the pieces' index arrays, not 3 GiB of gaps
+    assert [rows[i].tobytes() for i in range(4)] == \
+        [ram.read((0x100000 if (i * stride // (16 * PAGE)) % 2 == 0 else 0x200000)
+                  + (3 + i * stride) % (16 * PAGE), 4) for i in range(4)]
 
 
 def test_contiguous_reads_are_views_of_guest_memory(ram: GuestRam) -> None:

@@ -366,6 +366,26 @@ def test_unref_of_a_shown_resource_disables_the_scanout(shown: DeviceHarness) ->
         VhostUserGpuScanout(0, 0, 0)
 
 
+def test_a_bug_while_drawing_a_scanout_is_counted_not_raised(caplog: pytest.LogCaptureFixture
+                                                             ) -> None:
+    """Drawing also runs from the display socket's drain callback on the event loop: an
+    exception of ours there is logged and counted, never raised out of the loop."""
+    harness = DeviceHarness(display=True)
+    try:
+        fill_and_transfer(harness, 1, 4, 4, Format.B8G8R8X8_UNORM)
+        harness.ok(command(Cmd.SET_SCANOUT, SetScanout(0, 0, 4, 4, 0, 1)))
+
+        def broken(rect: tuple[int, int, int, int]) -> np.ndarray:
+            raise MemoryError("drawing")
+        harness.device.state.scanouts.scanouts[0].source = broken
+        harness.ok(command(Cmd.RESOURCE_FLUSH, ResourceFlush(0, 0, 4, 4, 1)))
+        assert harness.device.internal_errors == 1
+        assert "internal error reading scanout 0's pixels" in caplog.text
+        harness.create_2d(2, 4, 4)  # still serving
+    finally:
+        harness.close()
+
+
 def test_set_scanout_errors(dev: DeviceHarness) -> None:
     dev.create_2d(1, 8, 8)
     cases = [

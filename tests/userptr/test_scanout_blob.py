@@ -3,24 +3,27 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 import pytest
 
 from protocol.display import DisplayReq
+from protocol.limits import DEFAULT_LIMITS
 from protocol.virtio_gpu_codes import BlobFlag, BlobMem, Format, Resp
 from tests.frontend import gpu_commands as cmds
 from tests.frontend.gpu_commands import Rect
 from tests.frontend.pixels import display_bgr, random_pixels
 from tests.userptr import guest_commands as gc
-from tests.userptr.fixtures import VmPool
-from tests.userptr.guest_buffer import GuestBuffer, scattered_buffer
+from tests.userptr.fixtures import VmFactory, VmPool
+from tests.userptr.guest_buffer import GuestBuffer, contiguous_buffer, scattered_buffer
 from tests.userptr.vm import Vm
 
 WIDTH, HEIGHT = 40, 24
 STRIDE = WIDTH * 4 + 96  # rows padded
 OFFSET = 200  # the framebuffer starts inside the blob
+MAX_BACKING_ENTRIES = DEFAULT_LIMITS.max_backing_entries
 
 @pytest.fixture
 def vm(shared_vm: Vm) -> Vm:
@@ -132,6 +135,45 @@ def test_unref_disables_the_scanout(vm: Vm) -> None:
     assert scanouts[-1].fields[1:3] == (0, 0)
     vm.run(gc.set_scanout_blob(0, 0, fmt=Format.B8G8R8X8_UNORM, fb_width=1, fb_height=1,
                                stride=4)).expect(Resp.OK_NODATA)
+
+
+def test_a_huge_stride_reads_only_the_rows(start_vm: VmFactory) -> None:
+    """Entries that repeat the same 64 KiB make a 1 GiB blob; a 1x4 scanout with a
+    256 MiB stride reads its 4 rows (16 bytes), not the 768 MiB between them."""
+    vm = start_vm()
+    page_run = contiguous_buffer(vm.ram, 64 * 1024)
+    page_run.write(vm.ram, bytes(range(256)) * 256)
+    repeats = MAX_BACKING_ENTRIES
+    rid = vm.new_resource_id()
+    vm.create_blob(rid, page_run.entries * repeats, page_run.size * repeats,
+                   blob_mem=BlobMem.GUEST, flags=0).expect(Resp.OK_NODATA)
+    stride = (256 << 20) + 4  # row i starts at byte 4 * i of the repeated 64 KiB
+    before = peak_rss(vm)
+    vm.run(gc.set_scanout_blob(0, rid, fmt=Format.B8G8R8X8_UNORM, fb_width=1, fb_height=4,
+                               stride=stride, rect=(0, 0, 1, 4))).expect(Resp.OK_NODATA)
+    want = np.arange(16, dtype=np.uint8).reshape(4, 1, 4)
+    assert np.array_equal(console_bgr(vm), display_bgr(want, Format.B8G8R8X8_UNORM))
+    assert peak_rss(vm) - before < 64 << 20
+    vm.still_serving()
+
+
+def test_the_framebuffer_must_fit_the_blob_size_not_its_entries(vm: Vm) -> None:
+    """As QEMU checks it: a blob of one page over entries covering two pages shows no
+    framebuffer that reaches into the second page."""
+    buf = scattered_buffer(vm.ram, 2 * 4096)
+    rid = vm.new_resource_id()
+    vm.create_blob(rid, buf.entries, 4096, blob_mem=BlobMem.GUEST, flags=0
+                   ).expect(Resp.OK_NODATA)
+    vm.run(gc.set_scanout_blob(0, rid, fmt=Format.B8G8R8X8_UNORM, fb_width=WIDTH,
+                               fb_height=27, stride=WIDTH * 4, rect=(0, 0, WIDTH, 27))
+           ).expect(Resp.ERR_INVALID_PARAMETER)
+    vm.still_serving()
+
+
+def peak_rss(vm: Vm) -> int:
+    """The back-end process's peak resident set, in bytes."""
+    status = Path(f"/proc/{vm.s.backend.proc.pid}/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0]) * 1024
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from protocol.limits import DEFAULT_LIMITS
 from protocol.virtio_gpu_codes import BlobFlag, BlobMem, Format, Resp
 from tests.frontend.guest_ram import PAGE_SIZE, Segment
 from tests.userptr.fixtures import VmPool
@@ -23,7 +24,7 @@ USERPTR = int(BlobFlag.USE_USERPTR)
 TOP_OF_U64 = 1 << 64
 #: the per-range path allocates one BO per host range: at most 4096 ranges per blob
 PER_RANGE = ("--userptr-host-path", "per-range")
-PER_RANGE_RANGES = 4096
+PER_RANGE_RANGES = DEFAULT_LIMITS.max_per_range_ranges
 PER_RANGE_RAM = {"ram_size": 128 * MiB}
 
 
@@ -129,6 +130,15 @@ CASES: dict[str, Case] = {
     "more host ranges than the per-range path takes": Case(lambda vm: BlobRequest(
         pages(vm, PER_RANGE_RANGES + 1), PAGE_SIZE), Resp.ERR_OUT_OF_MEMORY,
         args=PER_RANGE, ram=PER_RANGE_RAM),
+    "more host ranges than --max-per-range-ranges": Case(lambda vm: BlobRequest(
+        pages(vm, 9), PAGE_SIZE), Resp.ERR_OUT_OF_MEMORY,
+        args=(*PER_RANGE, "--max-per-range-ranges", "8")),
+    "GUEST blob beyond --max-blob-bytes": Case(lambda vm: BlobRequest(
+        pages(vm, 5), 5 * PAGE_SIZE, flags=0, blob_mem=BlobMem.GUEST, ctx_id=0),
+        Resp.ERR_OUT_OF_MEMORY, args=("--max-blob-bytes", "16384")),
+    "GUEST blob beyond --max-blob-bytes, entries to come": Case(lambda vm: BlobRequest(
+        [], 5 * PAGE_SIZE, flags=0, blob_mem=BlobMem.GUEST, ctx_id=0),
+        Resp.ERR_OUT_OF_MEMORY, args=("--max-blob-bytes", "16384")),
     "entry count beyond the chain": Case(lambda vm: BlobRequest(
         pages(vm, 2), PAGE_SIZE, nr_entries=3), INVALID),
     "entry count at the limit, beyond the chain": Case(lambda vm: BlobRequest(
