@@ -60,16 +60,21 @@ class Backing:
     def read_rows(self, start: int, stride: int, row_bytes: int, rows: int) -> Bytes:
         """``rows`` rows of ``row_bytes`` bytes, ``stride`` apart from ``start`` on, as a
         ``(rows, row_bytes)`` array: a strided view when the span is contiguous in guest
-        RAM, else a copy of the rows only (never of the gaps between them, which a
-        guest-chosen stride can make as large as the backing).
+        RAM, else a copy (of the whole span only when the gaps between the rows are
+        small: a guest-chosen stride can make them as large as the backing).
 
         :raise GuestProtocolError: a row is beyond the backing.
         """
         if rows <= 0 or row_bytes <= 0 or stride < row_bytes:
             raise ValueError(f"{rows} rows of {row_bytes} bytes, stride {stride}")
-        direct = self._direct(start, (rows - 1) * stride + row_bytes)
+        span = (rows - 1) * stride + row_bytes
+        direct = self._direct(start, span)
         if direct is not None:
             return np.lib.stride_tricks.as_strided(direct, (rows, row_bytes), (stride, 1))
+        if span <= 2 * rows * row_bytes:  # little between the rows: one range is faster
+            whole = np.empty(span, dtype=np.uint8)
+            self._move(_one(start), _one(span), whole, to_guest=False)
+            return np.lib.stride_tricks.as_strided(whole, (rows, row_bytes), (stride, 1))
         out = np.empty((rows, row_bytes), dtype=np.uint8)
         row = np.arange(rows, dtype=np.int64)
         self._move(start + row * stride, np.full(rows, row_bytes, np.int64), out.reshape(-1),
