@@ -75,7 +75,14 @@ def image_source(res: Image2D) -> PixelSource:
 
 
 class ScanoutManager:
-    """All scanouts, the cursor, and the current display channel."""
+    """All scanouts, the cursor, and the current display channel.
+
+    While QEMU reads slowly (more than ``queue_limit`` bytes queued) nothing more is
+    queued: each scanout's damage is merged, its surface size is announced from its
+    state when the socket drains, and of the cursor messages only the latest image and
+    the latest position after it are kept.  What a guest can make the back-end hold is
+    thus bounded by the number of scanouts, whatever it sends meanwhile.
+    """
 
     def __init__(self, count: int, queue_limit: int) -> None:
         self.scanouts = [Scanout(i) for i in range(count)]
@@ -84,17 +91,20 @@ class ScanoutManager:
         #: bugs of ours met while reading a scanout's pixels (logged, not raised: this
         #: also runs from the display socket's drain callback, on the event loop)
         self.internal_errors = 0
+        self._drain_waiting = False  # one drain callback at a time
+        #: per scanout, the cursor messages held: [latest image, latest move after it]
+        self._cursor_held: dict[int, list[Callable[[DisplayChannel], None] | None]] = {}
 
     # --- display channel -----------------------------------------------------------
 
     def attach(self, display: DisplayChannel) -> None:
         """A new display socket is ready: announce every active scanout on it."""
         self.display = display
+        self._drain_waiting = False  # its drain callback died with the old socket
         for scanout in self.scanouts:
-            scanout.pending = None  # its drain callback died with the old socket
-            if scanout.enabled:
-                self._announce(scanout)
-                self._send(scanout, (0, 0, scanout.rect[2], scanout.rect[3]))
+            scanout.pending = (0, 0, scanout.rect[2], scanout.rect[3]) \
+                if scanout.enabled else None
+        self._drained()
 
     def detach(self, display: DisplayChannel) -> None:
         """The display socket is gone (scanout state is kept for the next one)."""
@@ -106,6 +116,32 @@ class ScanoutManager:
         if display is None or display.state is not DisplayState.READY:
             return None
         return display
+
+    def _backed_up(self, display: DisplayChannel) -> bool:
+        """QEMU is behind: hold what comes now, and catch up once the socket drains."""
+        if display.backlog <= self._queue_limit:
+            return False
+        if not self._drain_waiting:
+            self._drain_waiting = True
+            display.when_drained(self._drained)
+        return True
+
+    def _drained(self) -> None:
+        """Send what was held: sizes, merged damage, the cursor's latest state."""
+        self._drain_waiting = False
+        display = self._ready()
+        if display is None:
+            return
+        for scanout in self.scanouts:
+            self._announce(scanout)
+            pending, scanout.pending = scanout.pending, None
+            if pending is not None and scanout.enabled:
+                self._send(scanout, pending)
+        held, self._cursor_held = self._cursor_held, {}
+        for messages in held.values():
+            for message in messages:
+                if message is not None:
+                    message(display)
 
     # --- scanout changes -----------------------------------------------------------
 
@@ -121,18 +157,16 @@ class ScanoutManager:
         scanout.source = source
         scanout.pending = None
         res.scanouts.add(index)
-        self._announce(scanout)
         self._send(scanout, (0, 0, rect[2], rect[3]))
 
     def disable(self, index: int) -> None:
         """Stop showing anything on scanout ``index`` (SCANOUT 0x0)."""
         scanout = self.scanouts[index]
-        was_enabled = scanout.enabled
         scanout.resource_id, scanout.rect, scanout.source, scanout.pending = 0, (0, 0, 0, 0), \
             None, None
         display = self._ready()
-        if was_enabled and display is not None:
-            display.scanout(index, 0, 0)
+        if display is not None and not self._backed_up(display):
+            self._announce(scanout)
 
     def forget_resource(self, res: Resource) -> None:
         """A resource is going away: disable every scanout showing it."""
@@ -144,12 +178,13 @@ class ScanoutManager:
         res.scanouts.clear()
 
     def _announce(self, scanout: Scanout) -> None:
+        """SCANOUT, when the size QEMU has differs from the scanout's (0x0: disabled)."""
         display = self._ready()
         if display is None:
             return
-        size = (scanout.rect[2], scanout.rect[3])
+        size = (scanout.rect[2], scanout.rect[3]) if scanout.enabled else None
         if display.announced(scanout.index) != size:
-            display.scanout(scanout.index, *size)
+            display.scanout(scanout.index, *(size or (0, 0)))
 
     # --- updates ---------------------------------------------------------------------
 
@@ -168,17 +203,16 @@ class ScanoutManager:
             self._send(scanout, local)
 
     def _send(self, scanout: Scanout, local: Rect) -> None:
-        """Send ``local`` (scanout coordinates), or merge it while the socket is busy."""
+        """Send ``local`` (scanout coordinates) after the surface size if it changed,
+        or merge it while the socket is backed up."""
         display = self._ready()
         if display is None or scanout.source is None:
             return
-        if display.backlog > self._queue_limit:
-            if scanout.pending is None:
-                scanout.pending = local
-                display.when_drained(lambda: self._send_pending(scanout))
-            else:
-                scanout.pending = union(scanout.pending, local)
+        if self._backed_up(display):
+            scanout.pending = local if scanout.pending is None else \
+                union(scanout.pending, local)
             return
+        self._announce(scanout)  # never an UPDATE before its SCANOUT
         sx, sy = scanout.rect[0], scanout.rect[1]
         try:
             pixels = scanout.source((local[0] + sx, local[1] + sy, local[2], local[3]))
@@ -193,25 +227,33 @@ class ScanoutManager:
             return
         display.update(scanout.index, local[0], local[1], pixels)
 
-    def _send_pending(self, scanout: Scanout) -> None:
-        pending, scanout.pending = scanout.pending, None
-        if pending is not None and scanout.enabled:
-            self._send(scanout, pending)
-
     # --- cursor ----------------------------------------------------------------------
 
     def cursor_image(self, index: int, res: Image2D, x: int, y: int, hot_x: int,
                      hot_y: int) -> None:
         """UPDATE_CURSOR with a 64x64 resource."""
-        display = self.display
-        if display is None or display.state is DisplayState.CLOSED:
-            return
         argb = to_bgra(res.pixels(0, 0, 64, 64), Format(res.format))
-        display.cursor_update(index, x, y, hot_x, hot_y, argb)
+
+        def message(display: DisplayChannel) -> None:
+            display.cursor_update(index, x, y, hot_x, hot_y, argb)
+        self._cursor(index, message, image=True)
 
     def cursor_move(self, index: int, x: int, y: int, visible: bool) -> None:
         """MOVE_CURSOR (or hide it)."""
+        def message(display: DisplayChannel) -> None:
+            display.cursor_move(index, x, y, visible)
+        self._cursor(index, message, image=False)
+
+    def _cursor(self, index: int, message: Callable[[DisplayChannel], None], *,
+                image: bool) -> None:
         display = self.display
         if display is None or display.state is DisplayState.CLOSED:
             return
-        display.cursor_move(index, x, y, visible)
+        if not self._backed_up(display):
+            message(display)
+            return
+        held = self._cursor_held.setdefault(index, [None, None])
+        if image:  # an image carries its position: earlier moves are moot
+            held[0], held[1] = message, None
+        else:
+            held[1] = message

@@ -66,6 +66,14 @@ class DisplayPeer:
         """Write raw bytes to the back-end."""
         self.sock.sendall(data)
 
+    def pause(self) -> None:
+        """Stop reading, as a QEMU whose main loop is busy: the back-end's queue grows."""
+        self.loop.remove_reader(self.sock.fileno())
+
+    def resume(self) -> None:
+        """Read again."""
+        self.loop.add_reader(self.sock.fileno(), self._readable)
+
     def of(self, request: DisplayReq) -> list[DisplayMessage]:
         """Received messages of one type, in order."""
         return [m for m in self.received if m.request == request]

@@ -1,0 +1,129 @@
+"""A QEMU that reads the display socket slowly: what the guest sends meanwhile is held,
+bounded by the number of scanouts, and the latest state reaches QEMU once it reads
+again (damage merged, sizes announced before their updates, the cursor's last image and
+position)."""
+
+from __future__ import annotations
+
+import select
+from collections.abc import Iterator
+
+import pytest
+
+from protocol.display import (
+    DisplayReq,
+    VhostUserGpuCursorPos,
+    VhostUserGpuCursorUpdate,
+    VhostUserGpuScanout,
+    VhostUserGpuUpdate,
+)
+from protocol.limits import Limits
+from protocol.virtio_gpu import ResourceFlush, SetScanout, UpdateCursor
+from protocol.virtio_gpu_codes import Cmd
+from protocol.wire import decode
+from tests.unit.device_harness import DeviceHarness, command
+from tests.unit.display_peer import DisplayPeer
+from tests.unit.loop_runner import run_until
+from vgpu_backend.display import DisplayChannel
+
+QUEUE_LIMIT = 64 << 10
+SIZE = 512  # a full update of the test resource: 1 MiB, beyond what the socket buffers
+COMMANDS = 3000
+
+
+@pytest.fixture
+def slow() -> Iterator[tuple[DeviceHarness, DisplayPeer, DisplayChannel]]:
+    """A shown 512x512 resource, a cursor resource, and a display peer that has
+    stopped reading with the back-end's queue beyond its limit."""
+    harness = DeviceHarness(Limits(max_hostmem=16 << 20, display_queue_bytes=QUEUE_LIMIT),
+                            display=True)
+    peer, channel = harness.peer, harness.device.state.scanouts.display
+    assert peer is not None and channel is not None
+    harness.create_2d(1, SIZE, SIZE)
+    harness.create_2d(2, 64, 64)
+    harness.create_2d(3, 64, 64)
+    peer.pause()
+    harness.ok(command(Cmd.SET_SCANOUT, SetScanout(0, 0, SIZE, SIZE, 0, 1)))
+    assert channel.backlog > QUEUE_LIMIT
+    yield harness, peer, channel
+    assert harness.device.internal_errors == 0
+    harness.close()
+
+
+def caught_up(harness: DeviceHarness, peer: DisplayPeer, channel: DisplayChannel) -> None:
+    """QEMU reads again, until the back-end's queue and the socket are empty."""
+    peer.resume()
+    run_until(harness.loop, lambda: channel.backlog == 0
+              and not select.select([peer.sock], [], [], 0)[0])
+
+
+def test_cursor_flood_is_held_as_its_latest_state(
+        slow: tuple[DeviceHarness, DisplayPeer, DisplayChannel]) -> None:
+    harness, peer, channel = slow
+    backlog = channel.backlog
+    for i in range(COMMANDS):
+        resource = 2 + i % 2
+        harness.cursor_command(command(Cmd.UPDATE_CURSOR,
+                                       UpdateCursor(0, i, i, 0, resource, 1, 2)))
+        harness.cursor_command(command(Cmd.MOVE_CURSOR, UpdateCursor(0, i, i + 7, 0, 2, 0, 0)))
+    assert channel.backlog == backlog  # nothing more was queued
+    caught_up(harness, peer, channel)
+    updates = peer.of(DisplayReq.CURSOR_UPDATE)
+    moves = peer.of(DisplayReq.CURSOR_POS)
+    assert len(updates) == 1 and len(moves) == 1
+    last = COMMANDS - 1
+    assert decode(VhostUserGpuCursorUpdate, updates[0].payload) == \
+        VhostUserGpuCursorUpdate(0, last, last, 1, 2)
+    assert decode(VhostUserGpuCursorPos, moves[0].payload) == \
+        VhostUserGpuCursorPos(0, last, last + 7)
+    assert peer.received.index(updates[0]) < peer.received.index(moves[0])
+
+
+def test_scanout_churn_is_held_as_the_latest_size(
+        slow: tuple[DeviceHarness, DisplayPeer, DisplayChannel]) -> None:
+    harness, peer, channel = slow
+    backlog = channel.backlog
+    rects = [(0, 0, SIZE, SIZE), (8, 8, 100, 50)]
+    for i in range(COMMANDS):
+        x, y, w, h = rects[i % 2]
+        harness.ok(command(Cmd.SET_SCANOUT, SetScanout(x, y, w, h, 0, 1)))
+    assert channel.backlog == backlog
+    assert len(channel._drained) <= 1  # one drain callback, not thousands
+    caught_up(harness, peer, channel)
+    x, y, w, h = rects[(COMMANDS - 1) % 2]
+    scanouts = [decode(VhostUserGpuScanout, m.payload)
+                for m in peer.of(DisplayReq.SCANOUT)]
+    assert scanouts == [VhostUserGpuScanout(0, SIZE, SIZE), VhostUserGpuScanout(0, w, h)]
+    last_update = decode(VhostUserGpuUpdate, peer.of(DisplayReq.UPDATE)[-1].payload)
+    assert last_update == VhostUserGpuUpdate(0, 0, 0, w, h)
+    assert_no_update_beyond_its_scanout(peer)
+
+
+def test_damage_is_merged_and_sent_after_the_size(
+        slow: tuple[DeviceHarness, DisplayPeer, DisplayChannel]) -> None:
+    harness, peer, channel = slow
+    harness.ok(command(Cmd.SET_SCANOUT, SetScanout(0, 0, 128, 128, 0, 1)))
+    for x, y in ((10, 10), (40, 90), (100, 20)):
+        harness.ok(command(Cmd.RESOURCE_FLUSH, ResourceFlush(x, y, 8, 8, 1)))
+    caught_up(harness, peer, channel)
+    updates = [decode(VhostUserGpuUpdate, m.payload) for m in peer.of(DisplayReq.UPDATE)]
+    # the first full update was queued before QEMU stopped reading; then one update
+    # for the new size (the whole scanout: it holds the flushes' damage too)
+    assert updates == [VhostUserGpuUpdate(0, 0, 0, SIZE, SIZE),
+                       VhostUserGpuUpdate(0, 0, 0, 128, 128)]
+    assert_no_update_beyond_its_scanout(peer)
+    harness.ok(command(Cmd.RESOURCE_FLUSH, ResourceFlush(10, 10, 8, 8, 1)))
+    harness.ok(command(Cmd.RESOURCE_FLUSH, ResourceFlush(40, 90, 8, 8, 1)))
+    run_until(harness.loop, lambda: len(peer.of(DisplayReq.UPDATE)) == 4)  # not held now
+
+
+def assert_no_update_beyond_its_scanout(peer: DisplayPeer) -> None:
+    """Every UPDATE fits the surface the last SCANOUT before it announced."""
+    size = (0, 0)
+    for message in peer.received:
+        if message.request == DisplayReq.SCANOUT:
+            scanout = decode(VhostUserGpuScanout, message.payload)
+            size = (scanout.width, scanout.height)
+        elif message.request == DisplayReq.UPDATE:
+            update = decode(VhostUserGpuUpdate, message.payload)
+            assert update.x + update.width <= size[0] and update.y + update.height <= size[1]
