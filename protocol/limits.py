@@ -51,6 +51,15 @@ class Limits:
     compute_workers: int = _limit(2, "threads running compute jobs", "compute-workers")
     max_queued_submissions: int = _limit(
         64, "unfenced SUBMIT_3D queued per context before the queue waits")
+    compute_job_timeout: float = _limit(
+        60.0, "seconds one SUBMIT_3D may run on the simulated GPU before it is aborted "
+        "(as a GPU's job timeout)", "compute-job-timeout")
+    max_compute_staging: int = _limit(
+        1 * GiB, "bytes of engine scratch one MATMUL operand that is not one host run may "
+        "be staged in", "max-compute-staging")
+    max_queued_submit_bytes: int = _limit(
+        16 * MiB, "SUBMIT_3D stream bytes queued on all timelines; beyond, the queue waits "
+        "for the submission that went over", "max-queued-submit-bytes")
     compute_drain_timeout: float = _limit(
         10.0, "seconds to wait for compute jobs when rings stop or memory goes away, "
         "before cancelling them")

@@ -110,6 +110,9 @@ class ComputeCommands:
         self.buffer_bytes = 0
         #: submissions queued and not yet completed, per context (backpressure)
         self._queued: dict[int, int] = {}
+        #: stream bytes of every submission queued and not yet completed (a decoded
+        #: stream takes several times its size: this is what bounds it)
+        self.queued_bytes = 0
         self._room_waiters: dict[int, list[Deferred]] = {}
         #: per context: the sequence number of its latest job on each timeline
         self._last_jobs: dict[int, dict[Hashable, int]] = {}
@@ -223,6 +226,7 @@ class ComputeCommands:
 
         def done(outcome: Outcome | None) -> None:
             self._queued[ctx.ctx_id] -= 1
+            self.queued_bytes -= size
             self._make_room(ctx.ctx_id)
             if outcome is None:  # the job raised (already logged) or was cancelled
                 deferred.resolve(Reply(Resp.ERR_UNSPEC))
@@ -238,6 +242,12 @@ class ComputeCommands:
         self._last_jobs.setdefault(ctx.ctx_id, {})[key] = self.timelines.submit(
             key, lambda cancel: self.engine.run(vm, commands, prepared, target, cancel), done)
         queued = self._queued[ctx.ctx_id] = self._queued.get(ctx.ctx_id, 0) + 1
+        size = len(data)
+        self.queued_bytes += size
+        if self.queued_bytes > self.s.limits.max_queued_submit_bytes:
+            # fenced or not, nothing more is read until this one has run
+            deferred.pause = True
+            return deferred
         if fenced:
             return deferred
         if queued > self.s.limits.max_queued_submissions:

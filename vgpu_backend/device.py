@@ -93,7 +93,9 @@ class VirtioGpuDevice:
             self._handlers.update(self.blobs.handlers())
         self.compute: ComputeCommands | None = None
         if options.compute and gpu_memory is not None:
-            self.compute = ComputeCommands(self.state, self.contexts, Engine(gpu_memory))
+            self.compute = ComputeCommands(self.state, self.contexts, Engine(
+                gpu_memory, job_timeout=limits.compute_job_timeout,
+                max_staging=limits.max_compute_staging))
             self._handlers.update(self.compute.handlers())
             self.state.capsets.append(compute_capset(self.state))
         if options.userptr_protocol is not UserptrProtocol.OFF:

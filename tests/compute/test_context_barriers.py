@@ -56,3 +56,14 @@ def test_own_contexts_work_is_waited_for(vm: Vm, what: str) -> None:
     assert [index for index, _ in order] == [0, 1], f"{what} did not wait for its context"
     assert all(response.type == Resp.OK_NODATA for _, response in order)
     vm.still_serving()
+
+
+def test_over_the_queued_bytes_budget_the_queue_waits(vm_pool: VmPool) -> None:
+    """Beyond --max-queued-submit-bytes the submission that went over holds the queue
+    until it has run, although the next command is another context's."""
+    vm = vm_pool.get("--max-queued-submit-bytes", "64", ram_size=256 << 20)
+    busy, other = vm.compute_context(), vm.compute_context()
+    order = vm.completion_order([busy_submit(busy), going_away(vm, "unref", other)])
+    assert [index for index, _ in order] == [0, 1], "the queue did not wait"
+    assert all(response.type == Resp.OK_NODATA for _, response in order)
+    vm.still_serving()

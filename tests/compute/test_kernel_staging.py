@@ -136,3 +136,47 @@ def test_empty_dimensions(m: int, n: int, k: int) -> None:
     got = cbuf.gather().view(np.float32)
     expected = np.zeros(m * n, np.float32) if m * n else np.full(1, 7.0, np.float32)
     np.testing.assert_array_equal(got[:expected.shape[0]], expected)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["b staged", "c over a"])
+def test_operands_beyond_the_staging_limit_are_refused(shared: bool) -> None:
+    """A scattered ``b`` (or a product written over an operand) is staged whole: beyond
+    ``max_staging`` the kernel refuses before touching anything."""
+    arena = ScatteredArena(64)
+    a, b, abuf, bbuf, cbuf = matmul_operands(arena, 64, 32, 48)
+    assert not bbuf.single
+    target = abuf if shared else cbuf
+    before = target.gather().copy()
+    limit = (4 * 64 * 32 if shared else bbuf.nbytes) - 1  # c: 8 KiB, b: 6 KiB
+    with pytest.raises(kernels.TooLarge, match="staging limit"):
+        matmul_f32(target, abuf, bbuf, 64, 32, 48, KernelStats(max_staging=limit))
+    assert np.array_equal(target.gather(), before)
+    matmul_f32(target, abuf, bbuf, 64, 32, 48, KernelStats(max_staging=limit + 1))
+    product = target.gather()[:4 * 64 * 32].view(np.float32).reshape(64, 32)
+    np.testing.assert_allclose(product, a @ b, rtol=1e-4, atol=1e-4)
+
+
+def test_row_blocks_are_bounded_in_bytes() -> None:
+    """Wide rows make fewer rows per staged block (never fewer than one)."""
+    arena = ScatteredArena(300)
+    m, n, k = 24, 2, 4096  # rows of a: 16 KiB; the MAC targets alone would take all 24
+    a, b, abuf, bbuf, cbuf = matmul_operands(arena, m, n, k)
+    sizes: list[int] = []
+    real = buffers.staging
+
+    def spy(slot: int, nbytes: int) -> npt.NDArray[np.uint8]:
+        sizes.append(nbytes)
+        return real(slot, nbytes)
+    with mock.patch.object(kernels, "_MATMUL_BLOCK_BYTES", 5 * 4 * k), \
+            mock.patch.object(kernels, "staging", spy):
+        matmul_f32(cbuf, abuf, bbuf, m, n, k, KernelStats())
+    np.testing.assert_allclose(cbuf.gather().view(np.float32).reshape(m, n), a @ b,
+                               rtol=1e-3, atol=1e-3)
+    assert max(s for s in sizes if s != bbuf.nbytes) <= 5 * 4 * k
+
+
+def test_a_job_past_its_deadline_stops_at_the_next_piece() -> None:
+    arena = ScatteredArena(64)
+    _, _, abuf, bbuf, cbuf = matmul_operands(arena, 16, 16, 16)
+    with pytest.raises(kernels.OverTime):
+        matmul_f32(cbuf, abuf, bbuf, 16, 16, 16, KernelStats(deadline=0.0))

@@ -10,6 +10,7 @@ import pytest
 from protocol.compute import Kernel, Status, buffer_arg, f32_arg, u64_arg
 from protocol.virtio_gpu_codes import BlobMem, Resp
 from tests.userptr.compute_stream import copy_cmd, dispatch, fill_cmd, map_cmd, signal_cmd
+from tests.userptr.fixtures import VmFactory
 from tests.userptr.vm import ComputeContext, Vm
 
 PAGE = 4096
@@ -179,3 +180,27 @@ def test_failure_without_result_blob(vm: Vm) -> None:
     vm.submit(s.ctx.ctx_id, [signal_cmd(s.unmapped, 1)]).expect(Resp.ERR_UNSPEC)
     vm.submit(s.ctx.ctx_id, [map_cmd(0xFEED)]).expect(Resp.ERR_INVALID_PARAMETER)
     vm.submit(s.ctx.ctx_id, [signal_cmd(s.va_b, 1)]).expect(Resp.OK_NODATA)
+
+
+def test_a_job_over_its_time_limit_is_aborted(start_vm: VmFactory) -> None:
+    """--compute-job-timeout: the job stops at its next piece, ABORTED (as a GPU's job
+    timeout); the context keeps working."""
+    vm = start_vm("--compute-job-timeout", "1e-9")
+    s = Scene(vm)
+    done = s.ctx.run([dispatch(Kernel.CHECKSUM_CRC32, buffer_arg(s.va_a), u64_arg(2 * PAGE)),
+                      signal_cmd(s.va_b, 1, 2)])
+    done.response.expect(Resp.ERR_INVALID_PARAMETER)
+    assert done.results.statuses() == [Status.ABORTED, Status.NOT_RUN]
+    s.ctx.run([signal_cmd(s.va_b, 7)]).response.expect(Resp.OK_NODATA)  # no piece: no limit
+    vm.still_serving()
+
+
+def test_a_matmul_beyond_the_staging_limit_is_refused(start_vm: VmFactory) -> None:
+    """--max-compute-staging: a right operand over scattered pages larger than it cannot
+    be staged: INVALID_ARGUMENT, nothing written."""
+    vm = start_vm("--max-compute-staging", str(PAGE))
+    s = Scene(vm)
+    k, n = 8, 256  # b: 8 KiB over the two scattered pages of blob a
+    bad = dispatch(Kernel.MATMUL_F32, buffer_arg(s.va_b), buffer_arg(s.va_a),
+                   buffer_arg(s.va_a), u64_arg(1), u64_arg(n), u64_arg(k))
+    failing_run(s, bad, Status.INVALID_ARGUMENT, Resp.ERR_INVALID_PARAMETER, (0, 0))

@@ -110,8 +110,11 @@ class _Failure(Exception):
 class Engine:
     """Runs streams against a page table (thread-safe; one call per job)."""
 
-    def __init__(self, memory: GpuMemory) -> None:
+    def __init__(self, memory: GpuMemory, *, job_timeout: float = float("inf"),
+                 max_staging: int = 1 << 62) -> None:
         self._memory = memory
+        self._job_timeout = job_timeout
+        self._max_staging = max_staging
         self._ops: dict[Op, Callable[[ContextVm, Command, Any, KernelStats], int]] = {
             Op.MAP_RESOURCE: self._map, Op.UNMAP_RESOURCE: self._unmap,
             Op.DISPATCH: self._dispatch, Op.FILL: self._fill, Op.COPY: self._copy,
@@ -125,14 +128,18 @@ class Engine:
         the work at the next piece (status ABORTED)."""
         outcome = Outcome()
         outcome.stats.cancel = cancel
+        outcome.stats.deadline = time.monotonic() + self._job_timeout
+        outcome.stats.max_staging = self._max_staging
         start = time.perf_counter_ns()
         for cmd in commands:
             try:
                 if cancel is not None and cancel.is_set():
                     raise kernels.Cancelled
                 value = self._ops[cmd.op](vm, cmd, prepared.get(cmd.index), outcome.stats)
-            except kernels.Cancelled:
-                fail = _Failure(Status.ABORTED, "cancelled (device reset or disconnect)")
+            except kernels.Cancelled as stop:
+                fail = _Failure(Status.ABORTED, f"ran longer than {self._job_timeout:g} s"
+                                if isinstance(stop, kernels.OverTime)
+                                else "cancelled (device reset or disconnect)")
                 outcome.status, outcome.failed_index, outcome.message = \
                     fail.status, cmd.index, str(fail)
                 outcome.results.append(CmdResult(cmd.cmd_id, Status.ABORTED, 0))
@@ -295,7 +302,10 @@ class Engine:
             a = self._buffer(vm, int(arg(1)), 4 * m * k, write=False)
             b = self._buffer(vm, int(arg(2)), 4 * k * n, write=False)
             c = self._buffer(vm, int(arg(0)), 4 * m * n, write=True)
-            kernels.matmul_f32(c, a, b, m, n, k, stats)
+            try:
+                kernels.matmul_f32(c, a, b, m, n, k, stats)
+            except kernels.TooLarge as err:
+                raise _Failure(Status.INVALID_ARGUMENT, str(err)) from None
             return m * n
         if kernel is Kernel.CHECKSUM_CRC32:
             n = count(1)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 import zlib
 from dataclasses import dataclass
 
@@ -21,8 +22,8 @@ import numpy.typing as npt
 
 from vgpu_backend.compute.buffers import MAX_PIECE, Buffer, blocks, staging
 
-__all__ = ["Cancelled", "KernelStats", "checksum_crc32", "copy", "fill_u32",
-           "matmul_f32", "reduce_sum_f32", "saxpy_f32", "vadd_f32"]
+__all__ = ["Cancelled", "KernelStats", "OverTime", "TooLarge", "checksum_crc32", "copy",
+           "fill_u32", "matmul_f32", "reduce_sum_f32", "saxpy_f32", "vadd_f32"]
 
 I64 = npt.NDArray[np.int64]
 
@@ -33,11 +34,21 @@ I64 = npt.NDArray[np.int64]
 _MATMUL_BLOCK_MACS = 1 << 31
 _MATMUL_MAX_BLOCK_MACS = 1 << 34  # ~0.2 s at 200 GFLOP/s
 _MATMUL_GOOD_ROWS = 512
+#: most bytes of one staged row block of ``a`` or ``c`` (a block has at least one row)
+_MATMUL_BLOCK_BYTES = 64 << 20
 _scratch = threading.local()
 
 
 class Cancelled(Exception):
     """The job was cancelled (device reset, disconnect): stop at once."""
+
+
+class OverTime(Cancelled):
+    """The job ran past its time limit: stop at once."""
+
+
+class TooLarge(Exception):
+    """An operand would need more engine scratch than the staging limit."""
 
 
 @dataclass(slots=True)
@@ -48,12 +59,19 @@ class KernelStats:
     staged_bytes: int = 0
     pieces: int = 0
     cancel: threading.Event | None = None
+    #: ``time.monotonic()`` after which the job stops (:class:`OverTime`)
+    deadline: float = float("inf")
+    #: most bytes one operand may be staged in (:class:`TooLarge`)
+    max_staging: int = 1 << 62
 
     def step(self) -> None:
-        """Count a piece; raise :class:`Cancelled` if the job was cancelled."""
+        """Count a piece; raise :class:`Cancelled` if the job was cancelled or ran out
+        of time."""
         self.pieces += 1
         if self.cancel is not None and self.cancel.is_set():
             raise Cancelled
+        if time.monotonic() > self.deadline:
+            raise OverTime
 
 
 def _scratch_f32(count: int) -> npt.NDArray[np.float32]:
@@ -134,16 +152,25 @@ def matmul_f32(c: Buffer, a: Buffer, b: Buffer, m: int, n: int, k: int,
     are used in place when each of their runs holds whole rows, a full block of them
     (huge-page guest memory and narrow matrices); otherwise each block is staged
     through a small per-thread scratch block, and ``b`` is staged whole unless it is one
-    run -- the analogue of a GPU loading tiles.  ``stats.staged_bytes`` counts it."""
+    run -- the analogue of a GPU loading tiles.  ``stats.staged_bytes`` counts it.
+
+    :raise TooLarge: ``b``, or ``c`` when it shares memory with an operand, would be
+        staged whole in more than ``stats.max_staging`` bytes."""
     stats.bytes_touched += a.nbytes + b.nbytes + c.nbytes
     if m == 0 or n == 0:
         return  # an empty product: nothing to write
     if k == 0:  # a sum of no terms
-        c.move(0, np.zeros(4 * m * n, dtype=np.uint8), into_buffer=True)
+        fill_u32(c, m * n, 0, stats)
         return
+    shared = c.overlaps(a) or c.overlaps(b)
+    for name, staged, size in (("b", not b.single, b.nbytes), ("c", shared, 4 * m * n)):
+        if staged and size > stats.max_staging:
+            raise TooLarge(f"matmul: {name} ({size} bytes) would be staged whole, beyond "
+                           f"the engine's {stats.max_staging}-byte staging limit")
     row_macs = n * k
     rows = max(1, _MATMUL_BLOCK_MACS // row_macs,
                min(_MATMUL_GOOD_ROWS, _MATMUL_MAX_BLOCK_MACS // row_macs))
+    rows = min(rows, max(1, _MATMUL_BLOCK_BYTES // (4 * max(k, n))))
     if b.single:
         right = b.whole().view("<f4").reshape(k, n)
     else:
@@ -152,7 +179,6 @@ def matmul_f32(c: Buffer, a: Buffer, b: Buffer, m: int, n: int, k: int,
     a_in_place = _rows_in_runs(a, 4 * k, m, rows)
     # c is written block by block only if no operand shares its memory (row blocks
     # written early must not change rows read later); else the product is staged whole
-    shared = c.overlaps(a) or c.overlaps(b)
     out_whole = staging(2, 4 * m * n).view("<f4").reshape(m, n) if shared else None
     c_in_place = not shared and _rows_in_runs(c, 4 * n, m, rows)
     in_place = [(a, 4 * k)] * a_in_place + [(c, 4 * n)] * c_in_place
