@@ -25,6 +25,9 @@ Bytes = npt.NDArray[np.uint8]
 _I64 = npt.NDArray[np.int64]
 #: pieces smaller than this are gathered piece by piece instead of by index arrays
 _MIN_GATHER_UNIT: Final = 64
+#: pieces of at least this many units are copied one by one too: fewer Python steps
+#: than index entries (8 bytes each, several arrays) would cost
+_UNITS_PER_LOOPED_PIECE: Final = 64
 _ENTRY_DTYPE: Final = layout(MemEntry).dtype
 _ENTRY_SIZE: Final = layout(MemEntry).size
 
@@ -140,9 +143,11 @@ class Backing:
         dst = (np.cumsum(sizes) - sizes)[owner] + (lo - starts[owner])  # piece in ``buf``
         unit = gcd(int(np.gcd.reduce(src)), int(np.gcd.reduce(length)),
                    int(np.gcd.reduce(dst)), 4096)
-        if unit < _MIN_GATHER_UNIT:
-            # Unaligned pieces: one by one (as QEMU's iov_to_buf does); fewer than the
-            # ranges plus the entries, both bounded by limits.
+        units = length // unit
+        if unit < _MIN_GATHER_UNIT or \
+                length.shape[0] * _UNITS_PER_LOOPED_PIECE <= int(units.sum()):
+            # Unaligned or large pieces: one by one (as QEMU's iov_to_buf does); fewer
+            # than the ranges plus the entries, both bounded by limits.
             for rid, s, n, d in zip(region_id.tolist(), src.tolist(), length.tolist(),
                                     dst.tolist(), strict=True):
                 guest = self._memory.region(rid).array[s:s + n]
@@ -151,7 +156,6 @@ class Backing:
                 else:
                     buf[d:d + n] = guest
             return
-        units = length // unit
         piece = np.repeat(np.arange(units.shape[0]), units)
         within = np.arange(piece.shape[0]) - np.repeat(np.cumsum(units) - units, units)
         src_units = src[piece] // unit + within

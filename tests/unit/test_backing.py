@@ -122,6 +122,22 @@ def test_read_rows_copies_the_rows_not_the_gaps(ram: GuestRam) -> None:
                   + (3 + i * stride) % (16 * PAGE), 4) for i in range(4)]
 
 
+def test_large_pieces_are_copied_without_index_arrays(ram: GuestRam) -> None:
+    """Pieces of many 64-byte units (64 KiB + 64 bytes each) are copied one by one: no
+    index entry per unit (8 bytes per 64 copied, in several arrays)."""
+    runs = [(0x100000, 16 * PAGE + 64), (0x200000, 16 * PAGE - 64)] * 64  # 8 MiB
+    backing = make_backing(ram, runs, coalesce=False)
+    tracemalloc.start()
+    try:
+        got = backing.read(64, backing.size - 128)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak - got.nbytes < 256 << 10
+    model = b"".join(ram.read(a, n) for a, n in runs)
+    assert got.tobytes() == model[64:-64]
+
+
 def test_contiguous_reads_are_views_of_guest_memory(ram: GuestRam) -> None:
     backing = make_backing(ram, [(0x200000, PAGE)], coalesce=True)
     view = backing.read(16, 32)
