@@ -277,7 +277,7 @@ class Commands2D:
         """The bytes of a capset (id and version must match one we publish)."""
         for cap in self.s.capsets:
             if cap.capset_id == body.capset_id and body.capset_version <= cap.version:
-                return Reply(Resp.OK_CAPSET, cap.data)
+                return Reply(Resp.OK_CAPSET, cap.current())
         raise GuestProtocolError(f"no capset {body.capset_id} v{body.capset_version}")
 
     def assign_uuid(self, hdr: CtrlHdr, body: ResourceAssignUuid,

@@ -62,7 +62,13 @@ _HOST_PATH = {UserptrPath.BATCH: HostPath.BATCH, UserptrPath.ALIAS: HostPath.ALI
 
 
 def userptr_capset(state: DeviceState) -> Capset:
-    """The userptr capset describing what this device and host can do."""
+    """The userptr capset describing what this device and host can do (its entry limit
+    depends on the guest RAM of the moment: read when the guest asks)."""
+    return Capset(state.options.userptr_capset_id, USERPTR_CAPSET_VERSION,
+                  _userptr_capset_bytes(state), lambda: _userptr_capset_bytes(state))
+
+
+def _userptr_capset_bytes(state: DeviceState) -> bytes:
     opts, gpu = state.options, state.host_gpu
     info = gpu.info() if gpu is not None else None
     flags = UserptrCapFlag(0)
@@ -80,13 +86,14 @@ def userptr_capset(state: DeviceState) -> Capset:
         else HostPath.NONE,
         host_backend=int({"kfd": HostBackend.KFD, "sim": HostBackend.SIM}.get(
             info.backend, HostBackend.NONE)) if info else HostBackend.NONE,
-        page_size=PAGE_SIZE, max_entries=min(state.limits.max_userptr_entries,
-                                             info.max_ranges if info else 0xFFFFFFFF),
+        page_size=PAGE_SIZE, max_entries=min(
+            state.limits.max_userptr_entries, 0xFFFFFFFF if info is None
+            else info.max_ranges_huge_pages if state.memory.huge_pages else info.max_ranges),
         max_bytes=state.limits.max_userptr_bytes,
         num_gpus=len(info.gpu_ids) if info else 0,
         kfd_version=(info.kfd_version[0] << 16 | info.kfd_version[1]) if info else 0,
         blob_mem_mask=(1 << BlobMem.GUEST) | (1 << BlobMem.HOST3D_GUEST))
-    return Capset(opts.userptr_capset_id, USERPTR_CAPSET_VERSION, encode(record))
+    return encode(record)
 
 
 class BlobCommands:

@@ -126,6 +126,13 @@ class Capset:
     capset_id: int
     version: int
     data: bytes
+    #: the bytes as of now, when they depend on state that changes (guest RAM); of
+    #: ``len(data)`` bytes
+    refresh: Callable[[], bytes] | None = None
+
+    def current(self) -> bytes:
+        """What GET_CAPSET answers now."""
+        return self.refresh() if self.refresh is not None else self.data
 
 
 @dataclass(slots=True)

@@ -30,6 +30,7 @@ import numpy.typing as npt
 from protocol.errors import FrontendProtocolError, GuestProtocolError
 from protocol.vhost_user import MemRegion
 from protocol.virtio_gpu_codes import Resp
+from vgpu_backend.hostgpu.hostmem import file_page_size
 
 __all__ = ["GuestMemory", "MemoryRegion", "Segments"]
 
@@ -69,6 +70,10 @@ class MemoryRegion:
         self.view = memoryview(self._mmap)[desc.mmap_offset:]
         #: host virtual address of the guest byte at ``gpa``
         self.host_addr = int(self.array.ctypes.data)
+        try:  # the granule the host maps it in: > 4 KiB on hugetlb memory
+            self.page_size = file_page_size(fd)
+        except OSError:
+            self.page_size = mmap.PAGESIZE
 
     @property
     def gpa_end(self) -> int:
@@ -177,6 +182,11 @@ class GuestMemory:
     def regions(self) -> tuple[MemoryRegion, ...]:
         """Regions sorted by guest-physical address."""
         return tuple(self._regions)
+
+    @property
+    def huge_pages(self) -> bool:
+        """Some guest RAM is on host huge pages (hugetlb)."""
+        return any(r.page_size > mmap.PAGESIZE for r in self._regions)
 
     def region(self, region_id: int) -> MemoryRegion:
         """The region with this id (``KeyError`` once it is gone)."""

@@ -12,9 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from protocol.capsets import DEFAULT_USERPTR_CAPSET
 from protocol.compute import Kernel, Status, buffer_arg, f32_arg, u64_arg
+from protocol.limits import DEFAULT_LIMITS
 from protocol.virtio_gpu_codes import Resp
 from tests.frontend.guest_ram import Segment
+from tests.userptr.capsets import ALIAS_RANGES, CAPSET_LAYOUT, read_capsets
 from tests.userptr.compute_stream import dispatch
 from tests.userptr.fixtures import VmFactory
 from tests.userptr.guest_buffer import GuestBuffer, scattered_buffer
@@ -109,3 +112,26 @@ def test_alias_refuses_pieces_of_huge_pages_and_keeps_serving(start_vm: VmFactor
                    ctx_id=ctx.ctx_id).expect(Resp.ERR_UNSPEC)
     assert vm.s.backend.wait_stderr("(hugetlb) and mmap maps only whole ones")
     saxpy_checked(vm, ctx, huge_page_buffer(vm, 2), huge_page_buffer(vm, 3))
+
+
+@pytest.mark.parametrize(("args", "max_entries"), [
+    (("--sim-pre-batch",), DEFAULT_LIMITS.max_per_range_ranges),
+    (("--sim-pre-batch", "--max-per-range-ranges", "100"), 100),
+    (("--userptr-host-path", "alias"), ALIAS_RANGES),
+    ((), DEFAULT_LIMITS.max_userptr_entries),
+], ids=["auto without batch", "auto without batch, lower limit", "alias", "batch"])
+def test_capset_entry_limit_on_huge_pages(start_vm: VmFactory, args: tuple[str, ...],
+                                          max_entries: int) -> None:
+    """Where auto registers on per-range because alias cannot map pieces of huge pages,
+    the capset's max_entries is per-range's limit, and that many ranges are taken."""
+    vm = start_vm(*args, ram_size=RAM, hugetlb=True)
+    _, data = read_capsets(vm)[DEFAULT_USERPTR_CAPSET]
+    assert CAPSET_LAYOUT.unpack(data)[8] == max_entries
+    if max_entries == 100:
+        ctx = vm.compute_context()
+        for count, code in ((100, Resp.OK_NODATA), (101, Resp.ERR_OUT_OF_MEMORY)):
+            pages = scattered_buffer(vm.ram, count * 4096)
+            assert len(pages.entries) == count
+            vm.create_blob(vm.new_resource_id(), pages.entries, pages.size,
+                           ctx_id=ctx.ctx_id).expect(code)
+    vm.still_serving()

@@ -3,11 +3,20 @@ space announces, then GET_CAPSET of each."""
 
 from __future__ import annotations
 
+import struct
+
 from protocol.virtio_gpu import CTRL_HDR_SIZE, RespCapsetInfo
 from protocol.virtio_gpu_codes import Resp
 from tests.userptr.vm import Vm
 
-__all__ = ["read_capsets"]
+__all__ = ["ALIAS_RANGES", "CAPSET_LAYOUT", "read_capsets"]
+
+#: ``struct vgpu_userptr_capset`` version 1, little-endian, 56 bytes
+CAPSET_LAYOUT = struct.Struct("<IHHIIIIIIQIIII")
+#: host ranges per buffer on the alias path: it maps each range (half of
+#: vm.max_map_count)
+with open("/proc/sys/vm/max_map_count", encoding="ascii") as _f:
+    ALIAS_RANGES = int(_f.read()) // 2
 
 
 def read_capsets(vm: Vm) -> dict[int, tuple[RespCapsetInfo, bytes]]:

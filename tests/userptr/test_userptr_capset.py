@@ -10,18 +10,14 @@ import pytest
 
 from protocol.capsets import DEFAULT_COMPUTE_CAPSET as COMPUTE_ID
 from protocol.capsets import DEFAULT_USERPTR_CAPSET as USERPTR_ID
+from protocol.limits import DEFAULT_LIMITS
 from protocol.virtio_gpu_codes import Feature, Resp
-from tests.userptr.capsets import read_capsets
+from tests.userptr.capsets import ALIAS_RANGES, CAPSET_LAYOUT, read_capsets
 from tests.userptr.fixtures import VmFactory
 
 GiB = 1 << 30
-#: host ranges per buffer on the fallback paths: alias maps each range (half of
-#: vm.max_map_count), per-range allocates each one
-with open("/proc/sys/vm/max_map_count", encoding="ascii") as _f:
-    ALIAS_RANGES = int(_f.read()) // 2
-PER_RANGE_RANGES = 4096
-#: ``struct vgpu_userptr_capset`` version 1, little-endian, 56 bytes
-CAPSET_LAYOUT = struct.Struct("<IHHIIIIIIQIIII")
+#: host ranges per buffer on the per-range path: it allocates each one
+PER_RANGE_RANGES = DEFAULT_LIMITS.max_per_range_ranges
 MAGIC = 0x52545055  # "UPTR"
 #: UserptrCapFlag bits
 AVAILABLE, RDONLY, BATCH_SUPPORTED, ZERO_COPY, CONTEXT_MAP = 1, 2, 4, 8, 16

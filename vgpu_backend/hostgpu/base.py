@@ -139,6 +139,9 @@ class HostGpuInfo:
     userptr_available: bool
     #: most host ranges one buffer may have on this path (after coalescing)
     max_ranges: int = 1 << 32
+    #: the same for guest RAM on host huge pages (``auto`` takes per-range there when
+    #: alias cannot map it)
+    max_ranges_huge_pages: int = 1 << 32
 
 
 class GpuMemory(abc.ABC):

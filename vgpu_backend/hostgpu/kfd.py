@@ -207,12 +207,16 @@ class KfdHostGpu(HostGpu):
     # --- HostGpu -----------------------------------------------------------------------
 
     def info(self) -> HostGpuInfo:
+        ranges = max_ranges(self._path, self._per_range_max)
+        falls_back = self._path is UserptrPath.ALIAS and self._auto_path
         return HostGpuInfo(backend=self._t.name, userptr_path=self._path,
                            batch_supported=self.batch_probe.supported,
                            gpu_ids=tuple(g.gpu_id for g in self._gpus),
                            kfd_version=self._version, isolation=self._isolation,
                            userptr_available=self._userptr_available,
-                           max_ranges=max_ranges(self._path, self._per_range_max))
+                           max_ranges=ranges,
+                           max_ranges_huge_pages=min(ranges, self._per_range_max)
+                           if falls_back else ranges)
 
     def available_memory(self) -> dict[int, int]:
         """AVAILABLE_MEMORY of every selected GPU (vm isolation), by gpu_id."""
