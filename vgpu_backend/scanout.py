@@ -118,25 +118,31 @@ class ScanoutManager:
         return display
 
     def _backed_up(self, display: DisplayChannel) -> bool:
-        """QEMU is behind: hold what comes now, and catch up once the socket drains."""
+        """QEMU is behind: hold what comes now, and catch up once the socket drains
+        (until then, also below the limit: nothing may overtake what is held)."""
+        if self._drain_waiting:
+            return True
         if display.backlog <= self._queue_limit:
             return False
-        if not self._drain_waiting:
-            self._drain_waiting = True
-            display.when_drained(self._drained)
+        self._drain_waiting = True
+        display.when_drained(self._drained)
         return True
 
     def _drained(self) -> None:
-        """Send what was held: sizes, merged damage, the cursor's latest state."""
+        """Send what was held: merged damage (after its size), disabled scanouts, then
+        the cursor's latest state -- unless that backs the socket up again."""
         self._drain_waiting = False
         display = self._ready()
         if display is None:
             return
         for scanout in self.scanouts:
-            self._announce(scanout)
             pending, scanout.pending = scanout.pending, None
-            if pending is not None and scanout.enabled:
-                self._send(scanout, pending)
+            if not scanout.enabled:
+                self._announce(scanout)  # 0x0 needs no UPDATE after it
+            elif pending is not None:
+                self._send(scanout, pending)  # announces the size with its UPDATE
+        if self._drain_waiting:
+            return  # backed up again: the cursor waits for the next drain
         held, self._cursor_held = self._cursor_held, {}
         for messages in held.values():
             for message in messages:
@@ -212,7 +218,6 @@ class ScanoutManager:
             scanout.pending = local if scanout.pending is None else \
                 union(scanout.pending, local)
             return
-        self._announce(scanout)  # never an UPDATE before its SCANOUT
         sx, sy = scanout.rect[0], scanout.rect[1]
         try:
             pixels = scanout.source((local[0] + sx, local[1] + sy, local[2], local[3]))
@@ -225,6 +230,9 @@ class ScanoutManager:
             log.exception("internal error reading scanout %d's pixels; not updated",
                           scanout.index)
             return
+        # a new size goes out only with an UPDATE after it: QEMU frees a surface when
+        # it draws the next one (and would crash on an UPDATE before any SCANOUT)
+        self._announce(scanout)
         display.update(scanout.index, local[0], local[1], pixels)
 
     # --- cursor ----------------------------------------------------------------------
@@ -249,7 +257,7 @@ class ScanoutManager:
         display = self.display
         if display is None or display.state is DisplayState.CLOSED:
             return
-        if not self._backed_up(display):
+        if not self._cursor_held and not self._backed_up(display):
             message(display)
             return
         held = self._cursor_held.setdefault(index, [None, None])

@@ -89,7 +89,7 @@ class DeviceHarness:
     """One device, its guest RAM and rings; with ``display=True`` a QEMU display peer."""
 
     def __init__(self, limits: Limits | None = None, options: DeviceOptions | None = None,
-                 display: bool = False) -> None:
+                 display: bool = False, display_send_buffer: int = 0) -> None:
         self.limits = limits or Limits(max_hostmem=16 << 20)
         self.ram = GuestRam([(0, RAM_SIZE)])
         self.loop = EventLoop()
@@ -102,6 +102,8 @@ class DeviceHarness:
         self.peer: DisplayPeer | None = None
         if display:
             ours, theirs = socket.socketpair()
+            if display_send_buffer:  # the socket takes that much at a time
+                ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, display_send_buffer)
             self.peer = DisplayPeer(self.loop, theirs)
             self.device.attach_display(ours.detach())
             run_until(self.loop, self._display_ready)

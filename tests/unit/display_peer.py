@@ -70,6 +70,10 @@ class DisplayPeer:
         """Stop reading, as a QEMU whose main loop is busy: the back-end's queue grows."""
         self.loop.remove_reader(self.sock.fileno())
 
+    def read_once(self) -> None:
+        """Read what the socket holds now, once (a QEMU that reads now and then)."""
+        self._readable()
+
     def resume(self) -> None:
         """Read again."""
         self.loop.add_reader(self.sock.fileno(), self._readable)

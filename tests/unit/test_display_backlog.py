@@ -5,8 +5,10 @@ position)."""
 
 from __future__ import annotations
 
+import dataclasses
 import select
-from collections.abc import Iterator
+import socket
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -21,7 +23,7 @@ from protocol.limits import Limits
 from protocol.virtio_gpu import ResourceFlush, SetScanout, UpdateCursor
 from protocol.virtio_gpu_codes import Cmd
 from protocol.wire import decode
-from tests.unit.device_harness import DeviceHarness, command
+from tests.unit.device_harness import TWO_D_ONLY, DeviceHarness, command
 from tests.unit.display_peer import DisplayPeer
 from tests.unit.loop_runner import run_until
 from vgpu_backend.display import DisplayChannel
@@ -36,7 +38,7 @@ def slow() -> Iterator[tuple[DeviceHarness, DisplayPeer, DisplayChannel]]:
     """A shown 512x512 resource, a cursor resource, and a display peer that has
     stopped reading with the back-end's queue beyond its limit."""
     harness = DeviceHarness(Limits(max_hostmem=16 << 20, display_queue_bytes=QUEUE_LIMIT),
-                            display=True)
+                            display=True, display_send_buffer=16 << 10)
     peer, channel = harness.peer, harness.device.state.scanouts.display
     assert peer is not None and channel is not None
     harness.create_2d(1, SIZE, SIZE)
@@ -48,6 +50,18 @@ def slow() -> Iterator[tuple[DeviceHarness, DisplayPeer, DisplayChannel]]:
     yield harness, peer, channel
     assert harness.device.internal_errors == 0
     harness.close()
+
+
+def read_until(harness: DeviceHarness, peer: DisplayPeer, channel: DisplayChannel,
+               done: Callable[[], bool]) -> None:
+    """QEMU reads what the socket holds, now and then, until ``done()``."""
+    while not done():
+        peer.read_once()
+        moved = channel.backlog
+
+        def progress(before: int = moved) -> bool:
+            return channel.backlog != before or done()
+        run_until(harness.loop, progress)
 
 
 def caught_up(harness: DeviceHarness, peer: DisplayPeer, channel: DisplayChannel) -> None:
@@ -118,12 +132,100 @@ def test_damage_is_merged_and_sent_after_the_size(
 
 
 def assert_no_update_beyond_its_scanout(peer: DisplayPeer) -> None:
-    """Every UPDATE fits the surface the last SCANOUT before it announced."""
-    size = (0, 0)
+    """Every UPDATE fits the surface the last SCANOUT of its scanout announced."""
+    sizes: dict[int, tuple[int, int]] = {}
     for message in peer.received:
         if message.request == DisplayReq.SCANOUT:
             scanout = decode(VhostUserGpuScanout, message.payload)
-            size = (scanout.width, scanout.height)
+            sizes[scanout.scanout_id] = (scanout.width, scanout.height)
         elif message.request == DisplayReq.UPDATE:
             update = decode(VhostUserGpuUpdate, message.payload)
-            assert update.x + update.width <= size[0] and update.y + update.height <= size[1]
+            width, height = sizes.get(update.scanout_id, (0, 0))
+            assert update.x + update.width <= width and update.y + update.height <= height
+
+
+def test_what_is_held_is_not_overtaken_before_the_queue_empties(
+        slow: tuple[DeviceHarness, DisplayPeer, DisplayChannel]) -> None:
+    """Below the limit but with the queue not yet empty, a new cursor position waits
+    behind the held one instead of going out first."""
+    harness, peer, channel = slow
+    harness.cursor_command(command(Cmd.MOVE_CURSOR, UpdateCursor(0, 5, 5, 0, 2, 0, 0)))
+    read_until(harness, peer, channel, lambda: channel.backlog <= QUEUE_LIMIT // 2)
+    assert channel.backlog > 0 and not peer.of(DisplayReq.CURSOR_POS)
+    harness.cursor_command(command(Cmd.MOVE_CURSOR, UpdateCursor(0, 8, 8, 0, 2, 0, 0)))
+    caught_up(harness, peer, channel)
+    moves = [decode(VhostUserGpuCursorPos, m.payload) for m in peer.of(DisplayReq.CURSOR_POS)]
+    assert moves == [VhostUserGpuCursorPos(0, 8, 8)]
+
+
+def test_every_new_size_is_followed_by_its_update() -> None:
+    """Two scanouts; scanout 0's held frame backs the socket up again while the held
+    state is sent: scanout 1's new size waits for its own UPDATE (a SCANOUT without
+    one leaks QEMU's surface when the next SCANOUT comes)."""
+    harness = DeviceHarness(Limits(max_hostmem=16 << 20, display_queue_bytes=QUEUE_LIMIT),
+                            dataclasses.replace(TWO_D_ONLY, max_outputs=2), display=True,
+                            display_send_buffer=16 << 10)
+    peer, channel = harness.peer, harness.device.state.scanouts.display
+    assert peer is not None and channel is not None
+    try:
+        harness.create_2d(1, SIZE, SIZE)
+        harness.create_2d(2, 64, 64)
+        harness.ok(command(Cmd.SET_SCANOUT, SetScanout(0, 0, 64, 64, 1, 2)))
+        caught_up(harness, peer, channel)
+        peer.pause()
+        harness.ok(command(Cmd.SET_SCANOUT, SetScanout(0, 0, SIZE, SIZE, 0, 1)))
+        harness.ok(command(Cmd.RESOURCE_FLUSH, ResourceFlush(0, 0, SIZE, SIZE, 1)))
+        harness.ok(command(Cmd.SET_SCANOUT, SetScanout(0, 0, 32, 32, 1, 2)))
+        # QEMU reads until the queue empties and the held state refills it: scanout 0's
+        # frame backs it up again before scanout 1's turn
+        last_seen = channel.backlog
+
+        def refilled() -> bool:
+            nonlocal last_seen
+            grew, last_seen = channel.backlog > last_seen, channel.backlog
+            return grew
+        read_until(harness, peer, channel, refilled)
+        harness.ok(command(Cmd.SET_SCANOUT, SetScanout(0, 0, 16, 16, 1, 2)))
+        caught_up(harness, peer, channel)
+        assert_no_update_beyond_its_scanout(peer)
+        last: dict[int, DisplayReq] = {}
+        for message in peer.received:
+            if message.request not in (DisplayReq.SCANOUT, DisplayReq.UPDATE):
+                continue
+            scanout = decode(VhostUserGpuScanout, message.payload[:12])
+            if message.request == DisplayReq.SCANOUT and scanout.width:
+                assert last.get(scanout.scanout_id) != DisplayReq.SCANOUT, \
+                    f"two SCANOUTs of scanout {scanout.scanout_id} without an UPDATE"
+            last[scanout.scanout_id] = DisplayReq(message.request)
+        final = [decode(VhostUserGpuScanout, m.payload) for m in peer.of(DisplayReq.SCANOUT)
+                 if decode(VhostUserGpuScanout, m.payload).scanout_id == 1][-1]
+        assert (final.width, final.height) == (16, 16)
+    finally:
+        harness.close()
+
+
+def test_a_new_socket_gets_the_held_state(
+        slow: tuple[DeviceHarness, DisplayPeer, DisplayChannel]) -> None:
+    """VM stop/cont while QEMU was behind: the new display socket is told each scanout's
+    size, its whole picture, and the cursor's latest state; the old drain callback is
+    gone with the old socket."""
+    harness, old_peer, _ = slow
+    harness.cursor_command(command(Cmd.UPDATE_CURSOR, UpdateCursor(0, 3, 4, 0, 2, 1, 1)))
+    harness.cursor_command(command(Cmd.MOVE_CURSOR, UpdateCursor(0, 9, 9, 0, 2, 0, 0)))
+    ours, theirs = socket.socketpair()
+    peer = DisplayPeer(harness.loop, theirs)
+    harness.device.attach_display(ours.detach())
+    channel = harness.device.state.scanouts.display
+    assert channel is not None
+    run_until(harness.loop, lambda: channel.backlog == 0 and
+              len(peer.of(DisplayReq.CURSOR_POS)) == 1)
+    assert [decode(VhostUserGpuScanout, m.payload) for m in peer.of(DisplayReq.SCANOUT)] \
+        == [VhostUserGpuScanout(0, SIZE, SIZE)]
+    assert [decode(VhostUserGpuUpdate, m.payload) for m in peer.of(DisplayReq.UPDATE)] \
+        == [VhostUserGpuUpdate(0, 0, 0, SIZE, SIZE)]
+    assert decode(VhostUserGpuCursorUpdate, peer.of(DisplayReq.CURSOR_UPDATE)[0].payload) \
+        == VhostUserGpuCursorUpdate(0, 3, 4, 1, 1)
+    assert decode(VhostUserGpuCursorPos, peer.of(DisplayReq.CURSOR_POS)[0].payload) == \
+        VhostUserGpuCursorPos(0, 9, 9)
+    peer.close()
+    old_peer.close()
