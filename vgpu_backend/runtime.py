@@ -110,6 +110,10 @@ class Backend:
         if self.device.leaked_mappings:
             self.leaks.append(f"{self.device.leaked_mappings} host GPU mapping(s) outlived "
                               "their resources")
+        compute = self.device.compute
+        if compute is not None and compute.queued_bytes:
+            self.leaks.append(f"{compute.queued_bytes} bytes of compute submissions still "
+                              "counted as queued")
         if self.host_gpu is not None and self.host_gpu.live_mappings():
             self.leaks.append(f"{self.host_gpu.live_mappings()} host GPU mapping(s)")
         if self.memory.regions:
