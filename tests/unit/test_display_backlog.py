@@ -9,8 +9,11 @@ import dataclasses
 import select
 import socket
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from protocol.display import (
     DisplayReq,
@@ -229,3 +232,126 @@ def test_a_new_socket_gets_the_held_state(
         VhostUserGpuCursorPos(0, 9, 9)
     peer.close()
     old_peer.close()
+
+
+# --- property: any sequence, any reading pace --------------------------------------
+
+RECTS = {1: [(0, 0, SIZE, SIZE), (8, 8, 100, 50)], 4: [(0, 0, 128, 96), (4, 4, 32, 32)]}
+FRAME = SIZE * SIZE * 4
+Step = tuple[Any, ...]  # ("kind", fields...) as STEPS draws them
+STEPS = st.one_of(
+    st.tuples(st.just("show"), st.integers(0, 1), st.sampled_from([1, 4]), st.integers(0, 1)),
+    st.tuples(st.just("disable"), st.integers(0, 1)),
+    st.tuples(st.just("flush"), st.sampled_from([1, 4]), st.integers(0, 60),
+              st.integers(0, 40)),
+    st.tuples(st.just("image"), st.integers(0, 500), st.integers(0, 500)),
+    st.tuples(st.just("move"), st.integers(0, 500), st.integers(0, 500), st.booleans()),
+    st.tuples(st.just("read"), st.sampled_from([1, 4, 16])),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps=st.lists(STEPS, min_size=1, max_size=60))
+def test_any_sequence_at_any_reading_pace(steps: list[Step]) -> None:
+    """Two scanouts, a QEMU that reads only now and then: the queue stays within the
+    limit plus one frame; no UPDATE exceeds its surface or comes before it; no surface
+    is announced twice without an UPDATE between; once QEMU catches up it has every
+    scanout's size and picture and the cursor's last image and position."""
+    harness = DeviceHarness(Limits(max_hostmem=16 << 20, display_queue_bytes=FRAME // 2),
+                            dataclasses.replace(TWO_D_ONLY, max_outputs=2), display=True,
+                            display_send_buffer=16 << 10)
+    peer, channel = harness.peer, harness.device.state.scanouts.display
+    assert peer is not None and channel is not None
+    try:
+        harness.create_2d(1, SIZE, SIZE)
+        harness.create_2d(2, 64, 64)
+        harness.create_2d(4, 128, 96)
+        peer.pause()
+        shown: dict[int, tuple[int, int]] = {}  # scanout -> size
+        cursor: list[tuple[DisplayReq, tuple[int, ...]]] = []
+        for step in steps:
+            run_step(harness, peer, step, shown, cursor)
+            assert channel.backlog <= FRAME // 2 + FRAME + (64 << 10)
+        caught_up(harness, peer, channel)
+        assert_no_update_beyond_its_scanout(peer)
+        announced: dict[int, tuple[int, int]] = {}
+        drawn: dict[int, bool] = {}
+        for message in peer.received:
+            if message.request == DisplayReq.SCANOUT:
+                scanout = decode(VhostUserGpuScanout, message.payload)
+                size = (scanout.width, scanout.height)
+                if size != (0, 0):
+                    assert drawn.get(scanout.scanout_id, True), "two SCANOUTs, no UPDATE"
+                announced[scanout.scanout_id] = size
+                drawn[scanout.scanout_id] = size == (0, 0)
+            elif message.request == DisplayReq.UPDATE:
+                drawn[decode(VhostUserGpuUpdate, message.payload).scanout_id] = True
+        for index in (0, 1):
+            assert announced.get(index, (0, 0)) == shown.get(index, (0, 0))
+            assert drawn.get(index, True)
+        if cursor:
+            assert last_cursor_state(peer) == cursor_state(cursor)
+    finally:
+        harness.close()
+
+
+def run_step(harness: DeviceHarness, peer: DisplayPeer, step: Step,
+             shown: dict[int, tuple[int, int]],
+             cursor: list[tuple[DisplayReq, tuple[int, ...]]]) -> None:
+    """Do ``step`` and keep the model (``shown`` sizes, commanded cursor messages)."""
+    kind = step[0]
+    if kind == "show":
+        _, index, resource, choice = step
+        x, y, w, h = RECTS[int(resource)][int(choice)]
+        harness.ok(command(Cmd.SET_SCANOUT, SetScanout(x, y, w, h, index, resource)))
+        shown[int(index)] = (w, h)
+    elif kind == "disable":
+        harness.ok(command(Cmd.SET_SCANOUT, SetScanout(0, 0, 0, 0, step[1], 0)))
+        shown.pop(int(step[1]), None)
+    elif kind == "flush":
+        _, resource, x, y = step
+        harness.ok(command(Cmd.RESOURCE_FLUSH, ResourceFlush(x, y, 30, 20, resource)))
+    elif kind == "image":
+        harness.cursor_command(command(Cmd.UPDATE_CURSOR,
+                                       UpdateCursor(0, step[1], step[2], 0, 2, 1, 1)))
+        cursor.append((DisplayReq.CURSOR_UPDATE, (step[1], step[2])))
+    elif kind == "move":
+        visible = bool(step[3])
+        harness.cursor_command(command(Cmd.MOVE_CURSOR, UpdateCursor(
+            0, step[1], step[2], 0, 2 if visible else 0, 0, 0)))
+        cursor.append((DisplayReq.CURSOR_POS if visible else DisplayReq.CURSOR_POS_HIDE,
+                       (step[1], step[2])))
+    else:  # QEMU reads what the socket holds, a few times; the back-end refills it
+        for _ in range(step[1]):
+            peer.read_once()
+            run_a_little(harness)
+
+
+def run_a_little(harness: DeviceHarness) -> None:
+    """Dispatch a few milliseconds of events."""
+    checks = iter(range(3))
+    run_until(harness.loop, lambda: next(checks, 3) >= 2)
+
+
+def cursor_state(messages: list[tuple[DisplayReq, tuple[int, ...]]]
+                 ) -> tuple[int, tuple[int, ...], bool]:
+    """(index of the last image, last position, visible) after ``messages``."""
+    image, visible = -1, False
+    position: tuple[int, ...] = (0, 0)
+    for index, (request, where) in enumerate(messages):
+        if request == DisplayReq.CURSOR_UPDATE:
+            image = index
+        position, visible = where, request != DisplayReq.CURSOR_POS_HIDE
+    return (image if image < 0 else messages[image][1][0], position, visible)
+
+
+def last_cursor_state(peer: DisplayPeer) -> tuple[int, tuple[int, ...], bool]:
+    """The same, from what QEMU received."""
+    seen: list[tuple[DisplayReq, tuple[int, ...]]] = []
+    for message in peer.received:
+        request = DisplayReq(message.request)
+        if request in (DisplayReq.CURSOR_UPDATE, DisplayReq.CURSOR_POS,
+                       DisplayReq.CURSOR_POS_HIDE):
+            pos = decode(VhostUserGpuCursorPos, message.payload[:12])
+            seen.append((request, (pos.x, pos.y)))
+    return cursor_state(seen)
