@@ -5,6 +5,7 @@ position)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import select
 import socket
@@ -36,23 +37,36 @@ SIZE = 512  # a full update of the test resource: 1 MiB, beyond what the socket 
 COMMANDS = 3000
 
 
-@pytest.fixture
-def slow() -> Iterator[tuple[DeviceHarness, DisplayPeer, DisplayChannel]]:
-    """A shown 512x512 resource, a cursor resource, and a display peer that has
-    stopped reading with the back-end's queue beyond its limit."""
-    harness = DeviceHarness(Limits(max_hostmem=16 << 20, display_queue_bytes=QUEUE_LIMIT),
+@contextlib.contextmanager
+def display_behind(queue_limit: int, outputs: int = 1
+                   ) -> Iterator[tuple[DeviceHarness, DisplayPeer, DisplayChannel]]:
+    """A device with ``outputs`` scanouts whose display socket takes 16 KiB at a time,
+    a 512x512 resource 1 and a 64x64 cursor resource 2; at the end no bug of ours may
+    have been met."""
+    harness = DeviceHarness(Limits(max_hostmem=16 << 20, display_queue_bytes=queue_limit),
+                            dataclasses.replace(TWO_D_ONLY, max_outputs=outputs),
                             display=True, display_send_buffer=16 << 10)
     peer, channel = harness.peer, harness.device.state.scanouts.display
     assert peer is not None and channel is not None
-    harness.create_2d(1, SIZE, SIZE)
-    harness.create_2d(2, 64, 64)
-    harness.create_2d(3, 64, 64)
-    peer.pause()
-    harness.ok(command(Cmd.SET_SCANOUT, SetScanout(0, 0, SIZE, SIZE, 0, 1)))
-    assert channel.backlog > QUEUE_LIMIT
-    yield harness, peer, channel
-    assert harness.device.internal_errors == 0
-    harness.close()
+    try:
+        harness.create_2d(1, SIZE, SIZE)
+        harness.create_2d(2, 64, 64)
+        yield harness, peer, channel
+        assert harness.device.internal_errors == 0
+    finally:
+        harness.close()
+
+
+@pytest.fixture
+def slow() -> Iterator[tuple[DeviceHarness, DisplayPeer, DisplayChannel]]:
+    """Resource 1 shown, a second cursor resource 3, and a display peer that has
+    stopped reading with the back-end's queue beyond its limit."""
+    with display_behind(QUEUE_LIMIT) as (harness, peer, channel):
+        harness.create_2d(3, 64, 64)
+        peer.pause()
+        harness.ok(command(Cmd.SET_SCANOUT, SetScanout(0, 0, SIZE, SIZE, 0, 1)))
+        assert channel.backlog > QUEUE_LIMIT
+        yield harness, peer, channel
 
 
 def read_until(harness: DeviceHarness, peer: DisplayPeer, channel: DisplayChannel,
@@ -165,14 +179,7 @@ def test_every_new_size_is_followed_by_its_update() -> None:
     """Two scanouts; scanout 0's held frame backs the socket up again while the held
     state is sent: scanout 1's new size waits for its own UPDATE (a SCANOUT without
     one leaks QEMU's surface when the next SCANOUT comes)."""
-    harness = DeviceHarness(Limits(max_hostmem=16 << 20, display_queue_bytes=QUEUE_LIMIT),
-                            dataclasses.replace(TWO_D_ONLY, max_outputs=2), display=True,
-                            display_send_buffer=16 << 10)
-    peer, channel = harness.peer, harness.device.state.scanouts.display
-    assert peer is not None and channel is not None
-    try:
-        harness.create_2d(1, SIZE, SIZE)
-        harness.create_2d(2, 64, 64)
+    with display_behind(QUEUE_LIMIT, outputs=2) as (harness, peer, channel):
         harness.ok(command(Cmd.SET_SCANOUT, SetScanout(0, 0, 64, 64, 1, 2)))
         caught_up(harness, peer, channel)
         peer.pause()
@@ -203,8 +210,6 @@ def test_every_new_size_is_followed_by_its_update() -> None:
         final = [decode(VhostUserGpuScanout, m.payload) for m in peer.of(DisplayReq.SCANOUT)
                  if decode(VhostUserGpuScanout, m.payload).scanout_id == 1][-1]
         assert (final.width, final.height) == (16, 16)
-    finally:
-        harness.close()
 
 
 def test_a_new_socket_gets_the_held_state(
@@ -257,14 +262,7 @@ def test_any_sequence_at_any_reading_pace(steps: list[Step]) -> None:
     limit plus one frame; no UPDATE exceeds its surface or comes before it; no surface
     is announced twice without an UPDATE between; once QEMU catches up it has every
     scanout's size and picture and the cursor's last image and position."""
-    harness = DeviceHarness(Limits(max_hostmem=16 << 20, display_queue_bytes=FRAME // 2),
-                            dataclasses.replace(TWO_D_ONLY, max_outputs=2), display=True,
-                            display_send_buffer=16 << 10)
-    peer, channel = harness.peer, harness.device.state.scanouts.display
-    assert peer is not None and channel is not None
-    try:
-        harness.create_2d(1, SIZE, SIZE)
-        harness.create_2d(2, 64, 64)
+    with display_behind(FRAME // 2, outputs=2) as (harness, peer, channel):
         harness.create_2d(4, 128, 96)
         peer.pause()
         shown: dict[int, tuple[int, int]] = {}  # scanout -> size
@@ -291,8 +289,6 @@ def test_any_sequence_at_any_reading_pace(steps: list[Step]) -> None:
             assert drawn.get(index, True)
         if cursor:
             assert last_cursor_state(peer) == cursor_state(cursor)
-    finally:
-        harness.close()
 
 
 def run_step(harness: DeviceHarness, peer: DisplayPeer, step: Step,
