@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from protocol.display import (
@@ -252,11 +252,14 @@ STEPS = st.one_of(
     st.tuples(st.just("image"), st.integers(0, 500), st.integers(0, 500)),
     st.tuples(st.just("move"), st.integers(0, 500), st.integers(0, 500), st.booleans()),
     st.tuples(st.just("read"), st.sampled_from([1, 4, 16])),
+    st.tuples(st.just("read below the limit")),
 )
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(steps=st.lists(STEPS, min_size=1, max_size=60))
+@example(steps=[("show", 0, 1, 0), ("move", 5, 5, True), ("read below the limit",),
+                ("move", 8, 8, True)])  # a held position overtaken (found by review)
 def test_any_sequence_at_any_reading_pace(steps: list[Step]) -> None:
     """Two scanouts, a QEMU that reads only now and then: the queue stays within the
     limit plus one frame; no UPDATE exceeds its surface or comes before it; no surface
@@ -317,6 +320,13 @@ def run_step(harness: DeviceHarness, peer: DisplayPeer, step: Step,
             0, step[1], step[2], 0, 2 if visible else 0, 0, 0)))
         cursor.append((DisplayReq.CURSOR_POS if visible else DisplayReq.CURSOR_POS_HIDE,
                        (step[1], step[2])))
+    elif kind == "read below the limit":  # QEMU is about to catch up, not quite yet
+        channel = harness.device.state.scanouts.display
+        assert channel is not None
+        limit = harness.limits.display_queue_bytes
+        while channel.backlog > limit // 2:
+            peer.read_once()
+            run_a_little(harness)
     else:  # QEMU reads what the socket holds, a few times; the back-end refills it
         for _ in range(step[1]):
             peer.read_once()
