@@ -257,9 +257,11 @@ class ScanoutManager:
         display = self.display
         if display is None or display.state is DisplayState.CLOSED:
             return
-        if not self._cursor_held and not self._backed_up(display):
+        if display.state is DisplayState.READY and not self._cursor_held and \
+                not self._backed_up(display):
             message(display)
             return
+        # held: behind a backlog, or until a new socket's features are agreed (attach)
         held = self._cursor_held.setdefault(index, [None, None])
         if image:  # an image carries its position: earlier moves are moot
             held[0], held[1] = message, None

@@ -66,6 +66,12 @@ class DisplayPeer:
         """Write raw bytes to the back-end."""
         self.sock.sendall(data)
 
+    def answer_features(self, features: int) -> None:
+        """Answer, late, the GET_PROTOCOL_FEATURES received while silent."""
+        self.features = features
+        for message in self.of(DisplayReq.GET_PROTOCOL_FEATURES):
+            self._answer(message)
+
     def pause(self) -> None:
         """Stop reading, as a QEMU whose main loop is busy: the back-end's queue grows."""
         self.loop.remove_reader(self.sock.fileno())

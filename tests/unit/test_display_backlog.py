@@ -361,3 +361,28 @@ def last_cursor_state(peer: DisplayPeer) -> tuple[int, tuple[int, ...], bool]:
             pos = decode(VhostUserGpuCursorPos, message.payload[:12])
             seen.append((request, (pos.x, pos.y)))
     return cursor_state(seen)
+
+
+def test_the_cursor_waits_for_a_new_sockets_negotiation(
+        slow: tuple[DeviceHarness, DisplayPeer, DisplayChannel]) -> None:
+    """A new display socket whose QEMU has not answered GET_PROTOCOL_FEATURES yet gets
+    no cursor message before the features are agreed; then the latest one."""
+    harness, old_peer, _ = slow
+    ours, theirs = socket.socketpair()
+    peer = DisplayPeer(harness.loop, theirs, features=None)  # silent for now
+    harness.device.attach_display(ours.detach())
+    run_until(harness.loop, lambda: bool(peer.of(DisplayReq.GET_PROTOCOL_FEATURES)))
+    harness.cursor_command(command(Cmd.MOVE_CURSOR, UpdateCursor(0, 1, 2, 0, 2, 0, 0)))
+    harness.cursor_command(command(Cmd.MOVE_CURSOR, UpdateCursor(0, 3, 4, 0, 2, 0, 0)))
+    run_a_little(harness)
+    assert [DisplayReq(m.request) for m in peer.received] == \
+        [DisplayReq.GET_PROTOCOL_FEATURES]
+    peer.answer_features(0)
+    run_until(harness.loop, lambda: bool(peer.of(DisplayReq.CURSOR_POS)))
+    requests = [DisplayReq(m.request) for m in peer.received]
+    assert requests.index(DisplayReq.SET_PROTOCOL_FEATURES) < \
+        requests.index(DisplayReq.CURSOR_POS)
+    assert [decode(VhostUserGpuCursorPos, m.payload) for m in peer.of(DisplayReq.CURSOR_POS)] \
+        == [VhostUserGpuCursorPos(0, 3, 4)]
+    peer.close()
+    old_peer.close()
