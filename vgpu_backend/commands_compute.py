@@ -208,6 +208,7 @@ class ComputeCommands:
             raise GuestProtocolError(f"submission of {body.size} bytes (limit "
                                      f"{self.s.limits.max_submit_bytes})")
         data = chain.read_array(_SUBMIT_SIZE, body.size).tobytes()
+        size = len(data)  # counted in queued_bytes until the job is done
         head, commands = decode_stream(data, self.s.limits.max_stream_commands)
         if hdr.flags & CtrlFlag.INFO_RING_IDX and hdr.ring_idx >= NUM_RINGS:
             raise GuestProtocolError(f"ring_idx {hdr.ring_idx}")
@@ -242,7 +243,6 @@ class ComputeCommands:
         self._last_jobs.setdefault(ctx.ctx_id, {})[key] = self.timelines.submit(
             key, lambda cancel: self.engine.run(vm, commands, prepared, target, cancel), done)
         queued = self._queued[ctx.ctx_id] = self._queued.get(ctx.ctx_id, 0) + 1
-        size = len(data)
         self.queued_bytes += size
         if self.queued_bytes > self.s.limits.max_queued_submit_bytes:
             # fenced or not, nothing more is read until this one has run

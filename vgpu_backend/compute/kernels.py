@@ -156,12 +156,12 @@ def matmul_f32(c: Buffer, a: Buffer, b: Buffer, m: int, n: int, k: int,
 
     :raise TooLarge: ``b``, or ``c`` when it shares memory with an operand, would be
         staged whole in more than ``stats.max_staging`` bytes."""
-    stats.bytes_touched += a.nbytes + b.nbytes + c.nbytes
     if m == 0 or n == 0:
         return  # an empty product: nothing to write
-    if k == 0:  # a sum of no terms
+    if k == 0:  # a sum of no terms (fill_u32 counts the bytes it writes)
         fill_u32(c, m * n, 0, stats)
         return
+    stats.bytes_touched += a.nbytes + b.nbytes + c.nbytes
     shared = c.overlaps(a) or c.overlaps(b)
     for name, staged, size in (("b", not b.single, b.nbytes), ("c", shared, 4 * m * n)):
         if staged and size > stats.max_staging:
