@@ -8,18 +8,50 @@ anything is allocated.
 
 from __future__ import annotations
 
+import math
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any
+from decimal import Decimal
+from typing import Any, NamedTuple
 
-__all__ = ["DEFAULT_LIMITS", "Limits", "cli_fields"]
+__all__ = ["DEFAULT_LIMITS", "CliLimit", "Limits", "cli_fields", "format_size", "parse_size"]
 
 KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
+TiB = 1024 * GiB
+
+_UNITS = {"": 1, "K": KiB, "M": MiB, "G": GiB, "T": TiB}
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?", re.IGNORECASE)
 
 
-def _limit(default: int | float, doc: str, cli: str | None = None) -> Any:
-    return field(default=default, metadata={"doc": doc, "cli": cli})
+def _limit(default: int | float, doc: str, cli: str | None = None, *,
+           unit: str = "count") -> Any:
+    """A limit field; ``unit`` is "count", "bytes" or "seconds"."""
+    return field(default=default, metadata={"doc": doc, "cli": cli, "unit": unit})
+
+
+def parse_size(text: str) -> int:
+    """A byte count as an operator writes it, with QEMU's binary suffixes: ``4096``,
+    ``256M``, ``16G``, ``1.5GiB``, ``64k``.  ValueError unless it is a whole number of
+    bytes."""
+    match = _SIZE.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"not a size: {text!r} (a number of bytes, or with K, M, G, T)")
+    number, unit = match.groups()
+    size = Decimal(number) * _UNITS[unit.upper()]
+    if size != size.to_integral_value():
+        raise ValueError(f"not a whole number of bytes: {text!r}")
+    return int(size)
+
+
+def format_size(size: int) -> str:
+    """``size`` in the largest binary unit that divides it: ``16 GiB``, ``4096``."""
+    for suffix, unit in (("TiB", TiB), ("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if size >= unit and size % unit == 0:
+            return f"{size // unit} {suffix}"
+    return str(size)
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,38 +64,38 @@ class Limits:
     max_userptr_entries: int = _limit(
         1 << 20, "max entries in one USERPTR RESOURCE_CREATE_BLOB", "max-userptr-entries")
     max_userptr_bytes: int = _limit(
-        16 * GiB, "max size of one USERPTR blob", "max-userptr-bytes")
+        16 * GiB, "max size of one USERPTR blob", "max-userptr-bytes", unit="bytes")
     max_blob_bytes: int = _limit(
-        4 * GiB, "max size of one non-userptr blob resource", "max-blob-bytes")
+        4 * GiB, "max size of one non-userptr blob resource", "max-blob-bytes", unit="bytes")
     max_hostmem: int = _limit(
         256 * MiB, "host memory budget for 2D resource images (QEMU's max_hostmem)",
-        "max-hostmem")
+        "max-hostmem", unit="bytes")
     max_host_buffers: int = _limit(
         4 * GiB, "host memory for compute buffers (RESOURCE_CREATE_3D, the copy path)",
-        "max-host-buffers")
+        "max-host-buffers", unit="bytes")
     max_resources: int = _limit(65536, "max live resources", "max-resources")
     max_dimension: int = _limit(16384, "max width or height of a 2D resource")
     max_scanouts: int = _limit(16, "VIRTIO_GPU_MAX_SCANOUTS")
     max_contexts: int = _limit(256, "max live virtio-gpu contexts", "max-contexts")
     max_submit_bytes: int = _limit(1 * MiB, "max SUBMIT_3D command-stream size",
-                                   "max-submit-bytes")
+                                   "max-submit-bytes", unit="bytes")
     max_stream_commands: int = _limit(4096, "max commands in one compute stream")
     compute_workers: int = _limit(2, "threads running compute jobs", "compute-workers")
     max_queued_submissions: int = _limit(
         64, "unfenced SUBMIT_3D queued per context before the queue waits")
     compute_job_timeout: float = _limit(
         60.0, "seconds one SUBMIT_3D may run on the simulated GPU before it is aborted "
-        "(as a GPU's job timeout)", "compute-job-timeout")
+        "(as a GPU's job timeout)", "compute-job-timeout", unit="seconds")
     max_compute_staging: int = _limit(
         1 * GiB, "bytes of engine scratch one MATMUL operand that is not one host run may "
-        "be staged in", "max-compute-staging")
+        "be staged in", "max-compute-staging", unit="bytes")
     max_queued_submit_bytes: int = _limit(
         16 * MiB, "SUBMIT_3D stream bytes queued on all timelines; beyond, the queue waits "
-        "for the submission that went over", "max-queued-submit-bytes")
+        "for the submission that went over", "max-queued-submit-bytes", unit="bytes")
     compute_drain_timeout: float = _limit(
         10.0, "seconds to wait for compute jobs when rings stop or memory goes away, "
-        "before cancelling them")
-    max_capset_bytes: int = _limit(64 * KiB, "max size of a capset we publish")
+        "before cancelling them", unit="seconds")
+    max_capset_bytes: int = _limit(64 * KiB, "max size of a capset we publish", unit="bytes")
     # --- host GPU --------------------------------------------------------------------
     max_per_range_ranges: int = _limit(
         4096, "max host ranges of one USERPTR buffer on the per-range host path (an "
@@ -73,36 +105,55 @@ class Limits:
     max_indirect_descriptors: int = _limit(
         32768, "max descriptors in one INDIRECT table (a chain is also <= queue size)")
     # --- vhost-user control plane --------------------------------------------------
-    max_vhost_payload: int = _limit(4096, "max vhost-user request payload")
+    max_vhost_payload: int = _limit(4096, "max vhost-user request payload", unit="bytes")
     max_fds_per_message: int = _limit(8, "max fds per vhost-user message (QEMU's limit)")
     max_mem_slots: int = _limit(32, "memory slots reported by GET_MAX_MEM_SLOTS")
     # --- display socket ------------------------------------------------------------
-    max_display_reply: int = _limit(4096, "max payload of a display-socket reply")
+    max_display_reply: int = _limit(4096, "max payload of a display-socket reply", unit="bytes")
     display_reply_timeout: float = _limit(
         2.0, "seconds to wait for QEMU on the display socket before falling back",
-        "display-timeout")
+        "display-timeout", unit="seconds")
     display_queue_bytes: int = _limit(
-        64 * MiB, "display output queued before frame updates are coalesced")
+        64 * MiB, "display output queued before frame updates are coalesced", unit="bytes")
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if not isinstance(value, int | float) or value <= 0:
-                raise ValueError(f"limit {f.name} must be a positive number, not {value!r}")
+            if not isinstance(value, int | float) or not 0 < value < math.inf:
+                raise ValueError(f"limit {f.name} must be a positive, finite number, not {value!r}")
         if self.max_backing_entries > (1 << 32) - 1 or self.max_userptr_entries > (1 << 32) - 1:
             raise ValueError("entry limits must fit the 32-bit nr_entries field")
         if self.max_scanouts > 16:
             raise ValueError("max_scanouts cannot exceed VIRTIO_GPU_MAX_SCANOUTS (16)")
 
 
-def cli_fields() -> list[tuple[str, str, str, type[int] | type[float]]]:
-    """``(field name, cli option, help, type)`` for every overridable limit."""
-    out: list[tuple[str, str, str, type[int] | type[float]]] = []
+class CliLimit(NamedTuple):
+    """A limit with a command-line option."""
+
+    name: str  #: the Limits field
+    option: str  #: the option, without its leading ``--``
+    help: str  #: what it limits, and its default
+    parse: Callable[[str], int | float]  #: the option's value to the field's
+    metavar: str  #: N, BYTES or SECONDS
+
+
+def cli_fields() -> list[CliLimit]:
+    """Every limit an operator may override, in declaration order."""
+    out = []
     for f in fields(Limits):
-        cli = f.metadata.get("cli")
-        if cli:
-            kind: type[int] | type[float] = float if isinstance(f.default, float) else int
-            out.append((f.name, str(cli), f"{f.metadata['doc']} (default {f.default})", kind))
+        cli, unit = f.metadata.get("cli"), f.metadata["unit"]
+        if not cli:
+            continue
+        value = getattr(DEFAULT_LIMITS, f.name)
+        parse: Callable[[str], int | float]
+        if unit == "bytes":
+            parse, default, metavar = parse_size, format_size(value), "BYTES"
+        elif unit == "seconds":
+            parse, default, metavar = float, f"{value:g} s", "SECONDS"
+        else:
+            parse, default, metavar = int, str(value), "N"
+        out.append(CliLimit(f.name, str(cli), f"{f.metadata['doc']} (default {default})",
+                            parse, metavar))
     return out
 
 

@@ -8,10 +8,10 @@ import logging
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from protocol.capsets import DEFAULT_COMPUTE_CAPSET, DEFAULT_USERPTR_CAPSET
-from protocol.limits import cli_fields
+from protocol.limits import CliLimit, cli_fields
 from vgpu_backend import __version__
 from vgpu_backend.config import BackendConfig, ConfigError, build_config, listening_socket
 from vgpu_backend.device_state import UserptrProtocol
@@ -101,9 +101,25 @@ def parser() -> argparse.ArgumentParser:
                      help="simulate a kernel without the batch-userptr series (the "
                           "alias/per-range fallbacks are used)")
     lim = p.add_argument_group("limits")
-    for name, option, help_text, kind in cli_fields():
-        lim.add_argument(f"--{option}", dest=name, type=kind, metavar="N", help=help_text)
+    for limit in cli_fields():
+        lim.add_argument(f"--{limit.option}", dest=limit.name, type=_option_type(limit),
+                         metavar=limit.metavar, help=limit.help)
     return p
+
+
+_EXPECTED = {"N": "a whole number", "SECONDS": "a number of seconds"}
+
+
+def _option_type(limit: CliLimit) -> Callable[[str], int | float]:
+    """``limit.parse`` with argparse's error message (the option and why)."""
+    def parse(text: str) -> int | float:
+        try:
+            return limit.parse(text)
+        except ValueError as err:
+            why = str(err) if limit.metavar == "BYTES" else \
+                f"not {_EXPECTED[limit.metavar]}: {text!r}"
+            raise argparse.ArgumentTypeError(why) from None
+    return parse
 
 
 def _configure_logging(level: str) -> None:

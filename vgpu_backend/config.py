@@ -78,8 +78,8 @@ def build_config(args: argparse.Namespace) -> BackendConfig:
             raise ConfigError(f"--fd {args.fd}: {err}") from None
         if not stat.S_ISSOCK(mode):
             raise ConfigError(f"--fd {args.fd} is not a socket")
-    overrides = {name: getattr(args, name) for name, *_ in cli_fields()
-                 if getattr(args, name) is not None}
+    overrides = {limit.name: getattr(args, limit.name) for limit in cli_fields()
+                 if getattr(args, limit.name) is not None}
     try:
         limits = Limits(**overrides)
     except ValueError as err:

@@ -124,14 +124,32 @@ def test_no_blob_with_userptr_off_is_fine() -> None:
 def test_every_limit_option_overrides_its_limit() -> None:
     argv = ["--socket-path", "s"]
     expected = {}
-    for name, option, _, kind in cli_fields():
-        value = kind(getattr(DEFAULT_LIMITS, name)) + kind(1)
-        argv += [f"--{option}", str(value)]
-        expected[name] = value
+    for limit in cli_fields():
+        value = getattr(DEFAULT_LIMITS, limit.name) + 1
+        argv += [f"--{limit.option}", str(value)]
+        expected[limit.name] = value
     config = build_config(parser().parse_args(argv))
     assert {name: getattr(config.limits, name) for name in expected} == expected
     shrunk = with_limits(config, max_resources=3)
     assert shrunk.limits.max_resources == 3 and config.limits.max_resources != 3
+
+
+def test_size_limits_take_binary_suffixes(capsys: pytest.CaptureFixture[str]) -> None:
+    config = config_from("--socket-path", "s", "--max-hostmem", "1G", "--max-blob-bytes",
+                         "512MiB", "--max-submit-bytes", "65536", "--display-timeout", "0.5")
+    assert (config.limits.max_hostmem, config.limits.max_blob_bytes,
+            config.limits.max_submit_bytes, config.limits.display_reply_timeout) == (
+        1 << 30, 512 << 20, 65536, 0.5)
+    for option, value, why in (("--max-hostmem", "1.5x", "not a size: '1.5x'"),
+                               ("--max-hostmem", "0.3K", "not a whole number of bytes"),
+                               ("--max-resources", "1.5", "not a whole number: '1.5'"),
+                               ("--display-timeout", "soon", "not a number of seconds")):
+        with pytest.raises(SystemExit) as info:
+            parser().parse_args(["--socket-path", "s", option, value])
+        assert info.value.code == 2
+        assert f"argument {option}: {why}" in capsys.readouterr().err
+    assert main(["--socket-path", "s", "--display-timeout", "inf"]) == 2
+    assert "positive, finite" in capsys.readouterr().err
 
 
 def test_the_per_range_limit_reaches_the_host_gpu() -> None:
@@ -170,8 +188,8 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_help_lists_the_limit_options() -> None:
     text = parser().format_help()
-    for _, option, _, _ in cli_fields():
-        assert f"--{option}" in text
+    for limit in cli_fields():
+        assert f"--{limit.option} {limit.metavar}" in text
 
 
 def test_listening_socket_replaces_a_stale_socket(tmp_path: Path) -> None:
