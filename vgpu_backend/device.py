@@ -246,10 +246,10 @@ class VirtioGpuDevice:
             self._inflight = [e for e in self._inflight if e[0] is not result]
             if queue.mapped:  # also while the ring is disabled and about to stop
                 self._respond(queue, chain, hdr, reply)
-                queue.notify()
-            if self._waiting is result:
-                self._waiting = None
-                self.process(CONTROL_QUEUE)
+            if self._waiting is result:  # the queue runs on before the guest hears,
+                self._waiting = None  # so one interrupt covers both, and avail_event
+                self.process(CONTROL_QUEUE)  # is published when the ring runs empty
+            queue.notify()
 
         result.on_resolve(complete)
         if result.reply is None:

@@ -23,15 +23,21 @@ def queue_display_info(s: Session) -> None:
 
 
 def test_device_publishes_avail_event(session: Session) -> None:
-    """After draining the ring the device asks for a kick on the very next buffer."""
-    gpu, ctrl = session.gpu, session.queues[0]
+    """After draining the ring the device asks for a kick on the very next buffer, and
+    it does so before it notifies the last completion (a guest woken by it may add a
+    buffer at once).  GET_DISPLAY_INFO also holds the queue while QEMU answers."""
+    ctrl = session.queues[0]
     assert session.event_idx
     for count in (1, 5, 20):
-        gpu.submit([gpu.prepare(cmds.get_display_info(), cmds.DISPLAY_INFO_RESP_SIZE)
-                    for _ in range(count)])
+        ctrl.drain_notifications()
+        ctrl.set_used_event(ctrl.last_used + count - 1)  # notify me of the last one only
+        for _ in range(count):
+            queue_display_info(session)
+        ctrl.submit()
+        ctrl.wait_used(count, by_notification=False, publish_used_event=False)
+        assert ctrl.wait_notification(5.0) == 1
         assert ctrl.avail_event() == ctrl.avail_idx
     assert ctrl.stats.kicks_suppressed == 0
-    assert ctrl.stats.missed_notifications == 0
 
 
 def test_notifications_respect_used_event(session: Session) -> None:

@@ -199,6 +199,29 @@ def test_a_held_command_keeps_the_rest_of_its_batch_in_order(shown: DeviceHarnes
     assert shown.control.avail_event() == 4  # all done: the next buffer is kicked
 
 
+def test_a_held_queue_asks_for_the_next_kick_before_the_interrupt(
+        shown: DeviceHarness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Commands that hold the queue (GET_DISPLAY_INFO waits for QEMU) complete; the
+    queue runs on to empty before the guest is interrupted, so a guest woken by the
+    last completion already sees ``avail_event`` asking for its next buffer."""
+    ring, queue = shown.control, shown.device.queues[0]
+    queue.event_idx = True
+    at_interrupt: list[tuple[int, int]] = []
+    notify = queue.notify
+
+    def observed_notify() -> None:
+        at_interrupt.append((ring.used_idx(), ring.avail_event()))
+        notify()
+    monkeypatch.setattr(queue, "notify", observed_notify)
+    ring.set_used_event(2)  # interrupt me when the third is used
+    for _ in range(3):
+        shown.stage(command(Cmd.GET_DISPLAY_INFO))
+    shown.device.process(0)
+    run_until(shown.loop, lambda: ring.used_idx() == 3)
+    assert at_interrupt[-1] == (3, 3)
+    assert [Resp(r.type).name for r in shown.collect()] == ["OK_DISPLAY_INFO"] * 3
+
+
 def test_quiesce_leaves_the_rest_of_a_batch_available() -> None:
     """GET_VRING_BASE while a command holds the queue and two more came in the same
     kick: the held one is answered, the others were never consumed (the ring's base
