@@ -138,6 +138,17 @@ def test_large_pieces_are_copied_without_index_arrays(ram: GuestRam) -> None:
     assert got.tobytes() == model[64:-64]
 
 
+@pytest.mark.parametrize("shift", [8, 100, 4095])
+def test_aligned_lengths_at_unaligned_guest_offsets(ram: GuestRam, shift: int) -> None:
+    """Pieces whose lengths (and places in the buffer) are 64-byte multiples but whose
+    guest addresses are not: the gather's row size must divide the guest offsets too."""
+    runs = [(0x100000 + shift + k * PAGE, 128) for k in range(6)] + [(0x200000 + shift, 64)]
+    backing = make_backing(ram, runs, coalesce=False)
+    model = b"".join(ram.read(a, n) for a, n in runs)
+    assert backing.read(0, len(model)).tobytes() == model
+    assert backing.read(64, 256).tobytes() == model[64:320]
+
+
 def test_contiguous_reads_are_views_of_guest_memory(ram: GuestRam) -> None:
     backing = make_backing(ram, [(0x200000, PAGE)], coalesce=True)
     view = backing.read(16, 32)

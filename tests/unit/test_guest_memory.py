@@ -337,3 +337,105 @@ def test_region_array_sees_the_guest_bytes_at_mmap_offset(
     assert bases.tolist() == [second.host_addr] * 2
     fds, offsets = ram.memory.file_base(np.array([second.id], np.int64))
     assert (fds.tolist(), offsets.tolist()) == ([second.fd], [100])
+
+
+@pytest.mark.parametrize("lookup", LOOKUPS)
+@pytest.mark.parametrize("layout", [[(0x10000, 4 * PAGE)],
+                                    [(0x10000, PAGE), (0x11000, 2 * PAGE, 100),
+                                     (0x20000, PAGE)]], ids=["one region", "three"])
+def test_ranges_may_end_at_a_region_end_and_not_a_byte_beyond(
+        lookup: str, layout: list[tuple[int, ...]]) -> None:
+    """The last bytes of each region translate and look up; one more byte does not
+    (a single region has its own fast path)."""
+    with mock.patch.object(guest_memory, "_MAX_BUCKETS", LOOKUPS[lookup]):
+        ram = GuestRam(layout)
+    try:
+        memory = ram.memory
+        for region in memory.regions:
+            last = region.gpa_end - 16
+            assert segments_list(memory.translate(np.array([last], np.uint64),
+                                                  np.array([16], np.uint64))) == [
+                (region.id, region.size - 16, 16)]
+            assert memory.gpa_to_region(last, 16) == (region, region.size - 16)
+            assert memory.qva_to_region(region.uaddr + region.size - 16, 16) == (
+                region, region.size - 16)
+            assert memory.gpa_to_region(region.gpa, region.size) == (region, 0)
+        top = memory.regions[-1]
+        with pytest.raises(GuestProtocolError):
+            memory.translate(np.array([top.gpa_end - 16], np.uint64),
+                             np.array([17], np.uint64))
+        with pytest.raises(GuestProtocolError):
+            memory.gpa_to_region(top.gpa_end - 16, 17)
+        with pytest.raises(GuestProtocolError):
+            memory.gpa_to_region(top.gpa - 1, 2)
+        with pytest.raises(GuestProtocolError):
+            memory.qva_to_region(top.uaddr + top.size - 16, 17)
+        with pytest.raises(GuestProtocolError):
+            memory.qva_to_region(top.uaddr - 1, 2)
+    finally:
+        ram.close()
+
+
+@pytest.mark.parametrize("desc, ok", [
+    (MemRegion(TOP - 1 - PAGE, PAGE, 0x9000_0000, 0), True),
+    (MemRegion(0x9000_0000, PAGE, TOP - 1 - PAGE, 0), True),
+    (MemRegion(TOP - PAGE, PAGE, 0x9000_0000, 0), False),
+    (MemRegion(0x9000_0000, PAGE, TOP - PAGE, 0), False),
+])
+def test_region_bounds_reach_the_last_u64_but_never_wrap(desc: MemRegion, ok: bool) -> None:
+    """A region may end at 2^64-1 (its end still fits a u64), in guest and in QEMU
+    addresses; one byte further is refused."""
+    memory = GuestMemory()
+    try:
+        if ok:
+            assert memory.add(desc, memfd(PAGE), max_regions=4).size == PAGE
+        else:
+            with pytest.raises(FrontendProtocolError, match="wraps"):
+                memory.add(desc, memfd(PAGE), max_regions=4)
+    finally:
+        memory.clear()
+
+
+def test_a_table_with_the_same_addresses_from_another_file_remaps(
+        two_adjacent_and_one_apart: GuestRam) -> None:
+    """SET_MEM_TABLE keeps a region only if it is the same file too: the same addresses
+    backed by a new memfd are unmapped (listeners told) and mapped anew."""
+    memory = two_adjacent_and_one_apart.memory
+    old = memory.regions
+    two_adjacent_and_one_apart.write(0x10000, b"old bytes")
+    fresh = memfd(PAGE)
+    os.pwrite(fresh, b"new bytes", 0)
+    kept = [os.dup(region.fd) for region in old[1:]]
+    unmapped: list[int] = []
+    memory.add_unmap_listener(lambda region: unmapped.append(region.id))
+    descs = [MemRegion(r.gpa, r.size, r.uaddr, r.mmap_offset) for r in old]
+    memory.replace_all(descs, [fresh, *kept], max_regions=32)
+    assert unmapped == [old[0].id]
+    new = memory.regions
+    assert new[0].id != old[0].id and [r.id for r in new[1:]] == [r.id for r in old[1:]]
+    assert new[0].array[:9].tobytes() == b"new bytes"
+    assert not fd_is_open(old[0].fd) and old[0].fd == -1
+
+
+def test_a_refused_region_in_a_table_closes_every_fd_once() -> None:
+    """SET_MEM_TABLE with a bad region in the middle: the regions before it are mapped,
+    its fd and those of the regions after it are closed, each exactly once."""
+    memory = GuestMemory()
+    fds = [memfd(PAGE) for _ in range(4)]
+    descs = [MemRegion(0, PAGE, 0x9000_0000, 0), MemRegion(PAGE, 0, 0xA000_0000, 0),
+             MemRegion(2 * PAGE, PAGE, 0xB000_0000, 0), MemRegion(3 * PAGE, PAGE, 0xC000_0000, 0)]
+    closed: list[int] = []
+    real_close = os.close
+
+    def counting_close(fd: int) -> None:
+        closed.append(fd)
+        real_close(fd)
+    try:
+        with mock.patch("os.close", counting_close), \
+                pytest.raises(FrontendProtocolError, match="size 0"):
+            memory.replace_all(descs, fds, max_regions=32)
+        assert [r.gpa for r in memory.regions] == [0]
+        assert sorted(closed) == sorted(fds[1:])
+        assert fd_is_open(fds[0]) and not any(fd_is_open(fd) for fd in fds[1:])
+    finally:
+        memory.clear()
