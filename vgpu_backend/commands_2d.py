@@ -6,7 +6,6 @@ Every bad parameter raises :class:`GuestProtocolError` with its specific respons
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import struct
 
@@ -240,10 +239,6 @@ class Commands2D:
         if body.width == 0 or body.height == 0:
             raise GuestProtocolError("SET_SCANOUT with an empty rectangle")
         check_rect(body.x, body.y, body.width, body.height, res.width, res.height)
-        old = self.s.scanouts.scanouts[body.scanout_id].resource_id
-        if old and old != res.resource_id:
-            with contextlib.suppress(GuestProtocolError):
-                self.s.resources.get(old).scanouts.discard(body.scanout_id)
         self.s.scanouts.show(body.scanout_id, res, (body.x, body.y, body.width, body.height),
                              image_source(res))
         return OK

@@ -366,7 +366,7 @@ class VirtioGpuDevice:
             self.commands_2d.destroy(res)
         self.contexts.destroy_all()
         for scanout in self.state.scanouts.scanouts:
-            scanout.resource_id, scanout.rect, scanout.source = 0, (0, 0, 0, 0), None
+            scanout.clear()
         log.info("device reset")
 
     def close(self) -> None:

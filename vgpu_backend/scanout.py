@@ -52,7 +52,8 @@ class Scanout:
     """One scanout: which resource it shows, and which rectangle of it."""
 
     index: int
-    resource_id: int = 0
+    #: the resource shown (its ``scanouts`` lists exactly the scanouts showing it)
+    resource: Resource | None = None
     rect: Rect = (0, 0, 0, 0)
     #: how to read pixels of the resource (set by SET_SCANOUT / SET_SCANOUT_BLOB)
     source: PixelSource | None = None
@@ -60,9 +61,20 @@ class Scanout:
     pending: Rect | None = None
 
     @property
+    def resource_id(self) -> int:
+        """The shown resource's id (0: none)."""
+        return 0 if self.resource is None else self.resource.resource_id
+
+    @property
     def enabled(self) -> bool:
         """Showing a resource."""
-        return self.resource_id != 0
+        return self.resource is not None
+
+    def clear(self) -> None:
+        """Show nothing; the resource shown no longer lists this scanout."""
+        if self.resource is not None:
+            self.resource.scanouts.discard(self.index)
+        self.resource, self.rect, self.source, self.pending = None, (0, 0, 0, 0), None, None
 
 
 def image_source(res: Image2D) -> PixelSource:
@@ -154,11 +166,12 @@ class ScanoutManager:
     def show(self, index: int, res: Resource, rect: Rect, source: PixelSource) -> None:
         """Point scanout ``index`` at ``rect`` of ``res`` and display it."""
         scanout = self.scanouts[index]
-        if scanout.resource_id == res.resource_id and scanout.rect == rect and \
-                scanout.source is not None:
+        if scanout.resource is res and scanout.rect == rect and scanout.source is not None:
             scanout.source = source
             return
-        scanout.resource_id = res.resource_id
+        if scanout.resource is not res:
+            scanout.clear()
+        scanout.resource = res
         scanout.rect = rect
         scanout.source = source
         scanout.pending = None
@@ -168,20 +181,15 @@ class ScanoutManager:
     def disable(self, index: int) -> None:
         """Stop showing anything on scanout ``index`` (SCANOUT 0x0)."""
         scanout = self.scanouts[index]
-        scanout.resource_id, scanout.rect, scanout.source, scanout.pending = 0, (0, 0, 0, 0), \
-            None, None
+        scanout.clear()
         display = self._ready()
         if display is not None and not self._backed_up(display):
             self._announce(scanout)
 
     def forget_resource(self, res: Resource) -> None:
         """A resource is going away: disable every scanout showing it."""
-        if not res.scanouts:
-            return
         for index in sorted(res.scanouts):
-            if self.scanouts[index].resource_id == res.resource_id:
-                self.disable(index)
-        res.scanouts.clear()
+            self.disable(index)
 
     def _announce(self, scanout: Scanout) -> None:
         """SCANOUT, when the size QEMU has differs from the scanout's (0x0: disabled)."""
@@ -199,8 +207,6 @@ class ScanoutManager:
         scanout showing ``res``."""
         for index in sorted(res.scanouts):
             scanout = self.scanouts[index]
-            if scanout.resource_id != res.resource_id:
-                continue
             damage = intersect(rect, scanout.rect)
             if damage is None:
                 continue

@@ -14,6 +14,7 @@ from protocol.vhost_user import MemRegion
 from protocol.virtio_gpu import (
     DisplayOne,
     ResourceCreate2d,
+    ResourceUnref,
     SetScanout,
     TransferToHost2d,
 )
@@ -240,3 +241,23 @@ def test_quiesce_leaves_the_rest_of_a_batch_available() -> None:
         assert h.device.queues[0].stop() == 1
     finally:
         h.close()
+
+
+def test_a_resource_lists_exactly_the_scanouts_showing_it(shown: DeviceHarness) -> None:
+    """Moving a scanout to another resource, or disabling it, takes it off the resource
+    it showed: unreferencing that resource later sends nothing for the scanout."""
+    for resource_id in (1, 2):
+        shown.create_2d(resource_id, 8, 4)
+    first, second = (shown.device.state.resources.get(i) for i in (1, 2))
+    shown.ok(command(Cmd.SET_SCANOUT, SetScanout(0, 0, 8, 4, 0, 1)))
+    assert (first.scanouts, second.scanouts) == ({0}, set())
+    shown.ok(command(Cmd.SET_SCANOUT, SetScanout(0, 0, 8, 4, 0, 2)))
+    assert (first.scanouts, second.scanouts) == (set(), {0})
+    peer = peer_of(shown)
+    run_until(shown.loop, lambda: bool(peer.of(DisplayReq.UPDATE)))
+    sent = len(peer.received)
+    shown.ok(command(Cmd.RESOURCE_UNREF, ResourceUnref(1)))
+    shown.ok(command(Cmd.SET_SCANOUT, SetScanout(0, 0, 0, 0, 0, 0)))
+    assert second.scanouts == set()
+    run_until(shown.loop, lambda: len(peer.received) > sent)
+    assert [m.request for m in peer.received[sent:]] == [DisplayReq.SCANOUT]  # from disabling
