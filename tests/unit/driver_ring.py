@@ -11,9 +11,9 @@ import struct
 from protocol.limits import DEFAULT_LIMITS, Limits
 from protocol.virtqueue import avail_ring_size, desc_table_size
 from tests.unit.guest_ram import GuestRam
-from vgpu_backend.virtqueue import Virtqueue
+from vgpu_backend.virtqueue import DescriptorChain, Virtqueue
 
-__all__ = ["DriverRing", "pack_desc"]
+__all__ = ["DriverRing", "pack_desc", "pop_one"]
 
 _DESC = struct.Struct("<QIHH")
 _U16 = struct.Struct("<H")
@@ -23,6 +23,13 @@ _USED_ELEM = struct.Struct("<II")
 def pack_desc(addr: int, length: int, flags: int = 0, next_index: int = 0) -> bytes:
     """One ``struct virtq_desc``."""
     return _DESC.pack(addr, length, flags, next_index)
+
+
+def pop_one(queue: Virtqueue) -> DescriptorChain:
+    """The next available chain (there must be one)."""
+    chain = queue.pop()
+    assert chain is not None
+    return chain
 
 
 class DriverRing:

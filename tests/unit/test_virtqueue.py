@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protocol.errors import GuestProtocolError
+from protocol.errors import FrontendProtocolError, GuestProtocolError
 from protocol.limits import Limits
 from protocol.virtqueue import AvailFlag, DescFlag
-from tests.unit.driver_ring import DriverRing, pack_desc
+from tests.unit.driver_ring import DriverRing, pack_desc, pop_one
 from tests.unit.guest_ram import GuestRam
 from tests.unit.hang_guard import deadline
 from vgpu_backend.virtqueue import DescriptorChain, Virtqueue
@@ -36,12 +36,6 @@ def ring(ram: GuestRam) -> Iterator[DriverRing]:
     ring = DriverRing(ram, NUM, 0x1000)
     yield ring
     ring.close()
-
-
-def pop_one(queue: Virtqueue) -> DescriptorChain:
-    chain = queue.pop()
-    assert chain is not None
-    return chain
 
 
 def assert_ring_fatal(queue: Virtqueue, match: str) -> None:
@@ -90,21 +84,33 @@ def test_indirect_chain(ram: GuestRam, ring: DriverRing) -> None:
         chain.read_array(4, 5)
 
 
-def test_buffer_split_over_adjacent_regions() -> None:
-    ram = GuestRam([(0, 0x20000), (0x20000, 0x10000, 100)])
-    ring = DriverRing(ram, NUM, 0x1000)
-    try:
-        queue = ring.queue()
-        ram.write(0x1FFFC, b"0123")
-        ram.write(0x20000, b"4567")
-        ring.set_desc(0, 0x1FFFC, 8)
-        ring.publish(0)
-        chain = pop_one(queue)
-        assert chain.error is None and len(chain.out) == 2
-        assert chain.read(8) == b"01234567"
-    finally:
-        ring.close()
-        ram.close()
+@pytest.mark.parametrize("sizes", [(8,), (3, 5), (1, 6, 1)])
+def test_read_copies_exactly_the_bytes_asked_for(sizes: tuple[int, ...]) -> None:
+    data, views, at = memoryview(b"abcdefgh"), [], 0
+    for size in sizes:
+        views.append(data[at:at + size])
+        at += size
+    chain = DescriptorChain(0, out=views, out_len=8)
+    assert chain.read(4) == b"abcd"
+    assert chain.read(4, 2) == b"cdef"
+    assert chain.read(100, 6) == b"gh"
+    assert chain.read(0) == b""
+
+
+#: 408 bytes, each position distinguishable from those a buffer's length away
+RESPONSE = bytes(i % 251 for i in range(408))
+
+
+@pytest.mark.parametrize(("sizes", "written"), [((100, 400), 408), ((100, 200), 300),
+                                                ((100, 8, 400), 408), ((100, 8, 200), 308),
+                                                ((408,), 408), ((500,), 408)])
+def test_write_scatters_the_exact_bytes_over_the_writable_buffers(
+        sizes: tuple[int, ...], written: int) -> None:
+    """Returns the bytes written: all of them, or as many as the buffers hold."""
+    buffers = [bytearray(n) for n in sizes]
+    chain = DescriptorChain(0, inp=[memoryview(b) for b in buffers], in_len=sum(sizes))
+    assert chain.write(RESPONSE) == written
+    assert b"".join(buffers) == RESPONSE[:written] + bytes(sum(sizes) - written)
 
 
 def test_zero_length_descriptors_add_no_buffer(ring: DriverRing) -> None:
@@ -171,12 +177,63 @@ def test_next_out_of_range(ring: DriverRing) -> None:
     assert_ring_fatal(queue, "next index")
 
 
-@pytest.mark.parametrize("length", [0, 15, 17, 40])
-def test_indirect_length_not_a_multiple_of_16(ring: DriverRing, length: int) -> None:
-    queue = ring.queue()
+def warm_up(ring: DriverRing, queue: Virtqueue) -> None:
+    """Pop one chain through the general walk: its region is cached (the fast paths)."""
+    ring.set_desc(NUM - 1, DATA, 4, WRITE)
+    ring.publish(NUM - 1)
+    assert pop_one(queue).head == NUM - 1
+
+
+#: an INDIRECT table that begins with a command -> response pair
+PAIR_FIRST = [(DATA, 4, NEXT, 1), (DATA + 0x100, 4, WRITE, 0), (DATA, 4, 0, 0), (DATA, 4, 0, 0)]
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "region cached"])
+@pytest.mark.parametrize(("length", "limit"), [(0, 8), (15, 8), (17, 8), (40, 8), (48, 2),
+                                               (64, 3)])
+def test_bad_indirect_table_length_is_ring_fatal(ring: DriverRing, length: int, limit: int,
+                                                 warm: bool) -> None:
+    """Not a multiple of 16, or more entries than the limit: ring-fatal, also when the
+    region is cached and the table begins with a pair the fast path could take."""
+    queue = ring.queue(limits=Limits(max_indirect_descriptors=limit))
+    if warm:
+        warm_up(ring, queue)
+    ring.write_table(TABLES, PAIR_FIRST)
     ring.set_desc(0, TABLES, length, INDIRECT)
     ring.publish(0)
-    assert_ring_fatal(queue, "INDIRECT table")
+    assert_ring_fatal(queue, f"INDIRECT table of {length} bytes")
+
+
+@pytest.mark.parametrize("same_batch", [False, True])
+def test_indirect_pair_over_a_limit_of_one_is_ring_fatal(ring: DriverRing,
+                                                         same_batch: bool) -> None:
+    """max_indirect_descriptors=1 refuses a two-entry table also with the region cached,
+    by an earlier pop or earlier in the same batch."""
+    queue = ring.queue(limits=Limits(max_indirect_descriptors=1))
+    ring.set_desc(1, DATA, 4, WRITE)
+    ring.write_table(TABLES, PAIR_FIRST[:2])
+    ring.set_desc(0, TABLES, 32, INDIRECT)
+    ring.publish(1, 0)
+    if same_batch:
+        assert [c.head for c in queue.pop_batch()] == [1]
+    else:
+        assert pop_one(queue).head == 1
+    assert_ring_fatal(queue, "INDIRECT table of 32 bytes")
+
+
+@pytest.mark.parametrize(("entries", "ok"), [(3, True), (4, False)])
+def test_indirect_table_of_exactly_the_limit_pops(ring: DriverRing, entries: int,
+                                                  ok: bool) -> None:
+    queue = ring.queue(limits=Limits(max_indirect_descriptors=3))
+    ring.write_table(TABLES, [(DATA + 16 * i, 4, NEXT, i + 1) for i in range(entries - 1)]
+                     + [(DATA + 0x100, 4, WRITE, 0)])
+    ring.set_desc(0, TABLES, 16 * entries, INDIRECT)
+    ring.publish(0)
+    if ok:
+        chain = pop_one(queue)
+        assert chain.error is None and (chain.out_len, chain.in_len) == (8, 4)
+    else:
+        assert_ring_fatal(queue, "INDIRECT table of 64 bytes")
 
 
 def test_nested_indirect(ring: DriverRing) -> None:
@@ -220,18 +277,6 @@ def test_indirect_next_out_of_the_table(ring: DriverRing) -> None:
     assert_ring_fatal(queue, "next index")
 
 
-def test_indirect_table_over_the_limit(ram: GuestRam) -> None:
-    ring = DriverRing(ram, NUM, 0x1000)
-    try:
-        queue = ring.queue(limits=Limits(max_indirect_descriptors=2))
-        ring.write_table(TABLES, [(DATA, 4, NEXT, 1), (DATA, 4, NEXT, 2), (DATA, 4, 0, 0)])
-        ring.set_desc(0, TABLES, 48, INDIRECT)
-        ring.publish(0)
-        assert_ring_fatal(queue, "INDIRECT table")
-    finally:
-        ring.close()
-
-
 def test_avail_index_jumping_past_the_ring(ring: DriverRing) -> None:
     queue = ring.queue()
     ring.set_avail_idx(NUM + 1)
@@ -245,14 +290,6 @@ def test_avail_index_moving_by_exactly_the_ring_size_is_fine(ring: DriverRing) -
     ring.publish(*range(NUM))
     assert [pop_one(queue).head for _ in range(NUM)] == list(range(NUM))
     assert queue.pop() is None
-
-
-def test_rings_outside_guest_ram_are_not_mapped(ram: GuestRam) -> None:
-    queue = Virtqueue(0, ram.memory, Limits())
-    queue.set_num(NUM)
-    queue.set_addr(ram.qva(0), ram.qva(0) + RAM_SIZE - 8, ram.qva(0x100))
-    queue.started = queue.enabled = True
-    assert not queue.ready
 
 
 # --- used ring, notifications, EVENT_IDX ---------------------------------------------------
@@ -404,6 +441,50 @@ def test_used_ring_wraps(ring: DriverRing) -> None:
     assert len(ring.take_used()) == 3 * NUM + 1
 
 
+#: chain kinds at avail indices 0xFFFE, 0xFFFF, 0, 1 (the first caches the region, so
+#: later INDIRECT pairs take the fast path)
+WRAP_KINDS = {"INDIRECT pair crosses": ("indirect", "indirect", "direct", "direct"),
+              "direct pair crosses": ("indirect", "direct", "indirect", "indirect")}
+
+
+@pytest.mark.parametrize("kinds", list(WRAP_KINDS.values()), ids=list(WRAP_KINDS))
+def test_avail_and_used_indices_wrap_past_0xffff(ram: GuestRam, ring: DriverRing,
+                                                 kinds: tuple[str, ...]) -> None:
+    """Indices are 16 bits: pops, unpop, used entries and the base given back at stop
+    all wrap from 0xFFFF to 0."""
+    ram.write(ring.used_gpa + 2, b"\xfe\xff")  # used.idx 0xFFFE, read at SET_VRING_ADDR
+    queue = ring.queue()
+    queue.set_base(0xFFFE)
+    ring.avail_idx = ring.seen_used = 0xFFFE
+    for i, kind in enumerate(kinds):
+        cmd, resp = DATA + 0x100 * i, DATA + 0x100 * i + 0x80
+        if kind == "indirect":
+            ring.write_table(TABLES + 32 * i, [(cmd, 8, NEXT, 1), (resp, 8, WRITE, 0)])
+            ring.set_desc(i, TABLES + 32 * i, 32, INDIRECT)
+        else:
+            ring.set_desc(i, cmd, 8, NEXT, 4 + i)
+            ring.set_desc(4 + i, resp, 8, WRITE)
+    ring.publish(0, 1, 2, 3)
+    assert queue.pending() == 4
+
+    def pop_heads(count: int) -> list[int]:
+        heads = []
+        for _ in range(count):
+            heads.append(pop_one(queue).head)
+            assert 0 <= queue.last_avail <= 0xFFFF
+        return heads
+
+    assert pop_heads(4) == [0, 1, 2, 3] and queue.last_avail == 2
+    queue.unpop(3)
+    assert queue.last_avail == 0xFFFF and queue.pending() == 3
+    assert pop_heads(3) == [1, 2, 3] and queue.pop() is None
+    for head in range(4):
+        queue.push(head, 8)
+    assert ring.used_idx() == 2 and queue.used_idx == 2
+    assert ring.take_used() == [(head, 8) for head in range(4)]
+    assert queue.stop() == 2
+
+
 def test_used_idx_is_taken_from_memory_on_set_addr(ring: DriverRing) -> None:
     queue = ring.queue()
     submit(ring, queue, 3)
@@ -419,11 +500,70 @@ def test_stop_returns_the_next_avail_index(ring: DriverRing) -> None:
     assert not queue.ready
 
 
-def test_a_broken_queue_is_not_ready_until_set_up_again(ring: DriverRing) -> None:
+# --- front-end set-up (SET_VRING_*) -----------------------------------------------------
+
+
+@pytest.mark.parametrize(("limit", "sizes_ok", "sizes_bad"), [
+    (32768, [1, 5, 8, 32768], [0, 32769]), (16, [16], [0, 17])])
+def test_set_num_takes_1_to_the_limit(ram: GuestRam, limit: int, sizes_ok: list[int],
+                                      sizes_bad: list[int]) -> None:
+    """Any size from 1 to max_queue_size (powers of 2 or not); 0 and more are refused."""
+    queue = Virtqueue(0, ram.memory, Limits(max_queue_size=limit))
+    for size in sizes_ok:
+        queue.set_num(size)
+        assert queue.num == size
+    for size in sizes_bad:
+        with pytest.raises(FrontendProtocolError, match="bad size"):
+            queue.set_num(size)
+        assert queue.num == sizes_ok[-1]
+
+
+def test_a_ring_size_that_is_not_a_power_of_2_works(ram: GuestRam) -> None:
+    ring = DriverRing(ram, 5, 0x1000)
+    try:
+        queue = ring.queue()
+        for i in range(5):
+            ring.set_desc(i, DATA + 16 * i, 4, WRITE)
+        for _ in range(3):  # round the ring three times
+            ring.publish(4, 2, 0, 3, 1)
+            chains = queue.pop_batch()
+            assert [c.head for c in chains] == [4, 2, 0, 3, 1] and queue.pop() is None
+            for chain in chains:
+                queue.push(chain.head, 4)
+            assert ring.take_used() == [(head, 4) for head in (4, 2, 0, 3, 1)]
+    finally:
+        ring.close()
+
+
+def test_set_addr_maps_the_rings_only_once_sized(ram: GuestRam, ring: DriverRing) -> None:
+    """SET_VRING_ADDR before SET_VRING_NUM maps no zero-size queue; a new size unmaps."""
+    queue = Virtqueue(0, ram.memory, Limits())
+    addrs = ram.qva(ring.desc_gpa), ram.qva(ring.used_gpa), ram.qva(ring.avail_gpa)
+    queue.set_addr(*addrs)
+    assert not queue.mapped
+    queue.set_num(NUM)
+    queue.set_addr(*addrs)
+    assert queue.mapped
+    queue.set_num(NUM)
+    assert not queue.mapped
+
+
+def test_set_base_keeps_16_bits(ring: DriverRing) -> None:
+    queue = ring.queue()
+    queue.set_base(0x1_0003)
+    assert queue.last_avail == 3 and queue.stop() == 3
+
+
+@pytest.mark.parametrize("again", ["set_base", "set_addr"])
+def test_setting_the_ring_up_again_clears_broken(ring: DriverRing, again: str) -> None:
     queue = ring.queue()
     queue.mark_broken("test")
     assert not queue.ready
-    queue.set_base(0)
+    if again == "set_base":
+        queue.set_base(0)
+    else:
+        queue.set_addr(ring.ram.qva(ring.desc_gpa), ring.ram.qva(ring.used_gpa),
+                       ring.ram.qva(ring.avail_gpa))
     assert queue.ready
 
 
@@ -478,74 +618,3 @@ def test_random_rings_pop_or_raise(num: int, table: list[tuple[int, int, int, in
     finally:
         ring.close()
         ram.close()
-
-
-# --- the two-descriptor fast path agrees with the general walk -----------------------
-
-
-def outcome(pop: Callable[[], DescriptorChain | None]) -> tuple[object, ...]:
-    """What a walk makes of a chain: the buffers' bytes and lengths, or the error."""
-    try:
-        chain = pop()
-    except GuestProtocolError as err:
-        return ("fatal", str(err), err.ring_fatal)
-    assert chain is not None
-    return (chain.head, [bytes(b) for b in chain.out], [bytes(b) for b in chain.inp],
-            chain.out_len, chain.in_len, chain.writable_ok,
-            None if chain.error is None else str(chain.error))
-
-
-def popped(queue: Virtqueue, ring: DriverRing) -> tuple[object, ...]:
-    """Head 0 as the ring's pop (with its fast paths) makes it."""
-    queue.last_avail = ring.avail_idx
-    ring.publish(0)
-    return outcome(queue.pop)
-
-
-def walked(queue: Virtqueue) -> tuple[object, ...]:
-    """Head 0 as the general walk makes it."""
-    return outcome(lambda: queue._walk_any(0))
-
-
-ADDRS = st.sampled_from([DATA, DATA + 0x7F0, RAM_SIZE - 8, RAM_SIZE - 4, RAM_SIZE, OUTSIDE,
-                         0x1_0000_0000_0000 - 4, 2**64 - 8])
-DESC = st.tuples(ADDRS, st.sampled_from([0, 1, 8, 24, 0x800, 2**32 - 1]),
-                 st.sampled_from([0, NEXT, WRITE, NEXT | WRITE, INDIRECT, NEXT | INDIRECT,
-                                  0x8]),
-                 st.integers(0, NUM + 1))
-
-
-#: mostly the shape the fast path takes (readable, then writable, in RAM), else anything
-GOOD_ADDR = st.sampled_from([DATA, DATA + 0x7F0, RAM_SIZE - 24])
-GOOD_LEN = st.sampled_from([8, 24])
-FIRST = st.one_of(st.tuples(GOOD_ADDR, GOOD_LEN, st.just(NEXT), st.sampled_from([1, 2, 5])),
-                  DESC)
-SECOND = st.one_of(st.tuples(GOOD_ADDR, GOOD_LEN, st.just(WRITE), st.integers(0, NUM + 1)),
-                   DESC)
-
-
-@settings(max_examples=400, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(first=FIRST, second=SECOND, indirect=st.booleans(),
-       table_at=st.sampled_from([TABLES, RAM_SIZE - 16, OUTSIDE]))
-def test_fast_path_agrees_with_the_general_walk(ram: GuestRam, ring: DriverRing,
-                                                first: tuple[int, int, int, int],
-                                                second: tuple[int, int, int, int],
-                                                indirect: bool, table_at: int) -> None:
-    queue = ring.queue()
-    if indirect:
-        if table_at != OUTSIDE:
-            ring.write_table(table_at, [first, second][:2 if table_at == TABLES else 1])
-        ring.set_desc(0, table_at, 32, INDIRECT)
-    else:
-        ring.set_desc(0, *first)
-        ring.set_desc(first[3] % NUM, *second)
-    ram.write(DATA, bytes(range(256)) * 8)
-    queue._last_region = None  # both walks start from the same cache state
-    general = walked(queue)
-    queue._last_region = None
-    assert popped(queue, ring) == general
-    queue._last_region = queue._memory.regions[0]  # and with the region cached
-    fast = popped(queue, ring)
-    queue._last_region = queue._memory.regions[0]
-    assert fast == walked(queue)
