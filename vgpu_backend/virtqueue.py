@@ -156,6 +156,7 @@ class Virtqueue:
         self._signalled_used = 0
         self._signalled_valid = False
         self._mapped = False
+        self._used_idx_from_ring = False  # set_addr: read used.idx at the next mapping
         self._region_ids: set[int] = set()
         self._last_region: MemoryRegion | None = None
         self._pairs_allowed = limits.max_indirect_descriptors >= 2
@@ -185,14 +186,13 @@ class Virtqueue:
         self.broken = False
 
     def set_addr(self, desc: int, used: int, avail: int) -> None:
-        """SET_VRING_ADDR (QEMU virtual addresses); maps the rings now if possible."""
+        """SET_VRING_ADDR (QEMU virtual addresses); maps the rings now if possible (else
+        once the memory table has them).  The used index is read from the ring when
+        it is first mapped."""
         self.addr = (desc, avail, used)
         self.broken = False
-        self._unmap()
+        self._used_idx_from_ring = True
         self.map_rings()
-        if self._mapped:
-            self.used_idx = _U16.unpack_from(self._used, 2)[0]
-            self._signalled_valid = False
 
     def map_rings(self) -> None:
         """(Re)translate the ring addresses after a memory-table change."""
@@ -215,6 +215,10 @@ class Virtqueue:
         self._used_event_at = 4 + 2 * n
         self._region_ids = {d_reg.id, a_reg.id, u_reg.id}
         self._mapped = True
+        if self._used_idx_from_ring:
+            self._used_idx_from_ring = False
+            self.used_idx = _U16.unpack_from(self._used, 2)[0]
+            self._signalled_valid = False
 
     def uses_region(self, region: MemoryRegion) -> bool:
         """The rings live in ``region``."""

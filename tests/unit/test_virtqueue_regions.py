@@ -3,6 +3,8 @@ buffers live, and the cached region the fast paths take them from."""
 
 from __future__ import annotations
 
+import os
+import struct
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -15,7 +17,7 @@ from protocol.vhost_user import MemRegion
 from protocol.virtqueue import DescFlag, avail_ring_size, desc_table_size, used_ring_size
 from tests.unit.driver_ring import DriverRing, pop_one
 from tests.unit.guest_ram import GuestRam
-from vgpu_backend.guest_memory import MemoryRegion
+from vgpu_backend.guest_memory import GuestMemory, MemoryRegion
 from vgpu_backend.virtqueue import DescriptorChain, Virtqueue
 
 NEXT, WRITE, INDIRECT = int(DescFlag.NEXT), int(DescFlag.WRITE), int(DescFlag.INDIRECT)
@@ -252,3 +254,29 @@ def test_fast_path_agrees_with_the_general_walk(ram: GuestRam,
         assert fast == walked(queue)
     finally:
         ring.close()
+
+
+def test_rings_addressed_before_their_memory_map_when_it_arrives() -> None:
+    """SET_VRING_ADDR before the memory holding the rings: the queue maps once the
+    memory table has them, and takes the used index from the ring then."""
+    memory = GuestMemory()
+    queue = Virtqueue(0, memory, Limits())
+    queue.set_num(NUM)
+    qva, used = 0x7F00_0000_0000, 0x2000
+    queue.set_addr(qva, qva + used, qva + 0x1000)
+    assert not queue.mapped
+    fd = os.memfd_create("vgpu-test-ram", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, RAM_SIZE)
+        os.pwrite(fd, struct.pack("<H", 7), used + 2)  # used.idx, as QEMU left it
+        memory.add(MemRegion(0, RAM_SIZE, qva, 0), os.dup(fd), max_regions=4)
+        queue.map_rings()
+        assert queue.mapped and queue.used_idx == 7
+        queue.push(3, 16)
+        assert struct.unpack("<H", os.pread(fd, 2, used + 2))[0] == 8
+        queue.map_rings()  # a later memory change keeps the device's own index
+        assert queue.used_idx == 8
+    finally:
+        queue.drop_memory()
+        memory.clear()
+        os.close(fd)
