@@ -267,7 +267,8 @@ class BlobCommands:
             # each flush converts up to this much on the event loop
             raise GuestProtocolError(f"scanout {body.width}x{body.height} exceeds the "
                                      "host-memory budget", Resp.ERR_OUT_OF_MEMORY)
-        if offset + stride * (fb_h - 1) + fb_w * 4 > res.size:  # as QEMU checks it
+        # the whole framebuffer lies in the blob (QEMU checks only the rectangle shown)
+        if offset + stride * (fb_h - 1) + fb_w * 4 > res.size:
             raise GuestProtocolError("framebuffer extends beyond the blob")
         if body.width == 0 or body.height == 0 or body.x + body.width > fb_w or \
                 body.y + body.height > fb_h:

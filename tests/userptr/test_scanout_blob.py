@@ -158,8 +158,8 @@ def test_a_huge_stride_reads_only_the_rows(start_vm: VmFactory) -> None:
 
 
 def test_the_framebuffer_must_fit_the_blob_size_not_its_entries(vm: Vm) -> None:
-    """As QEMU checks it: a blob of one page over entries covering two pages shows no
-    framebuffer that reaches into the second page."""
+    """Against the blob's size (as QEMU): a blob of one page over entries covering two
+    pages shows no framebuffer that reaches into the second page."""
     buf = scattered_buffer(vm.ram, 2 * 4096)
     rid = vm.new_resource_id()
     vm.create_blob(rid, buf.entries, 4096, blob_mem=BlobMem.GUEST, flags=0
@@ -236,3 +236,90 @@ def test_not_a_blob(vm: Vm) -> None:
     vm.run(gc.set_scanout_blob(0, image.resource_id, fmt=Format.B8G8R8X8_UNORM,
                                fb_width=WIDTH, fb_height=HEIGHT, stride=WIDTH * 4)
            ).expect(Resp.ERR_INVALID_PARAMETER)
+
+
+# --- limits exactly at their bounds (found unpinned by a mutation review) ---------------
+
+#: WIDTH x HEIGHT pixels of 4 bytes, rows unpadded: what a scanout of the whole
+#: framebuffer converts per flush
+FRAME_BYTES = WIDTH * HEIGHT * 4
+
+
+def exact_blob(vm: Vm, size: int, *, flags: int = 0) -> int:
+    """A GUEST blob of exactly ``size`` bytes over scattered pages (the entries may cover
+    more: the blob's size is what counts); returns its id."""
+    buf = scattered_buffer(vm.ram, size)
+    rid = vm.new_resource_id()
+    vm.create_blob(rid, buf.entries, size, blob_mem=BlobMem.GUEST, flags=flags
+                   ).expect(Resp.OK_NODATA)
+    return rid
+
+
+def test_a_framebuffer_that_exactly_fills_its_blob(vm: Vm) -> None:
+    """Offset 0, stride = a row, blob size = width * height * 4: the last pixel is the
+    blob's last byte, accepted (one byte less is refused)."""
+    rid = exact_blob(vm, FRAME_BYTES)
+    vm.run(gc.set_scanout_blob(0, rid, fmt=Format.B8G8R8X8_UNORM, fb_width=WIDTH,
+                               fb_height=HEIGHT, stride=WIDTH * 4)).expect(Resp.OK_NODATA)
+    short = exact_blob(vm, FRAME_BYTES - 1)
+    vm.run(gc.set_scanout_blob(0, short, fmt=Format.B8G8R8X8_UNORM, fb_width=WIDTH,
+                               fb_height=HEIGHT, stride=WIDTH * 4)
+           ).expect(Resp.ERR_INVALID_PARAMETER)
+    vm.still_serving()
+
+
+def test_a_rectangle_running_below_the_framebuffer(vm: Vm) -> None:
+    """y = 10, height = fb_height - 5: its bottom lies 5 rows below the framebuffer
+    although y itself is inside: INVALID_PARAMETER."""
+    rid = exact_blob(vm, BLOB_SIZE)
+    vm.run(gc.set_scanout_blob(0, rid, fmt=Format.B8G8R8X8_UNORM, fb_width=WIDTH,
+                               fb_height=HEIGHT, stride=WIDTH * 4,
+                               rect=(0, 10, WIDTH, HEIGHT - 5))
+           ).expect(Resp.ERR_INVALID_PARAMETER)
+    vm.run(gc.set_scanout_blob(0, rid, fmt=Format.B8G8R8X8_UNORM, fb_width=WIDTH,
+                               fb_height=HEIGHT, stride=WIDTH * 4,
+                               rect=(0, 10, WIDTH, HEIGHT - 10))).expect(Resp.OK_NODATA)
+    vm.still_serving()
+
+
+@pytest.mark.parametrize(("budget", "code"), [(FRAME_BYTES - 1, Resp.ERR_OUT_OF_MEMORY),
+                                              (FRAME_BYTES, Resp.OK_NODATA)],
+                         ids=["one byte over", "exactly"])
+def test_scanout_rectangle_against_max_hostmem(vm_pool: VmPool, budget: int,
+                                               code: Resp) -> None:
+    """A scanout rectangle of width * height * 4 bytes: OUT_OF_MEMORY (not
+    INVALID_PARAMETER) with --max-hostmem one byte below, accepted at exactly it."""
+    vm = vm_pool.get("--max-hostmem", str(budget))
+    rid = exact_blob(vm, BLOB_SIZE)
+    vm.run(gc.set_scanout_blob(0, rid, fmt=Format.B8G8R8X8_UNORM, fb_width=WIDTH,
+                               fb_height=HEIGHT, stride=WIDTH * 4)).expect(code)
+    vm.still_serving()
+
+
+def test_framebuffer_height_at_max_dimension(vm: Vm) -> None:
+    """fb_height == max_dimension (16384, a 1-pixel-wide column) is accepted; one more
+    row is INVALID_PARAMETER."""
+    tall = DEFAULT_LIMITS.max_dimension
+    rid = exact_blob(vm, (tall + 1) * 4)
+    for height, code in ((tall, Resp.OK_NODATA), (tall + 1, Resp.ERR_INVALID_PARAMETER)):
+        vm.run(gc.set_scanout_blob(0, rid, fmt=Format.B8G8R8X8_UNORM, fb_width=1,
+                                   fb_height=height, stride=4, rect=(0, 0, 1, height))
+               ).expect(code)
+    vm.still_serving()
+
+
+def test_guest_blob_survives_detach_and_reattach(vm: Vm) -> None:
+    """A GUEST (not USERPTR) blob: DETACH_BACKING then ATTACH_BACKING of new pages does
+    not invalidate it: SET_SCANOUT_BLOB and RESOURCE_FLUSH work and show the new pages."""
+    first = random_pixels(HEIGHT, WIDTH, seed=11)
+    buf = painted_buffer(vm, first)
+    rid = vm.new_resource_id()
+    vm.create_blob(rid, buf.entries, buf.size, blob_mem=BlobMem.GUEST, flags=0
+                   ).expect(Resp.OK_NODATA)
+    vm.s.gpu.detach_backing(rid).expect(Resp.OK_NODATA)
+    second = random_pixels(HEIGHT, WIDTH, seed=12)
+    again = painted_buffer(vm, second)
+    vm.s.gpu.attach_backing(rid, again.entries).expect(Resp.OK_NODATA)
+    show(vm, rid).expect(Resp.OK_NODATA)
+    vm.run(cmds.resource_flush(rid, Rect(0, 0, WIDTH, HEIGHT))).expect(Resp.OK_NODATA)
+    assert np.array_equal(console_bgr(vm), display_bgr(second, Format.B8G8R8X8_UNORM))

@@ -117,6 +117,12 @@ CASES: dict[str, Case] = {
         pages(vm, 3), 3 * PAGE_SIZE + 1), INVALID),
     "entries a page short of size": Case(lambda vm: BlobRequest(
         pages(vm, 3), 4 * PAGE_SIZE), INVALID),
+    "GUEST entries a page short of size": Case(lambda vm: BlobRequest(
+        pages(vm, 2), 3 * PAGE_SIZE, flags=0, blob_mem=BlobMem.GUEST, ctx_id=0), INVALID),
+    "entry address half a page in": Case(lambda vm: with_entry(
+        vm, Segment(pages(vm, 1)[0].gpa + 0x800, PAGE_SIZE)), INVALID),
+    "entry length one and a half pages": Case(lambda vm: with_entry(
+        vm, Segment(vm.ram.alloc_contiguous(2 * PAGE_SIZE), 0x1800)), INVALID),
     "size 0": Case(lambda vm: BlobRequest(pages(vm, 1), 0), INVALID),
     "resource id 0": Case(lambda vm: BlobRequest(pages(vm, 1), PAGE_SIZE, resource_id=0),
                           Resp.ERR_INVALID_RESOURCE_ID, id_free_after=False),
@@ -217,3 +223,38 @@ def test_per_range_path_takes_its_maximum(vm_pool: VmPool) -> None:
     req = BlobRequest(pages(vm, PER_RANGE_RANGES), PAGE_SIZE, blob_mem=BlobMem.GUEST,
                       ctx_id=0)
     assert send(vm, 0, vm.new_resource_id(), req) == Resp.OK_NODATA
+
+
+def adjacent_pages(vm: Vm, count: int) -> list[Segment]:
+    """``count`` physically adjacent pages sent as one entry each (not coalesced)."""
+    start = vm.ram.alloc_contiguous(count * PAGE_SIZE)
+    return [Segment(start + i * PAGE_SIZE, PAGE_SIZE) for i in range(count)]
+
+
+ACCEPTED: dict[str, Case] = {
+    "USERPTR blob beyond --max-blob-bytes (not its limit)": Case(lambda vm: BlobRequest(
+        pages(vm, 5), 5 * PAGE_SIZE, blob_mem=BlobMem.GUEST, ctx_id=0),
+        Resp.OK_NODATA, args=("--max-blob-bytes", "16384")),
+    "GUEST blob of exactly --max-blob-bytes": Case(lambda vm: BlobRequest(
+        pages(vm, 4), 4 * PAGE_SIZE, flags=0, blob_mem=BlobMem.GUEST, ctx_id=0),
+        Resp.OK_NODATA, args=("--max-blob-bytes", "16384")),
+    "adjacent entries are one host range": Case(lambda vm: BlobRequest(
+        adjacent_pages(vm, 3), 3 * PAGE_SIZE, blob_mem=BlobMem.GUEST, ctx_id=0),
+        Resp.OK_NODATA, args=(*PER_RANGE, "--max-per-range-ranges", "1")),
+}
+
+
+@pytest.mark.parametrize("case", list(ACCEPTED))
+def test_accepted_at_the_edges(vm_pool: VmPool, case: str) -> None:
+    """Requests next to a rejection rule that must not trip it: accepted, and the blob
+    is a live resource (a second create of its id is INVALID_RESOURCE_ID)."""
+    rule = ACCEPTED[case]
+    vm = vm_pool.get(*rule.args, **rule.ram)
+    req = rule.build(vm)
+    rid = vm.new_resource_id()
+    got = send(vm, 0, rid, req)
+    assert got == rule.code, f"{case}: expected {rule.code.name}, got {got.name}"
+    again = BlobRequest(pages(vm, 1), PAGE_SIZE, flags=0, blob_mem=BlobMem.GUEST, ctx_id=0)
+    assert send(vm, 0, rid, again) == Resp.ERR_INVALID_RESOURCE_ID
+    vm.unref(rid).expect(Resp.OK_NODATA)
+    vm.still_serving()
