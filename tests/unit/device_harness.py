@@ -183,3 +183,14 @@ class DeviceHarness:
         self.cursor.set_desc(0, CURSOR_COMMAND_GPA, len(cmd))
         self.cursor.publish(0)
         self.device.process(CURSOR_QUEUE)
+
+
+def peer_of(harness: DeviceHarness) -> DisplayPeer:
+    """The harness's display peer (made with ``display=True``)."""
+    assert harness.peer is not None
+    return harness.peer
+
+
+def code(harness: DeviceHarness, cmd: bytes) -> str:
+    """The response type name of one command."""
+    return Resp(harness.run(cmd).type).name

@@ -7,17 +7,13 @@ differ from QEMU's built-in device or the C reference back-end the test says so.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
 
 from protocol.display import (
     DisplayReq,
-    VhostUserGpuCursorPos,
-    VhostUserGpuCursorUpdate,
-    VhostUserGpuScanout,
-    VhostUserGpuUpdate,
     decode_display_info,
 )
 from protocol.edid import build_edid
@@ -31,55 +27,27 @@ from protocol.virtio_gpu import (
     ResourceAssignUuid,
     ResourceCreate2d,
     ResourceDetachBacking,
-    ResourceFlush,
     ResourceUnref,
     RespCapsetInfo,
-    SetScanout,
     TransferToHost2d,
     UpdateCursor,
 )
 from protocol.virtio_gpu_codes import Cmd, CtrlFlag, Format, Resp
 from protocol.virtqueue import DescFlag
-from protocol.wire import decode, layout
+from protocol.wire import decode
 from tests.unit.device_harness import (
     BACKING_BASE,
     DeviceHarness,
+    code,
     command,
     mem_entries,
+    peer_of,
 )
-from tests.unit.display_peer import DisplayPeer
 from tests.unit.loop_runner import run_until
 from vgpu_backend.device_state import Capset
 from vgpu_backend.resources import Image2D
 
 RESPONSE_HDR = struct.Struct("<IIQIB3x")
-
-
-@pytest.fixture
-def dev() -> Iterator[DeviceHarness]:
-    harness = DeviceHarness()
-    yield harness
-    assert harness.device.internal_errors == 0
-    harness.close()
-
-
-@pytest.fixture
-def shown() -> Iterator[DeviceHarness]:
-    """With a display peer."""
-    harness = DeviceHarness(display=True)
-    yield harness
-    assert harness.device.internal_errors == 0
-    harness.close()
-
-
-def peer_of(harness: DeviceHarness) -> DisplayPeer:
-    assert harness.peer is not None
-    return harness.peer
-
-
-def code(harness: DeviceHarness, cmd: bytes) -> str:
-    """The response type name of one command."""
-    return Resp(harness.run(cmd).type).name
 
 
 def image_of(harness: DeviceHarness, resource_id: int) -> np.ndarray:
@@ -133,6 +101,30 @@ def test_get_edid(dev: DeviceHarness) -> None:
     assert response.body[8:8 + size] == build_edid(1280, 800, serial=0)
     assert response.body[8 + size:] == bytes(1024 - size)
     assert code(dev, command(Cmd.GET_EDID, GetEdid(1))) == "ERR_INVALID_PARAMETER"
+
+
+def edid_of(harness: DeviceHarness, scanout: int) -> bytes:
+    response = harness.run(command(Cmd.GET_EDID, GetEdid(scanout)), response_size=2048)
+    assert response.type == Resp.OK_EDID
+    size = struct.unpack_from("<I", response.body)[0]
+    return response.body[8:8 + size]
+
+
+def test_get_edid_uses_each_scanouts_mode_up_to_the_size_limit() -> None:
+    """QEMU's modes exactly at ``max_dimension`` are used (as wide and as high), and the
+    serial number is the scanout's index."""
+    limit = 2000
+    harness = DeviceHarness(limits=Limits(max_hostmem=16 << 20, max_dimension=limit),
+                            display=True)
+    try:
+        peer_of(harness).modes = [DisplayOne(0, 0, limit, 600, 1, 0),
+                                  DisplayOne(0, 0, 800, limit, 1, 0)]
+        assert harness.run(command(Cmd.GET_DISPLAY_INFO)).type == Resp.OK_DISPLAY_INFO
+        assert edid_of(harness, 0) == build_edid(limit, 600, serial=0)
+        assert edid_of(harness, 1) == build_edid(800, limit, serial=1)
+        assert harness.device.internal_errors == 0
+    finally:
+        harness.close()
 
 
 # --- fences and headers ------------------------------------------------------------
@@ -207,6 +199,25 @@ def test_unref_frees_the_id_and_the_budget(dev: DeviceHarness) -> None:
         "ERR_INVALID_RESOURCE_ID"
 
 
+def test_a_failed_allocation_gives_its_budget_back(dev: DeviceHarness,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    big = ResourceCreate2d(1, 2, 2048, 1536)  # 12 MiB of a 16 MiB budget
+    real_zeros = np.zeros
+
+    def zeros_failing_once(shape: object, *args: Any, **kwargs: Any) -> Any:
+        if shape == (1536, 2048 * 4):  # the image of ``big``
+            monkeypatch.setattr(np, "zeros", real_zeros)
+            raise MemoryError("host memory")
+        return real_zeros(shape, *args, **kwargs)
+    monkeypatch.setattr(np, "zeros", zeros_failing_once)
+    before = dev.device.state.resources.hostmem_used
+    assert code(dev, command(Cmd.RESOURCE_CREATE_2D, big)) == "ERR_OUT_OF_MEMORY"
+    assert np.zeros is real_zeros  # the allocation was really tried
+    assert dev.device.state.resources.hostmem_used == before
+    assert len(dev.device.state.resources) == 0
+    dev.ok(command(Cmd.RESOURCE_CREATE_2D, big))
+
+
 # --- backing ---------------------------------------------------------------------------
 
 
@@ -261,7 +272,7 @@ def model_transfer(image: np.ndarray, backing: bytes, x: int, y: int, w: int, h:
 
 
 @pytest.mark.parametrize("rect", [(0, 0, 16, 8), (0, 2, 16, 3), (3, 1, 5, 4), (15, 7, 1, 1),
-                                  (0, 0, 0, 0)])
+                                  (0, 1, 8, 3), (0, 0, 0, 0)])
 def test_transfer_to_host_2d_copies_like_qemu(dev: DeviceHarness,
                                               rect: tuple[int, int, int, int]) -> None:
     width, height, stride = 16, 8, 64
@@ -282,6 +293,19 @@ def test_transfer_to_host_2d_copies_like_qemu(dev: DeviceHarness,
     expected = np.zeros((height, stride), np.uint8)
     model_transfer(expected, guest, x, y, w, h, offset, stride)
     assert np.array_equal(image_of(dev, 1), expected)
+
+
+@pytest.mark.parametrize("rect", [(0, 3, 16, 0), (2, 1, 8, 0), (3, 1, 0, 4)])
+def test_a_zero_area_transfer_reads_nothing(dev: DeviceHarness,
+                                            rect: tuple[int, int, int, int]) -> None:
+    """Nothing is read: even an offset far past the backing is fine, and the image
+    keeps its pixels."""
+    dev.ram.write(BACKING_BASE, bytes(range(256)) * 2)
+    dev.create_2d(1, 16, 8)
+    dev.ok(command(Cmd.TRANSFER_TO_HOST_2D, TransferToHost2d(0, 0, 16, 8, 0, 1)))
+    before = image_of(dev, 1).copy()
+    dev.ok(command(Cmd.TRANSFER_TO_HOST_2D, TransferToHost2d(*rect, 1 << 20, 1)))
+    assert np.array_equal(image_of(dev, 1), before)
 
 
 @pytest.mark.parametrize("rect", [(0, 1, 8, 8), (4, 0, 8, 8), (0, 0, 9, 1), (7, 7, 2, 2)])
@@ -309,106 +333,6 @@ def test_transfer_errors(dev: DeviceHarness) -> None:
     ]
     for body, expected in cases:
         assert code(dev, command(Cmd.TRANSFER_TO_HOST_2D, body)) == expected, body
-
-
-# --- SET_SCANOUT, RESOURCE_FLUSH with the display -----------------------------------------
-
-
-def fill_and_transfer(harness: DeviceHarness, resource_id: int, width: int, height: int,
-                      fmt: Format) -> np.ndarray:
-    """Create a resource with random pixels, transferred; returns the guest bytes."""
-    rng = np.random.default_rng(resource_id)
-    guest = rng.integers(0, 256, size=(height, width * 4), dtype=np.uint8)
-    harness.ram.write(BACKING_BASE, guest.tobytes())
-    harness.create_2d(resource_id, width, height, fmt=fmt)
-    harness.ok(command(Cmd.TRANSFER_TO_HOST_2D,
-                       TransferToHost2d(0, 0, width, height, 0, resource_id)))
-    return guest
-
-
-def as_bgrx_bytes(rgba_rows: np.ndarray) -> bytes:
-    """R8G8B8A8 rows -> B, G, R bytes (+ the 4th byte, which QEMU ignores)."""
-    return rgba_rows.reshape(-1, 4)[:, [2, 1, 0, 3]].tobytes()
-
-
-def test_set_scanout_and_flush_send_scanout_and_updates(shown: DeviceHarness) -> None:
-    peer = peer_of(shown)
-    guest = fill_and_transfer(shown, 1, 16, 8, Format.R8G8B8A8_UNORM)
-    shown.ok(command(Cmd.SET_SCANOUT, SetScanout(4, 2, 10, 5, 0, 1)))
-    run_until(shown.loop, lambda: len(peer.of(DisplayReq.UPDATE)) == 1)
-    assert decode(VhostUserGpuScanout, peer.of(DisplayReq.SCANOUT)[0].payload) == \
-        VhostUserGpuScanout(0, 10, 5)
-    first = peer.of(DisplayReq.UPDATE)[0]
-    header = layout(VhostUserGpuUpdate).size
-    assert decode(VhostUserGpuUpdate, first.payload) == VhostUserGpuUpdate(0, 0, 0, 10, 5)
-    got = np.frombuffer(first.payload[header:], np.uint8).reshape(5, 10, 4)[..., :3]
-    want = np.frombuffer(as_bgrx_bytes(guest[2:7, 16:56]), np.uint8).reshape(5, 10, 4)[..., :3]
-    assert np.array_equal(got, want)
-    # a flush of a rectangle partly outside the scanout: only the overlap, in scanout
-    # coordinates
-    shown.ok(command(Cmd.RESOURCE_FLUSH, ResourceFlush(0, 0, 6, 4, 1)))
-    run_until(shown.loop, lambda: len(peer.of(DisplayReq.UPDATE)) == 2)
-    second = peer.of(DisplayReq.UPDATE)[1]
-    assert decode(VhostUserGpuUpdate, second.payload) == VhostUserGpuUpdate(0, 0, 0, 2, 2)
-    got = np.frombuffer(second.payload[header:], np.uint8).reshape(2, 2, 4)[..., :3]
-    want = np.frombuffer(as_bgrx_bytes(guest[2:4, 16:24]), np.uint8).reshape(2, 2, 4)[..., :3]
-    assert np.array_equal(got, want)
-    assert len(peer.of(DisplayReq.SCANOUT)) == 1  # the size did not change
-
-
-def test_unref_of_a_shown_resource_disables_the_scanout(shown: DeviceHarness) -> None:
-    peer = peer_of(shown)
-    fill_and_transfer(shown, 1, 4, 4, Format.B8G8R8X8_UNORM)
-    shown.ok(command(Cmd.SET_SCANOUT, SetScanout(0, 0, 4, 4, 0, 1)))
-    shown.ok(command(Cmd.RESOURCE_UNREF, ResourceUnref(1)))
-    run_until(shown.loop, lambda: len(peer.of(DisplayReq.SCANOUT)) == 2)
-    assert decode(VhostUserGpuScanout, peer.of(DisplayReq.SCANOUT)[1].payload) == \
-        VhostUserGpuScanout(0, 0, 0)
-
-
-def test_a_bug_while_drawing_a_scanout_is_counted_not_raised(caplog: pytest.LogCaptureFixture
-                                                             ) -> None:
-    """Drawing also runs from the display socket's drain callback on the event loop: an
-    exception of ours there is logged and counted, never raised out of the loop."""
-    harness = DeviceHarness(display=True)
-    try:
-        fill_and_transfer(harness, 1, 4, 4, Format.B8G8R8X8_UNORM)
-        harness.ok(command(Cmd.SET_SCANOUT, SetScanout(0, 0, 4, 4, 0, 1)))
-
-        def broken(rect: tuple[int, int, int, int]) -> np.ndarray:
-            raise MemoryError("drawing")
-        harness.device.state.scanouts.scanouts[0].source = broken
-        harness.ok(command(Cmd.RESOURCE_FLUSH, ResourceFlush(0, 0, 4, 4, 1)))
-        assert harness.device.internal_errors == 1
-        assert "internal error reading scanout 0's pixels" in caplog.text
-        harness.create_2d(2, 4, 4)  # still serving
-    finally:
-        harness.close()
-
-
-def test_set_scanout_errors(dev: DeviceHarness) -> None:
-    dev.create_2d(1, 8, 8)
-    cases = [
-        (SetScanout(0, 0, 8, 8, 1, 1), "ERR_INVALID_SCANOUT_ID"),  # max_outputs is 1
-        (SetScanout(0, 0, 8, 8, 0xFFFF_FFFF, 1), "ERR_INVALID_SCANOUT_ID"),
-        (SetScanout(0, 0, 8, 8, 0, 2), "ERR_INVALID_RESOURCE_ID"),
-        (SetScanout(0, 0, 0, 8, 0, 1), "ERR_INVALID_PARAMETER"),
-        (SetScanout(1, 0, 8, 8, 0, 1), "ERR_INVALID_PARAMETER"),
-        (SetScanout(0xFFFF_FFFF, 0, 2, 8, 0, 1), "ERR_INVALID_PARAMETER"),
-        (SetScanout(0, 0, 0, 0, 0, 0), "OK_NODATA"),  # resource 0 disables
-        (SetScanout(0, 0, 8, 8, 0, 1), "OK_NODATA"),
-    ]
-    for body, expected in cases:
-        assert code(dev, command(Cmd.SET_SCANOUT, body)) == expected, body
-
-
-def test_flush_errors(dev: DeviceHarness) -> None:
-    dev.create_2d(1, 8, 8)
-    assert code(dev, command(Cmd.RESOURCE_FLUSH, ResourceFlush(0, 0, 8, 8, 2))) == \
-        "ERR_INVALID_RESOURCE_ID"
-    assert code(dev, command(Cmd.RESOURCE_FLUSH, ResourceFlush(4, 4, 5, 1, 1))) == \
-        "ERR_INVALID_PARAMETER"
-    dev.ok(command(Cmd.RESOURCE_FLUSH, ResourceFlush(0, 0, 8, 8, 1)))  # not shown: fine
 
 
 # --- capsets, UUIDs, unknown and malformed commands --------------------------------------
@@ -496,42 +420,3 @@ def test_a_corrupt_ring_breaks_only_that_ring(dev: DeviceHarness) -> None:
     dev.cursor_command(command(Cmd.MOVE_CURSOR, UpdateCursor(0, 1, 1, 0, 0, 0, 0)))
     assert dev.cursor.take_used() == [(0, 0)]  # the cursor queue still works
     assert dev.control.interrupts() == 0
-
-
-# --- the cursor queue ------------------------------------------------------------------
-
-
-def test_cursor_commands(shown: DeviceHarness) -> None:
-    peer = peer_of(shown)
-    guest = fill_and_transfer(shown, 5, 64, 64, Format.B8G8R8X8_UNORM)
-    shown.cursor_command(command(Cmd.UPDATE_CURSOR, UpdateCursor(0, 10, 20, 0, 5, 3, 4)))
-    shown.cursor_command(command(Cmd.MOVE_CURSOR, UpdateCursor(0, 30, 40, 0, 5, 0, 0)))
-    shown.cursor_command(command(Cmd.MOVE_CURSOR, UpdateCursor(0, 50, 60, 0, 0, 0, 0)))
-    run_until(shown.loop, lambda: bool(peer.of(DisplayReq.CURSOR_POS_HIDE)))
-    update = peer.of(DisplayReq.CURSOR_UPDATE)[0]
-    assert decode(VhostUserGpuCursorUpdate, update.payload) == VhostUserGpuCursorUpdate(
-        0, 10, 20, 3, 4)
-    pixels = np.frombuffer(update.payload[20:], np.uint8).reshape(64, 64, 4)
-    assert np.array_equal(pixels[..., :3], guest.reshape(64, 64, 4)[..., :3])
-    assert (pixels[..., 3] == 0xFF).all()  # an X format becomes opaque
-    assert decode(VhostUserGpuCursorPos, peer.of(DisplayReq.CURSOR_POS)[0].payload) == \
-        VhostUserGpuCursorPos(0, 30, 40)
-    assert decode(VhostUserGpuCursorPos, peer.of(DisplayReq.CURSOR_POS_HIDE)[0].payload) == \
-        VhostUserGpuCursorPos(0, 50, 60)
-    assert [written for _, written in shown.cursor.take_used()] == [0, 0, 0]
-
-
-def test_bad_cursor_commands_are_dropped(shown: DeviceHarness) -> None:
-    peer = peer_of(shown)
-    shown.create_2d(1, 32, 32, backing_gpa=None)
-    for cmd in (command(Cmd.UPDATE_CURSOR, UpdateCursor(0, 0, 0, 0, 1, 0, 0)),  # not 64x64
-                command(Cmd.UPDATE_CURSOR, UpdateCursor(0, 0, 0, 0, 9, 0, 0)),  # unknown
-                command(Cmd.MOVE_CURSOR, UpdateCursor(3, 0, 0, 0, 1, 0, 0)),  # bad scanout
-                command(Cmd.GET_DISPLAY_INFO, bytes(32)),  # not a cursor command
-                command(Cmd.MOVE_CURSOR, bytes(8))):  # short
-        shown.cursor_command(cmd)
-    assert len(shown.cursor.take_used()) == 5
-    shown.cursor_command(command(Cmd.MOVE_CURSOR, UpdateCursor(0, 1, 2, 0, 1, 0, 0)))
-    run_until(shown.loop, lambda: bool(peer.of(DisplayReq.CURSOR_POS)))
-    assert peer.of(DisplayReq.CURSOR_UPDATE) == []
-    assert len(peer.of(DisplayReq.CURSOR_POS)) == 1

@@ -20,7 +20,7 @@ from protocol.virtio_gpu import (
 )
 from protocol.virtio_gpu_codes import Cmd, Resp
 from protocol.wire import decode
-from tests.unit.device_harness import DeviceHarness, command
+from tests.unit.device_harness import DeviceHarness, command, peer_of
 from tests.unit.display_peer import DisplayPeer
 from tests.unit.loop_runner import run_until
 from vgpu_backend.display import DisplayState
@@ -35,11 +35,6 @@ def shown() -> Iterator[DeviceHarness]:
     yield harness
     assert harness.device.internal_errors == 0
     harness.close()
-
-
-def peer_of(harness: DeviceHarness) -> DisplayPeer:
-    assert harness.peer is not None
-    return harness.peer
 
 
 def show_resource(harness: DeviceHarness, width: int = 8, height: int = 4) -> None:

@@ -12,6 +12,7 @@ import socket
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -30,7 +31,9 @@ from protocol.wire import decode
 from tests.unit.device_harness import TWO_D_ONLY, DeviceHarness, command
 from tests.unit.display_peer import DisplayPeer
 from tests.unit.loop_runner import run_until
-from vgpu_backend.display import DisplayChannel
+from vgpu_backend.display import DisplayChannel, DisplayState
+from vgpu_backend.eventloop import EventLoop
+from vgpu_backend.scanout import ScanoutManager
 
 QUEUE_LIMIT = 64 << 10
 SIZE = 512  # a full update of the test resource: 1 MiB, beyond what the socket buffers
@@ -146,6 +149,58 @@ def test_damage_is_merged_and_sent_after_the_size(
     harness.ok(command(Cmd.RESOURCE_FLUSH, ResourceFlush(10, 10, 8, 8, 1)))
     harness.ok(command(Cmd.RESOURCE_FLUSH, ResourceFlush(40, 90, 8, 8, 1)))
     run_until(harness.loop, lambda: len(peer.of(DisplayReq.UPDATE)) == 4)  # not held now
+
+
+@pytest.mark.parametrize("flushes, merged", [
+    ([(32, 0, 32, 32), (0, 0, 1, 1)], (0, 0, 1, 1)),  # touching the scanout: no damage
+    ([(0, 32, 32, 32), (0, 0, 1, 1)], (0, 0, 1, 1)),
+    ([(20, 0, 4, 4), (2, 0, 4, 4)], (2, 0, 22, 4)),  # the bounding box, either order
+    ([(2, 0, 4, 4), (20, 0, 4, 4)], (2, 0, 22, 4)),
+    ([(0, 20, 4, 4), (0, 2, 4, 4)], (0, 2, 4, 22)),
+    ([(0, 2, 4, 4), (0, 20, 4, 4)], (0, 2, 4, 22)),
+])
+def test_damage_held_is_the_bounding_box_of_what_overlaps_the_scanout(
+        flushes: list[tuple[int, int, int, int]], merged: tuple[int, int, int, int]) -> None:
+    """Scanout 1 shows (0, 0, 32, 32) of a 64x64 resource; scanout 0's frame backs the
+    socket up; the flushes of the resource meanwhile reach QEMU as one UPDATE."""
+    with display_behind(QUEUE_LIMIT, outputs=2) as (harness, peer, channel):
+        harness.create_2d(3, 64, 64)
+        harness.ok(command(Cmd.SET_SCANOUT, SetScanout(0, 0, 32, 32, 1, 3)))
+        caught_up(harness, peer, channel)
+        peer.pause()
+        harness.ok(command(Cmd.SET_SCANOUT, SetScanout(0, 0, SIZE, SIZE, 0, 1)))
+        for rect in flushes:
+            harness.ok(command(Cmd.RESOURCE_FLUSH, ResourceFlush(*rect, 3)))
+        caught_up(harness, peer, channel)
+        updates = [decode(VhostUserGpuUpdate, m.payload) for m in peer.of(DisplayReq.UPDATE)]
+        assert [u for u in updates if u.scanout_id == 1] == [
+            VhostUserGpuUpdate(1, 0, 0, 32, 32), VhostUserGpuUpdate(1, *merged)]
+
+
+def test_a_backlog_at_the_limit_is_not_behind() -> None:
+    """With exactly ``queue_limit`` bytes queued a cursor move still goes out at once;
+    one byte more and it is held."""
+    loop = EventLoop()
+    ours, theirs = socket.socketpair()
+    peer = DisplayPeer(loop, theirs)
+    channel = DisplayChannel(loop, ours, Limits(), lambda _: None, lambda _: None)
+    try:
+        run_until(loop, lambda: channel.state is DisplayState.READY)
+        peer.pause()
+        channel.scanout(0, SIZE, SIZE)
+        channel.update(0, 0, 0, np.zeros((SIZE, SIZE), np.uint32))
+        queued = channel.backlog
+        assert queued > 0  # the socket is full: what is sent now stays queued
+        for limit, sent in ((queued - 1, False), (queued, True)):
+            scanouts = ScanoutManager(1, queue_limit=limit)
+            scanouts.display = channel
+            before = channel.backlog
+            scanouts.cursor_move(0, 1, 2, visible=True)
+            assert (channel.backlog > before) is sent, limit
+    finally:
+        channel.close()
+        peer.close()
+        loop.close()
 
 
 def assert_no_update_beyond_its_scanout(peer: DisplayPeer) -> None:
@@ -361,6 +416,36 @@ def last_cursor_state(peer: DisplayPeer) -> tuple[int, tuple[int, ...], bool]:
             pos = decode(VhostUserGpuCursorPos, message.payload[:12])
             seen.append((request, (pos.x, pos.y)))
     return cursor_state(seen)
+
+
+def test_the_cursor_waits_for_the_first_sockets_negotiation() -> None:
+    """The first display socket, nothing queued before: cursor messages sent while QEMU
+    has not answered GET_PROTOCOL_FEATURES wait for the features to be agreed, then go
+    out in order."""
+    harness = DeviceHarness()
+    ours, theirs = socket.socketpair()
+    peer = DisplayPeer(harness.loop, theirs, features=None)  # silent for now
+    try:
+        harness.create_2d(2, 64, 64)
+        harness.device.attach_display(ours.detach())
+        run_until(harness.loop, lambda: bool(peer.of(DisplayReq.GET_PROTOCOL_FEATURES)))
+        harness.cursor_command(command(Cmd.UPDATE_CURSOR, UpdateCursor(0, 1, 2, 0, 2, 0, 0)))
+        harness.cursor_command(command(Cmd.MOVE_CURSOR, UpdateCursor(0, 3, 4, 0, 2, 0, 0)))
+        run_a_little(harness)
+        peer.answer_features(0)
+        run_until(harness.loop, lambda: bool(peer.of(DisplayReq.CURSOR_POS)))
+        harness.cursor_command(command(Cmd.MOVE_CURSOR, UpdateCursor(0, 5, 6, 0, 2, 0, 0)))
+        run_until(harness.loop, lambda: len(peer.of(DisplayReq.CURSOR_POS)) == 2)
+        assert [DisplayReq(m.request) for m in peer.received] == [
+            DisplayReq.GET_PROTOCOL_FEATURES, DisplayReq.SET_PROTOCOL_FEATURES,
+            DisplayReq.CURSOR_UPDATE, DisplayReq.CURSOR_POS, DisplayReq.CURSOR_POS]
+        assert [decode(VhostUserGpuCursorPos, m.payload)
+                for m in peer.of(DisplayReq.CURSOR_POS)] == \
+            [VhostUserGpuCursorPos(0, 3, 4), VhostUserGpuCursorPos(0, 5, 6)]
+        assert harness.device.internal_errors == 0
+    finally:
+        peer.close()
+        harness.close()
 
 
 def test_the_cursor_waits_for_a_new_sockets_negotiation(

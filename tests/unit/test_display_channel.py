@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -163,11 +164,50 @@ def test_replies_are_matched_in_order_and_time_out(setup: Setup) -> None:
 def test_unexpected_replies_and_requests_are_ignored(setup: Setup) -> None:
     setup.peer.send(encode_message(DisplayReq.GET_EDID, b"\0" * 8, DisplayFlag.REPLY))
     setup.peer.send(encode_message(DisplayReq.SCANOUT, b"\0" * 12))
+    # the code of the request about to be pending, without the REPLY flag
+    setup.peer.send(encode_message(DisplayReq.GET_DISPLAY_INFO, b"\0" * 408))
     replies: list[DisplayMessage | None] = []
     setup.channel.request(DisplayReq.GET_DISPLAY_INFO, b"", replies.append)
     run_until(setup.loop, lambda: bool(replies))
     assert replies[0] is not None and replies[0].request == DisplayReq.GET_DISPLAY_INFO
+    assert replies[0].is_reply and replies[0].payload != b"\0" * 408
     assert setup.channel.state is DisplayState.READY
+
+
+def test_the_first_timeout_fails_the_oldest_request(setup: Setup) -> None:
+    failed: list[tuple[str, DisplayMessage | None]] = []
+    setup.peer.answer_display_info = False
+    setup.channel.request(DisplayReq.GET_DISPLAY_INFO, b"",
+                          lambda reply: failed.append(("first", reply)))
+    setup.channel.request(DisplayReq.GET_DISPLAY_INFO, b"",
+                          lambda reply: failed.append(("second", reply)))
+    run_until(setup.loop, lambda: bool(failed))
+    assert failed[0] == ("first", None)
+
+
+def test_an_answered_requests_deadline_does_not_fail_the_next_one() -> None:
+    """A answered, B sent later: when A's deadline passes (B's has not), B still waits
+    for its own reply."""
+    timeout = 0.3
+    s = make_setup(limits=Limits(display_reply_timeout=timeout))
+    try:
+        run_until(s.loop, lambda: s.channel.state is DisplayState.READY)
+        replies: list[DisplayMessage | None] = []
+        a_sent = time.monotonic()
+        s.channel.request(DisplayReq.GET_DISPLAY_INFO, b"", replies.append)
+        run_until(s.loop, lambda: bool(replies))
+        s.peer.answer_display_info = False
+        run_until(s.loop, lambda: time.monotonic() > a_sent + timeout / 2)
+        s.channel.request(DisplayReq.GET_DISPLAY_INFO, b"", replies.append)
+        run_until(s.loop, lambda: time.monotonic() > a_sent + timeout * 1.1)
+        assert len(replies) == 1
+        s.peer.send(encode_message(DisplayReq.GET_DISPLAY_INFO, bytes(408), DisplayFlag.REPLY))
+        run_until(s.loop, lambda: len(replies) == 2)
+        assert replies[1] is not None and replies[1].payload == bytes(408)
+    finally:
+        s.channel.close()
+        s.peer.close()
+        s.loop.close()
 
 
 def test_fds_sent_by_the_peer_are_closed(setup: Setup) -> None:
