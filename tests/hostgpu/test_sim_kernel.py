@@ -199,3 +199,28 @@ def test_sysfs_topology() -> None:
     assert exc.value.errno == errno.EISDIR
     with pytest.raises(FileNotFoundError):
         t.open("/dev/dri/renderD129")
+
+
+def test_a_shorter_struct_from_older_user_space_is_zero_extended(raw_kfd: Raw) -> None:
+    """The kernel copies ``_IOC_SIZE(request)`` bytes each way around its own, larger
+    struct: GET_VERSION with a 4-byte argument gets just the major version."""
+    raw = raw_kfd()
+    request = abi.ioc(abi.IOC_READ, abi.AMDKFD_IOCTL_BASE,
+                      abi.ioc_nr(abi.AMDKFD_IOC_GET_VERSION), 4)
+    buf = bytearray(b"\xff" * 6)
+    raw.t.ioctl(raw.fd, request, buf)
+    assert buf == abi.KFD_IOCTL_MAJOR_VERSION.to_bytes(4, "little") + b"\xff\xff"
+
+
+def test_a_dying_secondary_process_releases_its_render_vms(raw_kfd: Raw) -> None:
+    raw = raw_kfd(SimKfdConfig(kfd_minor=19))
+    gpu = raw.gpus[0]
+    render = raw.t.open(f"/dev/dri/renderD{gpu.render_minor}")
+    raw.render[gpu.gpu_id] = render  # the fixture closes it
+    secondary = RawKfd(raw.t)
+    assert secondary.call(abi.AMDKFD_IOC_CREATE_PROCESS, abi.GetVersionArgs())[0] == 0
+    acquire = abi.AcquireVmArgs(render, gpu.gpu_id)
+    assert secondary.call(abi.AMDKFD_IOC_ACQUIRE_VM, acquire)[0] == 0
+    assert raw.call(abi.AMDKFD_IOC_ACQUIRE_VM, acquire)[0] == errno.EINVAL  # taken
+    secondary.close()
+    assert raw.call(abi.AMDKFD_IOC_ACQUIRE_VM, acquire)[0] == 0

@@ -263,6 +263,7 @@ def test_mmu_notifier_invalidates_touching_bos(raw: RawKfd, ram: GuestRam) -> No
     assert vm.resolve(va(raw), 2 * PAGE, write=False) == [(ram.base + 10 * PAGE, PAGE),
                                                            (ram.base + 20 * PAGE, PAGE)]
     assert raw.t.kernel.mmu_invalidate(ram.base + 20 * PAGE, PAGE) == 1
+    assert raw.t.kernel.mmu_invalidate(ram.base + 10 * PAGE, PAGE) == 0  # already invalid
     # the whole BO is invalid (the kernel evicts it as one), from its first page on
     with pytest.raises(GpuFault, match="invalidated") as exc:
         vm.resolve(va(raw, 1), PAGE, write=False)
@@ -274,3 +275,98 @@ def test_mmu_notifier_invalidates_touching_bos(raw: RawKfd, ram: GuestRam) -> No
     for handle in (first.handle, second.handle):
         assert raw.map(handle, [g0], unmap=True)[0] == 0
         assert raw.free(handle) == 0
+
+
+# --- boundaries of the ALLOC rules -------------------------------------------------------
+
+
+def test_plain_size_rounds_up_to_whole_pages(raw: RawKfd, ram: GuestRam) -> None:
+    """``PAGE_ALIGN(size)``: the BO, its GPU mapping and its charge are whole pages."""
+    g0 = raw.gpus[0].gpu_id
+    err, bo = raw.alloc(va(raw), PAGE + 1, ram.base, USERPTR)
+    assert err == 0
+    assert raw.t.kernel.userptr_charged == 2 * PAGE
+    assert raw.map(bo.handle, [g0])[0] == 0
+    vm = raw.t.gpu_memory(raw.fd, g0)
+    assert vm is not None
+    assert vm.resolve(va(raw), 2 * PAGE, write=False) == [(ram.base, 2 * PAGE)]
+    assert raw.map(bo.handle, [g0], unmap=True)[0] == 0
+    assert raw.free(bo.handle) == 0
+
+
+def test_the_last_page_of_the_aperture_is_usable(raw: RawKfd, ram: GuestRam) -> None:
+    """``gpuvm_limit`` is inclusive: a BO ending at it is inside, on every GPU."""
+    last = raw.gpus[0].gpuvm_limit + 1 - PAGE
+    err, bo = raw.alloc(last, PAGE, ram.base, USERPTR)
+    assert err == 0
+    ids = [g.gpu_id for g in raw.gpus]
+    assert raw.map(bo.handle, ids)[0] == 0
+    assert raw.map(bo.handle, ids, unmap=True)[0] == 0
+    assert raw.free(bo.handle) == 0
+
+
+def test_userptr_limit_is_inclusive_and_freeing_uncharges(raw_kfd: Raw, ram: GuestRam) -> None:
+    raw = raw_kfd(SimKfdConfig(userptr_limit=4 * PAGE))
+    raw.acquire()
+    err, bo = raw.alloc(va(raw), 4 * PAGE, ram.base, USERPTR)   # exactly the limit
+    assert err == 0
+    assert raw.alloc(va(raw, 8), PAGE, ram.base, USERPTR)[0] == errno.ENOMEM
+    assert raw.free(bo.handle) == 0
+    assert raw.alloc(va(raw, 8), PAGE, ram.base, USERPTR)[0] == 0
+
+
+def test_a_bo_may_end_where_another_begins(raw: RawKfd, ram: GuestRam) -> None:
+    assert raw.alloc(va(raw, 5), PAGE, ram.base, USERPTR)[0] == 0
+    assert raw.alloc(va(raw, 4), PAGE, ram.base, USERPTR)[0] == 0       # ends at page 5
+    assert raw.alloc(va(raw, 3), 2 * PAGE, ram.base, USERPTR)[0] == errno.EINVAL
+    assert raw.t.kernel.live_bos() == 2
+
+
+@pytest.mark.parametrize(("svm_page", "gpu_page", "cpu_page"), [
+    (100, 99, 0),     # GPU VA ends where the SVM range starts
+    (100, 101, 0),    # GPU VA starts where it ends
+    (3, 10, 0),       # CPU range [0, 3) ends where it starts
+    (3, 10, 4),       # CPU range starts where it ends
+], ids=["gpu-before", "gpu-after", "cpu-before", "cpu-after"])
+def test_svm_ranges_refuse_overlaps_only(raw: RawKfd, ram: GuestRam, svm_page: int,
+                                         gpu_page: int, cpu_page: int) -> None:
+    """EADDRINUSE is for intersecting ranges; touching ones are fine."""
+    cpu_svm = svm_page < 50  # small page numbers name guest RAM pages, large GPU pages
+    start = ram.base + svm_page * PAGE if cpu_svm else va(raw, svm_page)
+    raw.t.kernel.svm_ranges.append((start, PAGE))
+    assert raw.alloc(va(raw, gpu_page), 3 * PAGE if cpu_svm else PAGE,
+                     ram.base + cpu_page * PAGE, USERPTR)[0] == 0
+
+
+def _batch_wrapping_to_one_page(raw: RawKfd, ram: GuestRam) -> int:
+    # sizes 2 pages and 2**64 - 1 page: their u64 sum is one page, as ``size`` says
+    data = ranges_data([ram.base, ram.base + 10 * PAGE], [2 * PAGE, (1 << 64) - PAGE])
+    return raw.alloc(va(raw), PAGE, data.address, BATCH)[0]
+
+
+@pytest.mark.parametrize("alloc", [
+    lambda raw, ram: raw.alloc(va(raw), PAGE, 1 << 63, USERPTR)[0],
+    lambda raw, ram: raw.alloc(va(raw), (1 << 64) - 1, ram.base, USERPTR)[0],
+    _batch_wrapping_to_one_page,
+], ids=["plain-address-above-user-space", "plain-size-2**64-1", "batch-size-wrapping-u64"])
+def test_ranges_beyond_user_space_are_efault(raw: RawKfd, ram: GuestRam,
+                                             alloc: Callable[[RawKfd, GuestRam], int]) -> None:
+    """get_user_pages fails on anything not below the top of user space, also when a
+    u64 sum or end wraps around."""
+    assert alloc(raw, ram) == errno.EFAULT
+    assert raw.t.kernel.live_bos() == 0
+
+
+def test_a_range_list_too_big_for_kvmalloc_is_enomem(raw: RawKfd) -> None:
+    """2**27 ranges are 2 GiB of list: ENOMEM before the kernel reads any of it."""
+    header = abi.UserptrRangesData(np.zeros(0, np.uint64), np.zeros(0, np.uint64))
+    header.buffer[:4] = np.frombuffer((1 << 27).to_bytes(4, "little"), dtype=np.uint8)
+    assert raw.alloc(va(raw), PAGE, header.address, BATCH)[0] == errno.ENOMEM
+
+
+def test_map_of_a_handle_on_an_unacquired_gpu_is_enodev(raw_kfd: Raw) -> None:
+    raw = raw_kfd(SimKfdConfig(gpu_count=2))
+    g0 = raw.acquire(0)
+    handle = abi.make_handle(raw.gpus[1].gpu_id, 1)
+    assert raw.map(handle, [g0])[0] == errno.ENODEV
+    assert raw.map(handle, [g0], unmap=True)[0] == errno.ENODEV

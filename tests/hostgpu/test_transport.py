@@ -145,3 +145,26 @@ def test_procmap_query_agrees_with_the_maps_file() -> None:
         assert first_uncovered(many, np.full(40, PAGE, np.int64), write=True) == -1
     finally:
         hostmem.unmap(four, 3 * PAGE)
+
+
+def test_ranges_below_the_lowest_mapping_are_uncovered() -> None:
+    """Page 1 is below every mapping (``mmap_min_addr``): both checks report it."""
+    starts = np.array([PAGE], dtype=np.int64)
+    sizes = np.array([PAGE], dtype=np.int64)
+    assert ProcessMaps.read().first_uncovered(starts, sizes, write=False) == 0
+    got = query_first_uncovered(starts, sizes, write=False)
+    assert got in (0, None)  # None: no PROCMAP_QUERY on this kernel
+
+
+def test_process_maps_intervals_from_given_mappings() -> None:
+    """Merging is by reach (a mapping inside an earlier one does not end the interval),
+    coverage starts at the first mapping, and no writable mapping covers nothing."""
+    def arr(*values: int) -> np.ndarray[tuple[int], np.dtype[np.int64]]:
+        return np.array(values, dtype=np.int64) * PAGE
+
+    yes = np.array([True, True, True])
+    # [10, 20) holds [12, 14); [20, 22) continues it: one interval [10, 22)
+    maps = ProcessMaps(arr(10, 12, 20), arr(20, 14, 22), yes, ~yes)
+    assert maps.first_uncovered(arr(10, 15, 9), arr(12, 7, 1), write=False) == 2
+    assert maps.first_uncovered(arr(10, 15), arr(12, 7), write=False) == -1
+    assert maps.first_uncovered(arr(10), arr(1), write=True) == 0

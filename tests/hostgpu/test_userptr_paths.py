@@ -15,7 +15,7 @@ from protocol.limits import DEFAULT_LIMITS
 from vgpu_backend.hostgpu import hostmem
 from vgpu_backend.hostgpu.base import GpuFault, HostGpuError, HostRanges, UserptrPath
 from vgpu_backend.hostgpu.sim_config import SimKfdConfig
-from vgpu_backend.hostgpu.userptr_paths import alias_refusal
+from vgpu_backend.hostgpu.userptr_paths import _reserve_aligned, alias_refusal
 
 from .helpers import PAGE, GuestRam, MakeGpu, maps_lines, read_runs
 
@@ -202,14 +202,20 @@ def test_gpu_selection(make_gpu: MakeGpu, guest_ram: GuestRam) -> None:
     (8, PAGE, "not page aligned"),
     (0, PAGE + 8, "not page aligned"),
     (0, 0, "zero"),
+    (None, PAGE, "zero"),   # range 1 at address 0
 ])
-def test_bad_ranges_are_refused(make_gpu: MakeGpu, guest_ram: GuestRam, addr_delta: int,
+def test_bad_ranges_are_refused(make_gpu: MakeGpu, guest_ram: GuestRam, addr_delta: int | None,
                                 length: int, message: str) -> None:
+    """Refused by the back-end's own check (whose message names the host range), before
+    the kernel sees them."""
     gpu, transport = make_gpu()
     ranges = guest_ram.ranges([1, 2])
-    bad = HostRanges(ranges.addr + np.uint64(addr_delta),
-                     np.array([PAGE, length], dtype=np.uint64), ranges.fd, ranges.file_offset)
-    with pytest.raises(HostGpuError, match=message) as exc:
+    addr = ranges.addr + np.uint64(addr_delta or 0)
+    if addr_delta is None:
+        addr[1] = 0
+    bad = HostRanges(addr, np.array([PAGE, length], dtype=np.uint64), ranges.fd,
+                     ranges.file_offset)
+    with pytest.raises(HostGpuError, match=f"^host range .*{message}") as exc:
         gpu.register_userptr(bad, readonly=False)
     assert exc.value.errno == errno.EINVAL
     empty = HostRanges(ranges.addr[:0], ranges.length[:0], ranges.fd[:0],
@@ -279,3 +285,72 @@ def test_alias_refuses_runs_a_hugetlb_file_cannot_map(hugetlb_fd: int,
                 file_ranges((small, 0, PAGE), (hugetlb_fd, 0, huge))]:   # lands unaligned
         assert "hugetlb" in (alias_refusal(bad) or "")
     assert alias_refusal(file_ranges((small, PAGE, PAGE), (small, 9 * PAGE, 3 * PAGE))) is None
+
+
+# --- invalidation matching, coalescing, path corner cases ----------------------------------
+
+
+def test_invalidation_matches_the_host_ranges_exactly(make_gpu: MakeGpu,
+                                                      guest_ram: GuestRam) -> None:
+    """Only ranges intersecting the invalidated bytes hit, whatever the ranges' order;
+    touching neighbours do not."""
+    gpu, _ = make_gpu()
+    # buffer order: page 20, then pages 5-6 (the lowest host page is not the first)
+    mapping = gpu.register_userptr(guest_ram.ranges([20, 5], [1, 2]), readonly=False)
+    for page in (4, 7, 19, 21):
+        assert gpu.invalidate_host_range(guest_ram.base + page * PAGE, PAGE) == []
+    hit = gpu.invalidate_host_range(guest_ram.base + 6 * PAGE, PAGE)
+    assert len(hit) == 1 and hit[0] is mapping and mapping.invalidated
+
+
+def test_alias_never_merges_runs_of_different_files(make_gpu: MakeGpu,
+                                                    guest_ram: GuestRam) -> None:
+    """File offsets that continue each other in two files are two runs."""
+    other = GuestRam(4, f"other-ram-{os.getpid()}")
+    try:
+        other.mem[:] = 0x5A
+        a, b = guest_ram.ranges([0]), other.ranges([1])   # file offsets 0, then PAGE
+        ranges = HostRanges(**{name: np.concatenate([getattr(a, name), getattr(b, name)])
+                               for name in ("addr", "length", "fd", "file_offset")})
+        gpu, _ = make_gpu(userptr_path="alias")
+        mapping = gpu.register_userptr(ranges, readonly=True)
+        memory = gpu.gpu_memory()
+        assert memory is not None
+        got = read_runs(memory.resolve(mapping.gpu_va, 2 * PAGE, write=False))
+        assert got == guest_ram.file_bytes(a) + b"\x5a" * PAGE
+        gpu.release(mapping)
+    finally:
+        other.close()
+
+
+def test_per_range_allocates_one_bo_per_host_contiguous_run(make_gpu: MakeGpu,
+                                                           guest_ram: GuestRam) -> None:
+    gpu, transport = make_gpu(userptr_path="per-range")
+    mapping = gpu.register_userptr(guest_ram.ranges([30, 31, 32, 40]), readonly=False)
+    assert transport.kernel.live_bos() == 2
+    gpu.release(mapping)
+
+
+def test_alias_of_host_contiguous_ranges_without_a_file_is_one_userptr(
+        make_gpu: MakeGpu, guest_ram: GuestRam) -> None:
+    """Ranges already contiguous in host VA are their own alias: no file is needed."""
+    gpu, transport = make_gpu(userptr_path="alias")
+    ranges = guest_ram.ranges([8, 9, 10])
+    ranges.fd[:] = -1
+    mapping = gpu.register_userptr(ranges, readonly=False)
+    assert transport.kernel.live_bos() == 1
+    memory = gpu.gpu_memory()
+    assert memory is not None
+    assert memory.resolve(mapping.gpu_va, 3 * PAGE, write=True) == [
+        (guest_ram.base + 8 * PAGE, 3 * PAGE)]
+    gpu.release(mapping)
+
+
+def test_aligned_reservations_start_on_the_alignment() -> None:
+    huge = 2 << 20
+    reserved = [(_reserve_aligned(n * PAGE, huge), n * PAGE) for n in (1, 3, 5)]
+    try:
+        assert [start % huge for start, _ in reserved] == [0, 0, 0]
+    finally:
+        for start, length in reserved:
+            hostmem.unmap(start, length)
