@@ -31,6 +31,7 @@ EXPECTED = {"batch": UserptrPath.BATCH, "auto": UserptrPath.ALIAS,
 
 # scattered, shuffled, some multi-page, two file-contiguous neighbours (30 then 31)
 PAGES = [200, 17, 30, 31, 3, 99, 64, 5, 150, 42]
+TOP = 1 << 64
 COUNTS = [1, 2, 1, 3, 1, 1, 4, 1, 2, 1]
 
 
@@ -285,6 +286,23 @@ def test_alias_refuses_runs_a_hugetlb_file_cannot_map(hugetlb_fd: int,
                 file_ranges((small, 0, PAGE), (hugetlb_fd, 0, huge))]:   # lands unaligned
         assert "hugetlb" in (alias_refusal(bad) or "")
     assert alias_refusal(file_ranges((small, PAGE, PAGE), (small, 9 * PAGE, 3 * PAGE))) is None
+
+
+@pytest.mark.parametrize(("addr", "length"), [
+    (TOP - PAGE, PAGE),        # the address is beyond user space; the end wraps to 0
+    (1 << 63, PAGE),           # the first address beyond user space
+    ((1 << 63) - PAGE, PAGE),  # ends exactly at 2^63
+    (PAGE, TOP - PAGE),        # the length wraps the end below the start
+])
+def test_ranges_reaching_beyond_user_space_are_refused(make_gpu: MakeGpu, guest_ram: GuestRam,
+                                                       addr: int, length: int) -> None:
+    gpu, transport = make_gpu()
+    ranges = guest_ram.ranges([1, 2])
+    bad = HostRanges(np.array([int(ranges.addr[0]), addr], dtype=np.uint64),
+                     np.array([PAGE, length], dtype=np.uint64), ranges.fd, ranges.file_offset)
+    with pytest.raises(HostGpuError, match=r"^host range 1 .*beyond user space") as exc:
+        gpu.register_userptr(bad, readonly=False)
+    assert exc.value.errno == errno.EINVAL and transport.kernel.live_bos() == 0
 
 
 # --- invalidation matching, coalescing, path corner cases ----------------------------------

@@ -69,8 +69,8 @@ def _validated(ranges: HostRanges) -> tuple[_I64, _I64]:
                          | (length >= _MAX_ADDR) | (addr + length >= _MAX_ADDR))
     if bad.size:
         i = int(bad[0])
-        raise HostGpuError(f"host range {i} ({int(addr[i]):#x}+{int(length[i]):#x}) is zero "
-                           "or not page aligned", errno.EINVAL)
+        raise HostGpuError(f"host range {i} ({int(addr[i]):#x}+{int(length[i]):#x}) is zero, "
+                           "not page aligned or beyond user space", errno.EINVAL)
     return addr.astype(np.int64), length.astype(np.int64)
 
 
