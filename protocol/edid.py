@@ -42,7 +42,9 @@ def _timing(width: int, height: int, max_clock_khz: int) -> tuple[int, int, int]
     at 60 Hz, or at the highest refresh whose clock fits ``max_clock_khz``."""
     refresh = _REFRESH_HZ
     while True:
-        line_us = 1e6 / refresh / height  # upper bound on the line time
+        # CVT's estimate: the line time when the blank takes exactly the minimum; any
+        # whole number of lines above _MIN_VBLANK_US / line_us lasts at least that
+        line_us = (1e6 / refresh - _MIN_VBLANK_US) / height
         vblank = max(_VFRONT + _VSYNC + 6, int(_MIN_VBLANK_US / line_us) + 1)
         clock_khz = (width + _HBLANK) * (height + vblank) * refresh // 1000
         if clock_khz <= max_clock_khz or refresh <= _MIN_REFRESH_HZ:

@@ -16,7 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocol.compute import (
+    COMPUTE_CAPSET_MAGIC,
     KERNEL_SIGNATURES,
+    RESULT_MAGIC,
     STREAM_MAGIC,
     STREAM_VERSION,
     ArgKind,
@@ -192,6 +194,36 @@ def test_the_stream_header_has_no_slack() -> None:
             "trailing")
     refused(HEADER.pack(magic, version, num - 1, size, rid, offset) + body, "trailing")
     refused(HEADER.pack(magic, version, num + 1, size, rid, offset) + body, "beyond")
+
+
+
+@pytest.mark.parametrize("index", range(len(VALID)), ids=[op.name for op in Op])
+@pytest.mark.parametrize("keep", ["all but 8 bytes", "only its header"])
+def test_a_command_cut_short_by_the_end_of_the_stream_is_refused(index: int, keep: str) -> None:
+    """The last command's length runs past the end of the submission (the header's
+    size matches the bytes present): refused by its length, nothing read past the end."""
+    stream = encode_stream([LEAD, VALID[index]])
+    truncated = stream[:-8] if keep == "all but 8 bytes" else stream[:-len(VALID[index]) + 8]
+    fixed = truncated[:8] + struct.pack("<I", len(truncated)) + truncated[12:]
+    refused(fixed, "command 1", "length")
+
+
+@pytest.mark.parametrize("max_cmds", [1, 3])
+def test_the_command_limit_is_inclusive(max_cmds: int) -> None:
+    """Exactly ``max_cmds`` commands are accepted, one more is refused."""
+    _, commands = decode_stream(encode_stream([LEAD] * max_cmds), max_cmds)
+    assert len(commands) == max_cmds
+    with pytest.raises(GuestProtocolError) as info:
+        decode_stream(encode_stream([LEAD] * (max_cmds + 1)), max_cmds)
+    assert f"limit {max_cmds}" in info.value.message
+
+
+def test_magic_numbers_are_the_documented_ascii_tags() -> None:
+    """The stream, result and capset magics read "VGCS", "VGCR" and "VGCC" in memory."""
+    assert encode_stream([])[:4] == b"VGCS"
+    assert struct.pack("<I", RESULT_MAGIC) == b"VGCR"
+    assert struct.pack("<I", COMPUTE_CAPSET_MAGIC) == b"VGCC"
+    assert encode_stream([])[4:6] == struct.pack("<H", 1)  # stream version 1
 
 
 # --- fuzz --------------------------------------------------------------------------------

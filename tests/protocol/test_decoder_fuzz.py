@@ -123,11 +123,19 @@ def test_bad_headers_are_refused_and_their_fds_returned(header: bytes, problem: 
     assert conn.pending_fds() == ()
 
 
+
+def test_a_payload_of_exactly_the_limit_is_accepted() -> None:
+    size = DEFAULT_LIMITS.max_vhost_payload
+    requests = BackendConnection().receive(_HEADER.pack(FrontendReq.SET_CONFIG, 1, size)
+                                           + bytes(size))
+    assert [(r.code, len(r.payload)) for r in requests] == [(FrontendReq.SET_CONFIG, size)]
+
 def test_too_many_fds_with_one_message() -> None:
     conn = BackendConnection(Limits(max_fds_per_message=2))
     with pytest.raises(FrontendProtocolError, match="3 fds") as info:
         conn.receive(_HEADER.pack(FrontendReq.SET_MEM_TABLE, 1, 0), (1, 2, 3))
     assert info.value.fds == (1, 2, 3)
+    assert conn.pending_fds() == ()  # handed over once: the caller closes them once
 
 
 def test_fds_arriving_with_the_payload_count_against_the_limit() -> None:
@@ -167,6 +175,17 @@ def test_payload_decoders_raise_only_frontend_protocol_errors(
         decoder(Request(FrontendReq.SET_MEM_TABLE, flags, payload, fds))
 
 
+
+@pytest.mark.parametrize(("decoder", "size"), [
+    (decode_u64, 8), (decode_vring_state, 8), (decode_vring_addr, 40),
+    (decode_single_region, 40)], ids=lambda d: getattr(d, "__name__", str(d)))
+def test_fixed_size_payloads_must_be_exactly_their_size(
+        decoder: Callable[[Request], object], size: int) -> None:
+    decoder(Request(FrontendReq.SET_VRING_ADDR, 1, bytes(size), ()))
+    for wrong in (size - 1, size + 1, size + 8):
+        with pytest.raises(FrontendProtocolError, match=f"expected {size}"):
+            decoder(Request(FrontendReq.SET_VRING_ADDR, 1, bytes(wrong), ()))
+
 def test_mem_table_decoder_checks_count_size_and_fds() -> None:
     region = struct.pack("<QQQQ", 0x1000, 0x2000, 0x7F00_0000_0000, 0x10)
     good = struct.pack("<II", 2, 0) + region * 2
@@ -176,6 +195,14 @@ def test_mem_table_decoder_checks_count_size_and_fds() -> None:
                          (struct.pack("<II", 9, 0) + region * 9, tuple(range(9)))]:
         with pytest.raises(FrontendProtocolError):
             decode_mem_table(Request(5, 1, payload, fds))
+
+
+def test_mem_table_takes_up_to_eight_regions_with_exactly_one_fd_each() -> None:
+    region = struct.pack("<QQQQ", 0x1000, 0x2000, 0x7F00_0000_0000, 0x10)
+    eight = struct.pack("<II", 8, 0) + region * 8
+    assert len(decode_mem_table(Request(5, 1, eight, tuple(range(8))))) == 8
+    with pytest.raises(FrontendProtocolError, match="8 regions but 9 fds"):
+        decode_mem_table(Request(5, 1, eight, tuple(range(9))))
 
 
 def test_vring_file_nofd_rules() -> None:
@@ -269,3 +296,15 @@ def test_display_payload_decoders_check_sizes(size: int) -> None:
     if size != 8:
         with pytest.raises(DisplayProtocolError):
             DisplayMessage(1, 4, bytes(size)).u64()
+
+
+def test_message_reader_accepts_a_payload_of_exactly_max_payload() -> None:
+    assert list(MessageReader(8).receive(_HEADER.pack(3, 4, 8) + bytes(8))) == [
+        DisplayMessage(3, 4, bytes(8))]
+
+
+def test_display_fds_go_only_to_the_message_they_arrived_with() -> None:
+    reader = MessageReader(64)
+    first = list(reader.receive(_HEADER.pack(1, 4, 8) + bytes(8), (5, 6)))
+    second = list(reader.receive(_HEADER.pack(2, 4, 0)))
+    assert [m.fds for m in first + second] == [(5, 6), ()]

@@ -144,3 +144,91 @@ def test_sizes_differ_only_where_they_should() -> None:
 def test_out_of_range_sizes_are_refused(width: int, height: int) -> None:
     with pytest.raises(ValueError):
         build_edid(width, height)
+
+
+# --- fields the size-driven test above cannot tell apart --------------------------------
+
+
+def dtd_refresh(block: bytes) -> tuple[int, int]:
+    """(refresh in Hz rounded, pixel clock in kHz) of the detailed timing."""
+    dtd = detailed_timing(block)
+    clock_khz = dtd["clock_10khz"] * 10
+    total = (dtd["hactive"] + dtd["hblank"]) * (dtd["vactive"] + dtd["vblank"])
+    return round(clock_khz * 1000 / total), clock_khz
+
+
+@pytest.mark.parametrize(("width", "height", "mm", "cm"), [
+    (1920, 1080, (487, 274), (48, 27)),  # past 255 mm: the upper nibbles carry bits
+    (16384, 12000, (4095, 3048), (255, 255)),  # past 4095 mm / 255 cm: saturated
+])
+def test_physical_size_uses_the_upper_bits_and_saturates(
+        width: int, height: int, mm: tuple[int, int], cm: tuple[int, int]) -> None:
+    edid = build_edid(width, height)
+    dtd = detailed_timing(edid)
+    assert (dtd["width_mm"], dtd["height_mm"]) == mm
+    assert (edid[21], edid[22]) == cm
+
+
+def test_standard_timings_list_four_modes_and_mark_the_rest_unused() -> None:
+    edid = build_edid(1024, 768)
+    slots = [edid[38 + 2 * i:40 + 2 * i] for i in range(8)]
+    aspect = {0b00: (16, 10), 0b11: (16, 9)}
+    modes = [((s[0] + 31) * 8, aspect[s[1] >> 6], s[1] & 0x3F) for s in slots[:4]]
+    # (horizontal pixels, aspect ratio, refresh - 60)
+    assert modes == [(1280, (16, 10), 0), (1280, (16, 9), 0), (1600, (16, 9), 0),
+                     (1920, (16, 10), 0)]
+    assert slots[4:] == [b"\x01\x01"] * 4
+
+
+def test_detailed_timing_sync_and_flags() -> None:
+    d = build_edid(1024, 768)[54:72]
+    assert (d[8], d[9], d[10] >> 4, d[10] & 0xF, d[11]) == (48, 32, 3, 6, 0)  # porch, sync
+    assert (d[15], d[16]) == (0, 0)  # no border
+    assert d[17] == 0x1A  # digital separate sync, +hsync -vsync, not interlaced
+
+
+@pytest.mark.parametrize(("width", "height"), [(1920, 1080), (1024, 768), (4095, 4095), (1, 1)])
+def test_range_limits_cover_the_preferred_pixel_clock(width: int, height: int) -> None:
+    edid = build_edid(width, height)
+    _, clock_khz = dtd_refresh(edid)
+    max_clock_mhz = edid[72 + 9] * 10
+    assert clock_khz <= max_clock_mhz * 1000 < clock_khz + 10_000
+
+
+@pytest.mark.parametrize(("width", "height"), [(4095, 3500), (3800, 4095), (4095, 4095)])
+def test_a_mode_too_fast_for_60hz_gets_the_highest_refresh_that_fits(
+        width: int, height: int) -> None:
+    dtd = detailed_timing(build_edid(width, height))
+    refresh, _ = dtd_refresh(build_edid(width, height))
+    total = (dtd["hactive"] + dtd["hblank"]) * (dtd["vactive"] + dtd["vblank"])
+    assert 24 <= refresh < REFRESH_HZ
+    assert total * (refresh + 1) // 1000 > 0xFFFF * 10  # one more Hz would not fit
+
+
+def test_serial_number_keeps_all_32_bits() -> None:
+    serial = 0x89ABCDEF
+    edid = build_edid(800, 600, serial=serial)
+    assert struct.unpack_from("<I", edid, 12)[0] == serial
+    assert descriptor_text(display_descriptors(edid)[0xFF]) == str(serial).encode()
+
+
+@pytest.mark.parametrize(("width", "height"), [(65535, 65535), (65535, 1), (1, 65535)])
+def test_the_largest_sizes_are_accepted(width: int, height: int) -> None:
+    edid = build_edid(width, height)
+    timing = displayid_timing(edid[EDID_BLOCK:])
+    assert (timing["hactive"], timing["vactive"]) == (width, height)
+
+
+def test_small_modes_get_the_minimum_vertical_blank() -> None:
+    # CVT-RB minimum: front porch 3 + sync 6 + back porch 6 lines, when 460 us needs fewer
+    assert detailed_timing(build_edid(640, 480))["vblank"] == 15
+
+
+@pytest.mark.parametrize(("width", "height"), [(640, 480), (1280, 800), (1920, 1080),
+                                               (3840, 2160), (4095, 4095), (1, 1)])
+def test_vertical_blank_lasts_at_least_460_us(width: int, height: int) -> None:
+    edid = build_edid(width, height)
+    dtd = detailed_timing(edid)
+    _, clock_khz = dtd_refresh(edid)
+    line_us = (dtd["hactive"] + dtd["hblank"]) * 1000 / clock_khz
+    assert dtd["vblank"] * line_us >= 460
