@@ -15,7 +15,8 @@ from dataclasses import dataclass, field, fields
 from decimal import Decimal
 from typing import Any, NamedTuple
 
-__all__ = ["DEFAULT_LIMITS", "CliLimit", "Limits", "cli_fields", "format_size", "parse_size"]
+__all__ = ["DEFAULT_LIMITS", "CliLimit", "Limits", "cli_fields", "format_size", "parse_count",
+           "parse_seconds", "parse_size"]
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -44,6 +45,22 @@ def parse_size(text: str) -> int:
     if size != size.to_integral_value():
         raise ValueError(f"not a whole number of bytes: {text!r}")
     return int(size)
+
+
+def parse_count(text: str) -> int:
+    """A whole number, as an operator writes it.  ValueError saying so otherwise."""
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"not a whole number: {text!r}") from None
+
+
+def parse_seconds(text: str) -> float:
+    """A number of seconds, as an operator writes it.  ValueError saying so otherwise."""
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"not a number of seconds: {text!r}") from None
 
 
 def format_size(size: int) -> str:
@@ -133,7 +150,8 @@ class CliLimit(NamedTuple):
     name: str  #: the Limits field
     option: str  #: the option, without its leading ``--``
     help: str  #: what it limits, and its default
-    parse: Callable[[str], int | float]  #: the option's value to the field's
+    #: the option's value to the field's (ValueError with a message for the operator)
+    parse: Callable[[str], int | float]
     metavar: str  #: N, BYTES or SECONDS
 
 
@@ -149,9 +167,9 @@ def cli_fields() -> list[CliLimit]:
         if unit == "bytes":
             parse, default, metavar = parse_size, format_size(value), "BYTES"
         elif unit == "seconds":
-            parse, default, metavar = float, f"{value:g} s", "SECONDS"
+            parse, default, metavar = parse_seconds, f"{value:g} s", "SECONDS"
         else:
-            parse, default, metavar = int, str(value), "N"
+            parse, default, metavar = parse_count, str(value), "N"
         out.append(CliLimit(f.name, str(cli), f"{f.metadata['doc']} (default {default})",
                             parse, metavar))
     return out

@@ -107,18 +107,13 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-_EXPECTED = {"N": "a whole number", "SECONDS": "a number of seconds"}
-
-
 def _option_type(limit: CliLimit) -> Callable[[str], int | float]:
-    """``limit.parse`` with argparse's error message (the option and why)."""
+    """``limit.parse`` with its own message in argparse's error (the option and why)."""
     def parse(text: str) -> int | float:
         try:
             return limit.parse(text)
         except ValueError as err:
-            why = str(err) if limit.metavar == "BYTES" else \
-                f"not {_EXPECTED[limit.metavar]}: {text!r}"
-            raise argparse.ArgumentTypeError(why) from None
+            raise argparse.ArgumentTypeError(str(err)) from None
     return parse
 
 
