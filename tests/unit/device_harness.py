@@ -18,7 +18,7 @@ import struct
 from dataclasses import dataclass
 
 from protocol.limits import Limits
-from protocol.virtio_gpu import CTRL_HDR_SIZE, CtrlHdr, MemEntry
+from protocol.virtio_gpu import CTRL_HDR_SIZE, CtrlHdr, GetEdid, MemEntry
 from protocol.virtio_gpu_codes import Cmd, Resp
 from protocol.virtqueue import DescFlag
 from protocol.wire import decode, encode
@@ -194,3 +194,11 @@ def peer_of(harness: DeviceHarness) -> DisplayPeer:
 def code(harness: DeviceHarness, cmd: bytes) -> str:
     """The response type name of one command."""
     return Resp(harness.run(cmd).type).name
+
+
+def edid_of(harness: DeviceHarness, scanout: int) -> bytes:
+    """GET_EDID of ``scanout``: the EDID bytes (the response must be OK_EDID)."""
+    response = harness.run(command(Cmd.GET_EDID, GetEdid(scanout)), response_size=2048)
+    assert response.type == Resp.OK_EDID
+    size = struct.unpack_from("<I", response.body)[0]
+    return response.body[8:8 + size]

@@ -40,6 +40,7 @@ from tests.unit.device_harness import (
     DeviceHarness,
     code,
     command,
+    edid_of,
     mem_entries,
     peer_of,
 )
@@ -101,13 +102,6 @@ def test_get_edid(dev: DeviceHarness) -> None:
     assert response.body[8:8 + size] == build_edid(1280, 800, serial=0)
     assert response.body[8 + size:] == bytes(1024 - size)
     assert code(dev, command(Cmd.GET_EDID, GetEdid(1))) == "ERR_INVALID_PARAMETER"
-
-
-def edid_of(harness: DeviceHarness, scanout: int) -> bytes:
-    response = harness.run(command(Cmd.GET_EDID, GetEdid(scanout)), response_size=2048)
-    assert response.type == Resp.OK_EDID
-    size = struct.unpack_from("<I", response.body)[0]
-    return response.body[8:8 + size]
 
 
 def test_get_edid_uses_each_scanouts_mode_up_to_the_size_limit() -> None:

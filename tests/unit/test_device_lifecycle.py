@@ -5,7 +5,6 @@ from __future__ import annotations
 import socket
 from collections.abc import Iterator
 
-import numpy as np
 import pytest
 
 from protocol.display import DisplayReq, VhostUserGpuScanout, decode_display_info
@@ -20,7 +19,7 @@ from protocol.virtio_gpu import (
 )
 from protocol.virtio_gpu_codes import Cmd, Resp
 from protocol.wire import decode
-from tests.unit.device_harness import DeviceHarness, command, peer_of
+from tests.unit.device_harness import DeviceHarness, command, edid_of, peer_of
 from tests.unit.display_peer import DisplayPeer
 from tests.unit.loop_runner import run_until
 from vgpu_backend.display import DisplayState
@@ -122,10 +121,9 @@ def test_modes_from_the_display_feed_edid_and_num_scanouts(shown: DeviceHarness)
                             DisplayOne(0, 0, 640, 480, 1, 0)]
     shown.run(command(Cmd.GET_DISPLAY_INFO))
     assert shown.device.state.num_scanouts == 3
-    edid = shown.run(command(Cmd.GET_EDID, np.array([2, 0], "<u4").tobytes()),
-                     response_size=2048).body
-    hactive = edid[8 + 56] | (edid[8 + 58] >> 4) << 8
-    vactive = edid[8 + 59] | (edid[8 + 61] >> 4) << 8
+    edid = edid_of(shown, 2)
+    hactive = edid[56] | (edid[58] >> 4) << 8
+    vactive = edid[59] | (edid[61] >> 4) << 8
     assert (hactive, vactive) == (640, 480)
     assert shown.run(command(Cmd.SET_SCANOUT, SetScanout(0, 0, 1, 1, 2, 9))).type == \
         Resp.ERR_INVALID_RESOURCE_ID  # scanout 2 exists now
@@ -139,9 +137,7 @@ def test_odd_display_modes_still_give_an_edid(mode: DisplayOne) -> None:
     try:
         peer_of(harness).modes = [mode]
         harness.run(command(Cmd.GET_DISPLAY_INFO))
-        response = harness.run(command(Cmd.GET_EDID, np.array([0, 0], "<u4").tobytes()),
-                               response_size=2048)
-        assert response.type == Resp.OK_EDID
+        assert edid_of(harness, 0)
         assert harness.device.internal_errors == 0
     finally:
         harness.close()
