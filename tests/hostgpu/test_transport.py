@@ -13,6 +13,7 @@ import pytest
 
 from vgpu_backend.hostgpu import hostmem
 from vgpu_backend.hostgpu import kfd_abi as abi
+from vgpu_backend.hostgpu import sim_usermem
 from vgpu_backend.hostgpu.sim_usermem import (
     ProcessMaps,
     copy_from_user,
@@ -102,6 +103,68 @@ def test_copy_user_reports_efault_instead_of_crashing() -> None:
             copy_from_user(reserved, 8)
     finally:
         hostmem.unmap(reserved, PAGE)
+
+
+@pytest.mark.parametrize("refusal", [errno.EPERM, errno.ENOSYS])
+def test_copy_user_falls_back_to_the_maps_file_when_process_vm_is_refused(
+        monkeypatch: pytest.MonkeyPatch, refusal: int) -> None:
+    """Where seccomp forbids process_vm_readv/writev (EPERM) or the kernel lacks them
+    (ENOSYS), copies go by the maps file: same bytes, same EFAULT, and the refused
+    calls are not tried again."""
+    calls: list[int] = []
+
+    def refused(*args: object) -> int:
+        calls.append(refusal)
+        ctypes.set_errno(refusal)
+        return -1
+
+    monkeypatch.setattr(sim_usermem, "_readv", refused)
+    monkeypatch.setattr(sim_usermem, "_writev", refused)
+    monkeypatch.setattr(sim_usermem, "_use_process_vm", True)
+    buf = ctypes.create_string_buffer(b"kernel reads this", 32)
+    addr = ctypes.addressof(buf)
+    assert copy_from_user(addr, 6) == b"kernel"
+    assert calls == [refusal] and not sim_usermem._use_process_vm
+    copy_to_user(addr, b"KERNEL")
+    assert buf.value == b"KERNEL reads this"
+    reserved = hostmem.reserve(PAGE)  # mapped but PROT_NONE: the maps file says so
+    try:
+        for bad in (PAGE, reserved):
+            with pytest.raises(OSError) as exc:
+                copy_from_user(bad, 8)
+            assert exc.value.errno == errno.EFAULT
+            with pytest.raises(OSError) as exc:
+                copy_to_user(bad, b"x")
+            assert exc.value.errno == errno.EFAULT
+    finally:
+        hostmem.unmap(reserved, PAGE)
+    readonly = hostmem.map_anonymous(PAGE)
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.mprotect(ctypes.c_void_p(readonly), PAGE, mmap.PROT_READ) == 0
+    try:
+        assert copy_from_user(readonly, 4) == bytes(4)
+        with pytest.raises(OSError) as exc:  # readable is not writable
+            copy_to_user(readonly, b"x")
+        assert exc.value.errno == errno.EFAULT
+    finally:
+        hostmem.unmap(readonly, PAGE)
+    assert calls == [refusal]
+
+
+def test_copy_user_with_process_vm_refuses_a_range_running_into_a_hole() -> None:
+    """A copy that starts in mapped memory and runs past its end is EFAULT, not a
+    short copy (process_vm_readv copies the mapped part and stops)."""
+    two = hostmem.map_anonymous(2 * PAGE)
+    hostmem.unmap(two + PAGE, PAGE)
+    try:
+        assert copy_from_user(two + PAGE - 4, 4) == bytes(4)
+        for copy in (lambda: copy_from_user(two + PAGE - 4, 8),
+                     lambda: copy_to_user(two + PAGE - 4, bytes(8))):
+            with pytest.raises(OSError) as exc:
+                copy()
+            assert exc.value.errno == errno.EFAULT
+    finally:
+        hostmem.unmap(two, PAGE)
 
 
 def test_process_maps_merges_adjacent_mappings() -> None:
