@@ -11,9 +11,8 @@ import termios
 import numpy as np
 import pytest
 
-from vgpu_backend.hostgpu import hostmem
+from vgpu_backend.hostgpu import hostmem, sim_usermem
 from vgpu_backend.hostgpu import kfd_abi as abi
-from vgpu_backend.hostgpu import sim_usermem
 from vgpu_backend.hostgpu.sim_usermem import (
     ProcessMaps,
     copy_from_user,

@@ -3,6 +3,7 @@ the GPU sees the memfd's pages in buffer order, with zero copies."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import itertools
 import os
@@ -13,6 +14,7 @@ import pytest
 
 from protocol.limits import DEFAULT_LIMITS
 from vgpu_backend.hostgpu import hostmem
+from vgpu_backend.hostgpu import kfd_abi as abi
 from vgpu_backend.hostgpu.base import GpuFault, HostGpuError, HostRanges, UserptrPath
 from vgpu_backend.hostgpu.sim_config import SimKfdConfig
 from vgpu_backend.hostgpu.userptr_paths import _reserve_aligned, alias_refusal
@@ -182,6 +184,56 @@ def test_auto_fallback_to_per_range_keeps_its_range_limit(make_gpu: MakeGpu,
         gpu.register_userptr(anon, readonly=False)
     assert exc.value.errno == errno.ENOMEM
     assert gpu.live_mappings() == 0
+
+
+class _PageAlignedRangesData(abi.UserptrRangesData):
+    """A range list at the start of a page, followed by enough mapped bytes that a
+    pre-batch kernel can pin ``[list, list + total size)`` as a plain userptr."""
+
+    def __init__(self, starts: np.ndarray, sizes: np.ndarray, *, reserved: int = 0) -> None:
+        super().__init__(starts, sizes, reserved=reserved)
+        packed = self.buffer
+        room = max(packed.nbytes, int(sizes.sum())) + PAGE
+        raw = np.zeros(room + PAGE, np.uint8)
+        at = -raw.ctypes.data % PAGE
+        self.buffer = raw[at:at + room]
+        self.buffer[:packed.nbytes] = packed
+        self.ranges = self.buffer[abi.header_size():packed.nbytes].view(abi.RANGE_DTYPE)
+
+
+def test_batch_registration_refuses_a_kernel_that_ignored_the_batch_flag(
+        make_gpu: MakeGpu, guest_ram: GuestRam, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe found USERPTR_BATCH, but an allocation comes back with a DRM mmap
+    offset (the kernel registered the range list's own pages instead): the BO is
+    freed unmapped, the GPU VA given back, and the error says batch is unsupported.
+    Only a page-aligned list gets this far; an unaligned one is EINVAL first."""
+    gpu, transport = make_gpu(userptr_path="batch")
+    monkeypatch.setattr(abi, "UserptrRangesData", _PageAlignedRangesData)
+    ranges = guest_ram.ranges([3, 9])
+    before = gpu.register_userptr(ranges, readonly=False)  # a batch kernel: fine
+    gpu.release(before)
+    transport.kernel.config = dataclasses.replace(transport.kernel.config,
+                                                  batch_userptr=False)
+    requests: list[int] = []
+    real_ioctl = transport.ioctl
+
+    def recording(fd: int, request: int, arg: bytearray | None) -> None:
+        requests.append(request)
+        real_ioctl(fd, request, arg)
+
+    monkeypatch.setattr(transport, "ioctl", recording)
+    with pytest.raises(HostGpuError, match="did not treat the allocation as a batch") \
+            as exc:
+        gpu.register_userptr(ranges, readonly=False)
+    assert exc.value.errno == errno.EOPNOTSUPP and exc.value.unsupported
+    assert transport.kernel.live_bos() == 0 and gpu.live_mappings() == 0
+    assert requests == [abi.AMDKFD_IOC_ALLOC_MEMORY_OF_GPU,  # never mapped on a GPU
+                        abi.AMDKFD_IOC_FREE_MEMORY_OF_GPU]
+    transport.kernel.config = dataclasses.replace(transport.kernel.config,
+                                                  batch_userptr=True)
+    again = gpu.register_userptr(ranges, readonly=False)
+    assert again.gpu_va == before.gpu_va  # the refused attempt gave its VA back
+    gpu.release(again)
 
 
 def test_gpu_selection(make_gpu: MakeGpu, guest_ram: GuestRam) -> None:
