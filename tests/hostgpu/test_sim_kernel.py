@@ -47,6 +47,60 @@ def test_fd_only_works_in_the_opening_process(raw_kfd: Raw) -> None:
     assert raw.call(abi.AMDKFD_IOC_GET_VERSION, abi.GetVersionArgs())[0] == 0
 
 
+def _in_child(work: Callable[[], list[int]]) -> list[int]:
+    """Run ``work`` in a forked child (a copy of the simulated kernel, another pid);
+    its small non-negative results come back over a pipe."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            out = bytes(work())
+        except BaseException:  # the parent sees 255 and fails
+            out = b"\xff"
+        os.write(write_end, out)
+        os._exit(0)
+    os.close(write_end)
+    got = b""
+    while chunk := os.read(read_end, 64):
+        got += chunk
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    return list(got)
+
+
+def test_another_process_has_its_own_kfd_process_and_memory(raw_kfd: Raw) -> None:
+    """A second host process (fork) opening /dev/kfd gets its own primary KFD process:
+    it sees none of the first one's BOs or fds, cannot acquire a VM through the first
+    one's render node, and its MMU notifications never touch the first one's BOs."""
+    raw = raw_kfd()
+    gpu_id = raw.acquire()
+    buf = np.zeros(4 * PAGE, np.uint8)
+    ptr = -(-buf.ctypes.data // PAGE) * PAGE  # a whole page inside buf
+    err, out = raw.alloc(raw.gpus[0].gpuvm_base, PAGE, ptr, USERPTR)
+    assert err == 0
+    kernel = raw.t.kernel
+    parent_fds = kernel.open_files()
+
+    def child() -> list[int]:
+        results = [kernel.live_bos(), len(kernel.open_files())]
+        own = RawKfd(raw.t)
+        results.append(int(own.fd in parent_fds))
+        results.append(int(kernel.files[own.fd].process is kernel.files[raw.fd].process))
+        results.append(own.call(abi.AMDKFD_IOC_ACQUIRE_VM,  # the parent's render fd
+                                abi.AcquireVmArgs(raw.render[gpu_id], gpu_id))[0])
+        results.append(kernel.mmu_invalidate(ptr, PAGE))  # the parent's BO's pages
+        own.acquire()  # its own render node works, and its own BO is hit
+        err, _ = own.alloc(raw.gpus[0].gpuvm_base, PAGE, ptr, USERPTR)
+        results += [err, kernel.live_bos(), kernel.mmu_invalidate(ptr, PAGE)]
+        return results
+
+    assert _in_child(child) == [0, 0, 0, 0, errno.EINVAL, 0, 0, 1, 1]
+    # nothing the child did reached this process's copy of the kernel
+    assert kernel.live_bos() == 1 and kernel.open_files() == parent_fds
+    assert kernel.mmu_invalidate(ptr, PAGE) == 1
+    assert raw.free(out.handle) == 0
+
+
 def test_unknown_ioctls_are_enotty(raw_kfd: Raw) -> None:
     raw = raw_kfd(SimKfdConfig(kfd_minor=18))
     buf = bytearray(8)
