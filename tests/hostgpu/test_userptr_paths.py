@@ -424,3 +424,42 @@ def test_aligned_reservations_start_on_the_alignment() -> None:
     finally:
         for start, length in reserved:
             hostmem.unmap(start, length)
+
+
+def _mapped_within(start: int, end: int) -> list[tuple[int, int]]:
+    """The pieces of ``[start, end)`` that /proc/self/maps shows mapped (any access)."""
+    pieces = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            lo, hi = (int(x, 16) for x in line.split(None, 1)[0].split("-"))
+            if lo < end and hi > start:
+                pieces.append((max(lo, start), min(hi, end)))
+    return pieces
+
+
+@pytest.mark.parametrize("pages", [1, 3, 512])
+def test_aligned_reservations_give_back_the_slack(monkeypatch: pytest.MonkeyPatch,
+                                                  pages: int) -> None:
+    """Aligning a reservation over-reserves by the alignment and unmaps the slack on
+    both sides: only ``[start, start + length)`` stays reserved."""
+    huge = 2 << 20
+    raw: list[int] = []
+    real_reserve = hostmem.reserve
+
+    def recording(length: int) -> int:
+        raw.append(real_reserve(length))
+        return raw[-1]
+
+    monkeypatch.setattr(hostmem, "reserve", recording)
+    length = pages * PAGE
+    start = _reserve_aligned(length, huge)
+    try:
+        assert start % huge == 0 and len(raw) == 1
+        assert raw[0] <= start and start + length <= raw[0] + length + huge
+        assert _mapped_within(raw[0], raw[0] + length + huge) == [(start, start + length)]
+    finally:
+        hostmem.unmap(start, length)
+    plain = _reserve_aligned(length, PAGE)  # page alignment: a plain reservation
+    hostmem.unmap(plain, length)
+    assert raw[1:] == [plain]
+
