@@ -174,9 +174,13 @@ class Virtqueue:
         return self._mapped and self.started and self.enabled and not self.broken
 
     def set_num(self, num: int) -> None:
-        """SET_VRING_NUM (any size up to the limit; modern virtio does not require 2^n)."""
-        if num == 0 or num > self._limits.max_queue_size:
-            raise FrontendProtocolError(f"queue {self.index}: bad size {num}")
+        """SET_VRING_NUM: a power of 2 up to the limit.  A split ring's size is always one
+        (virtio 1.x, 2.7; Linux's vhost, DPDK and rust-vmm refuse others): the 16-bit
+        ring indices wrap at 65536, which only a power of 2 divides."""
+        if num == 0 or num & (num - 1) or num > self._limits.max_queue_size:
+            raise FrontendProtocolError(
+                f"queue {self.index}: bad size {num} (a power of 2 up to "
+                f"{self._limits.max_queue_size})")
         self.num = num
         self._unmap()
 

@@ -88,6 +88,18 @@ def test_queue_index_beyond_the_device(open_session: SessionFactory, backend: Ba
     still_serving(s)
 
 
+@pytest.mark.parametrize("size", [0, 12, 65536])
+def test_a_split_ring_size_that_is_not_a_power_of_2_is_refused(
+        open_session: SessionFactory, backend: BackendSpec, size: int) -> None:
+    """SET_VRING_NUM of 0, 12 or beyond the virtio limit: acked non-zero, the queue keeps
+    its size; still serving."""
+    backend.require_ours("libvhost-user does not check SET_VRING_NUM sizes")
+    s = open_session()
+    assert acked(s, FrontendReq.SET_VRING_NUM, encode(VringState(CURSOR, size))) != 0
+    assert s.backend.wait_stderr(f"bad size {size} (a power of 2")
+    still_serving(s)
+
+
 def test_too_many_fds_with_one_message_ends_the_session(open_session: SessionFactory,
                                                         backend: BackendSpec) -> None:
     """A message with more fds than QEMU ever sends (9 > 8): the kernel truncates them
