@@ -1,4 +1,4 @@
-"""Fixtures of the in-process device tests."""
+"""Fixtures of the in-process device and virtqueue tests."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from collections.abc import Iterator
 import pytest
 
 from tests.unit.device_harness import DeviceHarness
+from tests.unit.driver_ring import NUM, RAM_SIZE, DriverRing
+from tests.unit.guest_ram import GuestRam
 
 
 @pytest.fixture
@@ -25,3 +27,19 @@ def shown() -> Iterator[DeviceHarness]:
     yield harness
     assert harness.device.internal_errors == 0
     harness.close()
+
+
+@pytest.fixture
+def ram() -> Iterator[GuestRam]:
+    """One region of RAM_SIZE bytes of guest RAM at guest-physical 0."""
+    ram = GuestRam([(0, RAM_SIZE)])
+    yield ram
+    ram.close()
+
+
+@pytest.fixture
+def ring(ram: GuestRam) -> Iterator[DriverRing]:
+    """A NUM-entry split ring at 0x1000 in ``ram``."""
+    ring = DriverRing(ram, NUM, 0x1000)
+    yield ring
+    ring.close()

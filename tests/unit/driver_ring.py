@@ -8,12 +8,21 @@ from __future__ import annotations
 import os
 import struct
 
+import pytest
+
+from protocol.errors import GuestProtocolError
 from protocol.limits import DEFAULT_LIMITS, Limits
 from protocol.virtqueue import avail_ring_size, desc_table_size
 from tests.unit.guest_ram import GuestRam
+from tests.unit.hang_guard import deadline
 from vgpu_backend.virtqueue import DescriptorChain, Virtqueue
 
-__all__ = ["DriverRing", "pack_desc", "pop_one"]
+__all__ = ["NUM", "RAM_SIZE", "DriverRing", "assert_ring_fatal", "pack_desc", "pop_one"]
+
+#: the size of the ``ram`` fixture's guest RAM (tests/unit/conftest.py)
+RAM_SIZE = 1 << 20
+#: the size of the ``ring`` fixture's ring
+NUM = 8
 
 _DESC = struct.Struct("<QIHH")
 _U16 = struct.Struct("<H")
@@ -23,6 +32,13 @@ _USED_ELEM = struct.Struct("<II")
 def pack_desc(addr: int, length: int, flags: int = 0, next_index: int = 0) -> bytes:
     """One ``struct virtq_desc``."""
     return _DESC.pack(addr, length, flags, next_index)
+
+
+def assert_ring_fatal(queue: Virtqueue, match: str) -> None:
+    """The next pop finds the ring corrupt (``match`` says how), promptly."""
+    with deadline(5.0), pytest.raises(GuestProtocolError, match=match) as info:
+        queue.pop()
+    assert info.value.ring_fatal
 
 
 def pop_one(queue: Virtqueue) -> DescriptorChain:
