@@ -82,72 +82,51 @@ def test_reserve_and_map_file_fixed_alias_the_same_pages() -> None:
     assert hostmem.view(0, 0).size == 0
 
 
-def test_copy_user_reports_efault_instead_of_crashing() -> None:
+@pytest.mark.parametrize("refusal", [0, errno.EPERM, errno.ENOSYS],
+                         ids=["process_vm", "seccomp EPERM", "ENOSYS"])
+def test_copy_user_reports_efault_instead_of_crashing(monkeypatch: pytest.MonkeyPatch,
+                                                      refusal: int) -> None:
+    """Copies to and from user memory: the bytes, or EFAULT for an address that is
+    unmapped, PROT_NONE or (to write) read-only.  Where process_vm_readv/writev are
+    refused (seccomp: EPERM; no such call: ENOSYS) the maps file decides the same, and
+    the refused calls are not tried again."""
+    calls: list[int] = []
+    if refusal:
+        def refused(*args: object) -> int:
+            calls.append(refusal)
+            ctypes.set_errno(refusal)
+            return -1
+
+        monkeypatch.setattr(sim_usermem, "_readv", refused)
+        monkeypatch.setattr(sim_usermem, "_writev", refused)
+        monkeypatch.setattr(sim_usermem, "_use_process_vm", True)
     buf = ctypes.create_string_buffer(b"kernel reads this", 32)
     addr = ctypes.addressof(buf)
     assert copy_from_user(addr, 6) == b"kernel"
+    assert sim_usermem._use_process_vm is not bool(refusal)
     copy_to_user(addr, b"KERNEL")
     assert buf.value == b"KERNEL reads this"
     assert copy_from_user(addr, 0) == b""
-    for bad in (0, PAGE):
-        with pytest.raises(OSError) as exc:
-            copy_from_user(bad, 8)
-        assert exc.value.errno == errno.EFAULT
-        with pytest.raises(OSError) as exc:
-            copy_to_user(bad, b"x")
-        assert exc.value.errno == errno.EFAULT
     reserved = hostmem.reserve(PAGE)  # mapped but PROT_NONE
+    readonly = hostmem.map_anonymous(PAGE)
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.mprotect(ctypes.c_void_p(readonly), PAGE, mmap.PROT_READ) == 0
     try:
-        with pytest.raises(OSError):
-            copy_from_user(reserved, 8)
-    finally:
-        hostmem.unmap(reserved, PAGE)
-
-
-@pytest.mark.parametrize("refusal", [errno.EPERM, errno.ENOSYS])
-def test_copy_user_falls_back_to_the_maps_file_when_process_vm_is_refused(
-        monkeypatch: pytest.MonkeyPatch, refusal: int) -> None:
-    """Where seccomp forbids process_vm_readv/writev (EPERM) or the kernel lacks them
-    (ENOSYS), copies go by the maps file: same bytes, same EFAULT, and the refused
-    calls are not tried again."""
-    calls: list[int] = []
-
-    def refused(*args: object) -> int:
-        calls.append(refusal)
-        ctypes.set_errno(refusal)
-        return -1
-
-    monkeypatch.setattr(sim_usermem, "_readv", refused)
-    monkeypatch.setattr(sim_usermem, "_writev", refused)
-    monkeypatch.setattr(sim_usermem, "_use_process_vm", True)
-    buf = ctypes.create_string_buffer(b"kernel reads this", 32)
-    addr = ctypes.addressof(buf)
-    assert copy_from_user(addr, 6) == b"kernel"
-    assert calls == [refusal] and not sim_usermem._use_process_vm
-    copy_to_user(addr, b"KERNEL")
-    assert buf.value == b"KERNEL reads this"
-    reserved = hostmem.reserve(PAGE)  # mapped but PROT_NONE: the maps file says so
-    try:
-        for bad in (PAGE, reserved):
+        for bad in (0, PAGE, reserved):
             with pytest.raises(OSError) as exc:
                 copy_from_user(bad, 8)
             assert exc.value.errno == errno.EFAULT
             with pytest.raises(OSError) as exc:
                 copy_to_user(bad, b"x")
             assert exc.value.errno == errno.EFAULT
-    finally:
-        hostmem.unmap(reserved, PAGE)
-    readonly = hostmem.map_anonymous(PAGE)
-    libc = ctypes.CDLL(None, use_errno=True)
-    assert libc.mprotect(ctypes.c_void_p(readonly), PAGE, mmap.PROT_READ) == 0
-    try:
         assert copy_from_user(readonly, 4) == bytes(4)
         with pytest.raises(OSError) as exc:  # readable is not writable
             copy_to_user(readonly, b"x")
         assert exc.value.errno == errno.EFAULT
     finally:
+        hostmem.unmap(reserved, PAGE)
         hostmem.unmap(readonly, PAGE)
-    assert calls == [refusal]
+    assert calls == ([refusal] if refusal else [])
 
 
 def test_copy_user_with_process_vm_refuses_a_range_running_into_a_hole() -> None:
