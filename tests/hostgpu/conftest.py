@@ -33,9 +33,10 @@ def make_gpu() -> Iterator[MakeGpu]:
     fds_before = open_fds()
     made: list[tuple[KfdHostGpu, SimTransport]] = []
 
-    def make(sim: SimKfdConfig | None = None, **options: Any) -> tuple[KfdHostGpu, SimTransport]:
-        cfg = sim or SimKfdConfig()
-        transport = SimTransport(cfg)
+    def make(sim: SimKfdConfig | None = None, *, transport: SimTransport | None = None,
+             **options: Any) -> tuple[KfdHostGpu, SimTransport]:
+        cfg = transport.kernel.config if transport is not None else sim or SimKfdConfig()
+        transport = transport or SimTransport(cfg)
         gpu = create_host_gpu(HostGpuOptions(gpu="sim", sim=cfg, **options),
                               transport=transport)
         assert isinstance(gpu, KfdHostGpu)

@@ -3,12 +3,14 @@ on the simulated kernel, leak probes."""
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import pytest
 
 from protocol.wire import decode
 from vgpu_backend.hostgpu import hostmem
@@ -69,6 +71,20 @@ class GuestRam:
         os.close(self.fd)
 
 
+
+
+def fail_unmap_once(monkeypatch: pytest.MonkeyPatch, addr: int) -> None:
+    """The next ``hostmem.unmap`` of ``addr`` fails with EINVAL (and unmaps nothing)."""
+    real: Callable[[int, int], None] = hostmem.unmap
+    armed = [True]
+
+    def unmap(at: int, length: int) -> None:
+        if at == addr and armed[0]:
+            armed[0] = False
+            raise OSError(errno.EINVAL, f"munmap({at:#x}): injected failure")
+        real(at, length)
+
+    monkeypatch.setattr(hostmem, "unmap", unmap)
 
 
 def read_runs(runs: list[tuple[int, int]]) -> bytes:
@@ -148,5 +164,5 @@ def u64(values: Sequence[int]) -> npt.NDArray[np.uint64]:
     return np.asarray(values, dtype=np.uint64)
 
 
-__all__ = ["PAGE", "GuestRam", "MakeGpu", "RawKfd", "maps_lines", "open_fds",
+__all__ = ["PAGE", "GuestRam", "MakeGpu", "RawKfd", "fail_unmap_once", "maps_lines", "open_fds",
            "ranges_data", "read_runs", "u64"]

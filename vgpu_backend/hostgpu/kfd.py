@@ -301,14 +301,25 @@ class KfdHostGpu(HostGpu):
 
     def close_context(self, context: int) -> None:
         """Context isolation: release what the context's own KFD process holds and close
-        it.  In 'vm' isolation every mapping lives in the one KFD process and outlives
-        the context (a blob created in a context may stay attached elsewhere)."""
+        it.  A release the kernel refuses is logged: its BOs die with the process, and
+        :meth:`close` unmaps what is left on the host.  In 'vm' isolation every mapping
+        lives in the one KFD process and outlives the context (a blob created in a
+        context may stay attached elsewhere)."""
         proc = self._contexts.pop(context, None)
         if proc is None:
             return
         for mapping in [m for m in self._live.values() if m.private.process is proc]:
-            self.release(mapping)
-        proc.close()  # a secondary process dies with its fd
+            try:
+                self.release(mapping)
+            except (HostGpuError, OSError) as e:
+                log.error("releasing mapping at GPU VA %#x of context %d: %s", mapping.gpu_va,
+                          context, e)
+                del self._live[id(mapping)]
+                self._leftovers.append(mapping.private)
+        proc.close()  # a secondary process dies with its fd, and its BOs with it
+        for reg in self._leftovers:
+            if reg.process is proc:
+                reg.handles.clear()  # close() finishes the rest (alias, GPU VA)
 
     def gpu_memory(self, gpu_id: int | None = None) -> GpuMemory | None:
         proc = self._main
@@ -328,14 +339,14 @@ class KfdHostGpu(HostGpu):
                 self.release(mapping)
             except (HostGpuError, OSError) as e:
                 log.error("releasing mapping at GPU VA %#x on close: %s", mapping.gpu_va, e)
+        for context in list(self._contexts):
+            self.close_context(context)
         for reg in self._leftovers:
             try:
                 teardown(reg)
             except (HostGpuError, OSError) as e:
                 log.error("tearing down leftover mapping at GPU VA %#x: %s", reg.va, e)
         self._leftovers.clear()
-        for context in list(self._contexts):
-            self.close_context(context)
         if self._main is not None:
             self._main.close()
             self._main = None
