@@ -104,8 +104,9 @@ class Limits:
         60.0, "seconds one SUBMIT_3D may run on the simulated GPU before it is aborted "
         "(as a GPU's job timeout)", "compute-job-timeout", unit="seconds")
     max_compute_staging: int = _limit(
-        1 * GiB, "bytes of engine scratch one MATMUL operand that is not one host run may "
-        "be staged in", "max-compute-staging", unit="bytes")
+        1 * GiB, "bytes of engine scratch one MATMUL operand that is not one host run, or "
+        "a COPY source sharing memory with its destination under other GPU VAs, may be "
+        "staged in", "max-compute-staging", unit="bytes")
     max_queued_submit_bytes: int = _limit(
         16 * MiB, "SUBMIT_3D stream bytes queued on all timelines; beyond, the queue waits "
         "for the submission that went over", "max-queued-submit-bytes", unit="bytes")

@@ -13,7 +13,7 @@ import pytest
 from protocol.compute import Kernel, Status, buffer_arg, f32_arg, u64_arg
 from protocol.virtio_gpu_codes import Resp
 from tests.userptr.compute_stream import dispatch
-from tests.userptr.guest_buffer import contiguous_buffer
+from tests.userptr.guest_buffer import GuestBuffer, contiguous_buffer, scattered_buffer
 from tests.userptr.vm import Blob, ComputeContext, Vm
 
 F32 = np.float32
@@ -74,6 +74,23 @@ def test_copy_kernel(vm: Vm, dst: int, src: int) -> None:
                                 u64_arg(size))) == size
     before[dst:dst + size] = bytes(before[src:src + size])
     assert blob.buffer.read(vm.ram) == bytes(before)
+
+
+def test_copy_between_blobs_over_the_same_pages(vm: Vm) -> None:
+    """Two blobs over one guest buffer of scattered pages, the destination's starting a
+    page later and mapped below the source's: COPY is still memmove in GPU virtual
+    space (a walk in VA order would overwrite source pages before reading them)."""
+    ctx = vm.compute_context()
+    pages, page = 600, 4096  # more than one 2 MiB block
+    guest = scattered_buffer(vm.ram, (pages + 1) * page)
+    later = ctx.blob(pages * page, buffer=GuestBuffer(guest.entries[1:]))
+    earlier = ctx.blob(pages * page, buffer=GuestBuffer(guest.entries[:-1]))
+    va_later, va_earlier = ctx.map(later, earlier)
+    assert va_later < va_earlier
+    before = guest.read(vm.ram)
+    assert run_ok(ctx, dispatch(Kernel.COPY, buffer_arg(va_later), buffer_arg(va_earlier),
+                                u64_arg(pages * page))) == pages * page
+    assert guest.read(vm.ram) == before[:page] + before[:pages * page]
 
 
 def test_vadd_f32(vm: Vm) -> None:

@@ -204,3 +204,14 @@ def test_a_matmul_beyond_the_staging_limit_is_refused(start_vm: VmFactory) -> No
     bad = dispatch(Kernel.MATMUL_F32, buffer_arg(s.va_b), buffer_arg(s.va_a),
                    buffer_arg(s.va_a), u64_arg(1), u64_arg(n), u64_arg(k))
     failing_run(s, bad, Status.INVALID_ARGUMENT, Resp.ERR_INVALID_PARAMETER, (0, 0))
+
+
+def test_a_copy_beyond_the_staging_limit_is_refused(start_vm: VmFactory) -> None:
+    """--max-compute-staging: COPY between two blobs over the same pages stages its
+    source whole; larger than the limit it is INVALID_ARGUMENT, nothing written."""
+    vm = start_vm("--max-compute-staging", str(PAGE))
+    s = Scene(vm)
+    alias = s.ctx.blob(2 * PAGE, buffer=s.a.buffer)
+    (va_alias,) = s.ctx.map(alias)
+    failing_run(s, copy_cmd(va_alias, s.va_a + 16, PAGE + 1), Status.INVALID_ARGUMENT,
+                Resp.ERR_INVALID_PARAMETER, (0, 0))

@@ -181,6 +181,18 @@ class Buffer:
         last = np.searchsorted(starts, self.addr + self.length, side="left") - 1
         return bool(np.any((last >= 0) & (reach[np.maximum(last, 0)] > self.addr)))
 
+    def same_mapping(self, other: Buffer) -> bool:
+        """Both buffers are windows of one injective map from GPU VAs to host bytes: a
+        VA in both names the same host byte in both, and no host byte has two VAs (no
+        page mapped twice, by one buffer or across the two).  Then a walk in VA order
+        (backwards when the destination is above the source) is a memmove."""
+        va = np.concatenate([b.va + b.ends - b.length for b in (self, other)])
+        host = np.concatenate([self.addr, other.addr])
+        length = np.concatenate([self.length, other.length])
+        # runs overlapping in VA space or in host space must be the same VA -> host shift
+        return _one_shift_where_overlapping(va, length, host - va) and \
+            _one_shift_where_overlapping(host, length, host - va)
+
     def run_at(self, lo: int, hi: int) -> U8 | None:
         """A view of ``[lo, hi)`` when one run holds it all, else None."""
         run = int(np.searchsorted(self.ends, lo, side="right"))
@@ -188,6 +200,18 @@ class Buffer:
             return None
         start = int(self.offset[run]) + lo - (int(self.ends[run]) - int(self.length[run]))
         return self.window[start:start + hi - lo]
+
+
+def _one_shift_where_overlapping(start: I64, length: I64, shift: I64) -> bool:
+    """Intervals ``[start, start + length)`` that overlap, directly or through others,
+    have the same ``shift``: each cluster of overlapping intervals has one."""
+    order = np.argsort(start, kind="stable")
+    starts, shifts = start[order], shift[order]
+    reach = np.maximum.accumulate(starts + length[order])
+    first = np.ones(starts.shape[0], dtype=bool)  # of its cluster
+    first[1:] = starts[1:] >= reach[:-1]
+    cluster = np.cumsum(first) - 1
+    return bool(np.all(shifts == shifts[first][cluster]))
 
 
 def _bounds(buffers: Sequence[Buffer], lo: int, hi: int) -> list[tuple[int, int]]:

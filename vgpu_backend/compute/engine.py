@@ -242,7 +242,7 @@ class Engine:
             raise _Failure(Status.INVALID_COMMAND, "command body mismatch")
         src = self._buffer(vm, body.src, body.size, write=False, align=1)
         dst = self._buffer(vm, body.dst, body.size, write=True, align=1)
-        kernels.copy(dst, src, body.size, stats)
+        _copy(dst, src, body.size, stats)
         return body.size
 
     def _signal(self, vm: ContextVm, cmd: Command, prepared: Mapping | None,
@@ -277,7 +277,7 @@ class Engine:
             n = count(2)
             src = self._buffer(vm, int(arg(1)), n, write=False, align=1)
             dst = self._buffer(vm, int(arg(0)), n, write=True, align=1)
-            kernels.copy(dst, src, n, stats)
+            _copy(dst, src, n, stats)
             return n
         if kernel is Kernel.VADD_F32:
             n = count(3)
@@ -313,3 +313,11 @@ class Engine:
                                                        align=1), n, stats)
         raise _Failure(Status.INVALID_COMMAND, f"kernel {kernel.name}")  # pragma: no cover
 
+
+def _copy(dst: Buffer, src: Buffer, nbytes: int, stats: KernelStats) -> None:
+    """COPY (the command and the kernel): a source sharing memory with the destination
+    under other addresses, too large to stage, is an invalid argument."""
+    try:
+        kernels.copy(dst, src, nbytes, stats)
+    except kernels.TooLarge as err:
+        raise _Failure(Status.INVALID_ARGUMENT, str(err)) from None

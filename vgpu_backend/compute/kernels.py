@@ -92,14 +92,45 @@ def fill_u32(dst: Buffer, count: int, value: int, stats: KernelStats) -> None:
 
 
 def copy(dst: Buffer, src: Buffer, nbytes: int, stats: KernelStats) -> None:
-    """``memmove(dst, src, nbytes)`` in GPU virtual space."""
-    # an overlapping forward copy goes backwards, like memmove; each range's source is
-    # read (or staged) before its destination is written
-    for d, s in blocks([dst, src], nbytes, read=[False, True], written=[True, False],
-                       reverse=dst.va > src.va):
-        d[:] = s
-        stats.step()
+    """``memmove(dst, src, nbytes)`` in GPU virtual space: as if all ``nbytes`` of
+    ``src`` were read, then written to ``dst`` in VA order -- where ``dst`` names a host
+    byte more than once (a page mapped twice), its write at the highest VA wins.
+
+    Operands in one mapping (:meth:`~.Buffer.same_mapping`) are walked range by range,
+    an overlapping forward copy backwards, like memmove.  Operands sharing host memory
+    under other VAs (two blobs over the same guest pages, a page listed twice in one)
+    have no safe walking order: the source is staged whole (``stats.staged_bytes``).
+
+    :raise TooLarge: the source would be staged whole in more than
+        ``stats.max_staging`` bytes (nothing is written)."""
+    shared = dst.overlaps(src)
+    if shared and not dst.same_mapping(src):
+        _copy_staged(dst, src, nbytes, stats)
+    else:
+        # each range's source is read (or staged) before its destination is written;
+        # disjoint operands go forwards: a byte ``dst`` names twice gets its last write
+        for d, s in blocks([dst, src], nbytes, read=[False, True], written=[True, False],
+                           reverse=shared and dst.va > src.va):
+            d[:] = s
+            stats.step()
     stats.bytes_touched += 2 * nbytes
+
+
+def _copy_staged(dst: Buffer, src: Buffer, nbytes: int, stats: KernelStats) -> None:
+    """:func:`copy` through a staged copy of the whole source."""
+    if nbytes > stats.max_staging:
+        raise TooLarge(f"copy: the source ({nbytes} bytes) shares memory with the "
+                       "destination under other addresses and would be staged whole, "
+                       f"beyond the engine's {stats.max_staging}-byte staging limit")
+    whole = staging(0, nbytes)
+    pieces = range(0, nbytes, MAX_PIECE)
+    for lo in pieces:
+        src.move(lo, whole[lo:lo + MAX_PIECE], into_buffer=False)
+        stats.step()
+    for lo in pieces:  # in VA order
+        dst.move(lo, whole[lo:lo + MAX_PIECE], into_buffer=True)
+        stats.step()
+    stats.staged_bytes += nbytes
 
 
 def vadd_f32(dst: Buffer, a: Buffer, b: Buffer, count: int, stats: KernelStats) -> None:
