@@ -97,8 +97,9 @@ class Timelines:
             self._running += 1
         self._pool.submit(run)
 
-    def _deliver(self) -> None:
-        """Loop thread: hand finished jobs' results over and start the next jobs."""
+    def _deliver(self, wake: bool = True) -> None:
+        """Loop thread: hand finished jobs' results over and start the next jobs (and,
+        with ``wake``, run the barriers this reaches)."""
         with self._lock:
             done, self._done = self._done, []
         for key, on_done, result in done:
@@ -112,7 +113,7 @@ class Timelines:
                 self._start_next(key, line)
             elif not line.undelivered:
                 del self._lines[key]
-        if done:
+        if done and wake:
             self._wake_waiters()
 
     # --- barriers ------------------------------------------------------------------
@@ -184,7 +185,8 @@ class Timelines:
             # only the running job (the first undelivered one) will still complete
             line.undelivered = deque([line.undelivered[0]] if line.running else [])
         self.wait_running()
-        self._deliver()
+        # barriers on dropped jobs run after the dropped jobs' completions, below
+        self._deliver(wake=False)
         self._lines = {k: line for k, line in self._lines.items() if line.undelivered}
         for on_done in dropped:
             on_done(None)
