@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -48,7 +49,8 @@ def test_defaults(tmp_path: Path) -> None:
     device = config.device
     assert (device.max_outputs, device.default_mode, device.edid, device.blob) == (
         1, (1280, 800), True, True)
-    assert device.userptr_protocol is UserptrProtocol.V5
+    assert device.userptr_protocol is UserptrProtocol.V5 and device.compute
+    assert config.log_level == "info"
     assert (device.userptr_capset_id, device.compute_capset_id) == (
         DEFAULT_USERPTR_CAPSET, DEFAULT_COMPUTE_CAPSET)
     assert config.host_gpu == {"gpu": "auto", "gpu_ids": None, "isolation": "vm",
@@ -86,6 +88,20 @@ def test_fd_must_be_a_socket(connected_fd: int) -> None:
     (["--socket-path", "s", "--default-mode", "1280"], "WIDTHxHEIGHT"),
     (["--socket-path", "s", "--default-mode", "0x800"], "out of range"),
     (["--socket-path", "s", "--default-mode", "16385x10"], "out of range"),
+    (["--socket-path", "s", "--default-mode", "1280x0"], "out of range"),
+    (["--socket-path", "s", "--default-mode", "10x16385"], "out of range"),
+    (["--socket-path", "s", "--default-mode", "1280x800x2"], "WIDTHxHEIGHT"),
+    (["--socket-path", "s", "--gpu", "kfd", "--sim-gpus", "2"], "need --gpu sim"),
+    (["--socket-path", "s", "--gpu", "kfd", "--sim-kfd-minor", "18"], "need --gpu sim"),
+    (["--socket-path", "s", "--gpu", "kfd", "--sim-pre-batch"], "need --gpu sim"),
+    (["--socket-path", "s", "--gpu", "kfd", "--sim-fault", "MAP_MEMORY_TO_GPU:EIO"],
+     "need --gpu sim"),
+    (["--socket-path", "s", "--sim-fault", "MAP_MEMORY_TO_GPU"], "expected IOCTL:ERRNO"),
+    (["--socket-path", "s", "--sim-fault", "MAP_MEMORY_TO_GPU:EIO:1:0:0:9"],
+     "expected IOCTL:ERRNO"),
+    (["--socket-path", "s", "--sim-fault", "MAP_MEMORY_TO_GPU:ENOSUCHERRNO"], "unknown errno"),
+    (["--socket-path", "s", "--sim-fault", "MAP_MEMORY_TO_GPU:errorcode"], "unknown errno"),
+    (["--socket-path", "s", "--sim-fault", "MAP_MEMORY_TO_GPU:EIO:two"], "are numbers"),
     (["--socket-path", "s", "--max-backing-entries", "0"], "max_backing_entries"),
     (["--socket-path", "s", "--display-timeout", "-1"], "display_reply_timeout"),
 ])
@@ -113,12 +129,54 @@ def test_no_blob_with_userptr_off_is_fine() -> None:
     config = build_config(parser().parse_args(
         ["--socket-path", "s", "--no-blob", "--userptr-protocol", "off", "--no-edid",
          "--default-mode", "1024X768", "--max-outputs", "16", "--userptr-capset-id",
-         hex(free_id), "--compute-capset-id", str(MAX_CAPSET_ID)]))
-    assert (config.device.blob, config.device.edid) == (False, False)
+         hex(free_id), "--compute-capset-id", str(MAX_CAPSET_ID), "--no-compute",
+         "--log-level", "debug"]))
+    assert (config.device.blob, config.device.edid, config.device.compute) == (
+        False, False, False)
+    assert config.log_level == "debug"
     assert config.device.default_mode == (1024, 768)
     assert config.device.max_outputs == 16
     assert (config.device.userptr_capset_id, config.device.compute_capset_id) == (
         free_id, MAX_CAPSET_ID)
+
+
+def test_the_largest_default_mode() -> None:
+    """Width and height may both be ``max_dimension``."""
+    largest = DEFAULT_LIMITS.max_dimension
+    assert config_from("--socket-path", "s", "--default-mode", f"{largest}x{largest}"
+                       ).device.default_mode == (largest, largest)
+
+
+def test_host_gpu_options_are_passed_on() -> None:
+    """Every host-GPU and simulator option lands in ``host_gpu``; a --sim-fault is parsed
+    into SimFault's keywords (COUNT, AFTER, DEVICE in that order; the errno as a
+    number)."""
+    config = config_from(
+        "--socket-path", "s", "--gpu", "sim", "--gpu-ids", "0x5a3c,0x6b4d",
+        "--kfd-isolation", "context", "--userptr-host-path", "alias", "--sim-gpus", "2",
+        "--sim-kfd-minor", "18", "--sim-pre-batch", "--sim-fault", "MAP_MEMORY_TO_GPU:EINTR",
+        "--sim-fault", "UNMAP_MEMORY_FROM_GPU:EIO:2:3:1")
+    assert config.host_gpu == {
+        "gpu": "sim", "gpu_ids": [0x5A3C, 0x6B4D], "isolation": "context",
+        "userptr_path": "alias", "max_per_range_ranges": DEFAULT_LIMITS.max_per_range_ranges,
+        "sim": {"gpu_count": 2, "kfd_minor": 18, "batch_userptr": False},
+        "sim_faults": [{"ioctl": "MAP_MEMORY_TO_GPU", "errno": errno.EINTR},
+                       {"ioctl": "UNMAP_MEMORY_FROM_GPU", "errno": errno.EIO, "count": 2,
+                        "after": 3, "device_index": 1}]}
+
+
+def test_the_sim_options_reach_the_simulated_kernel() -> None:
+    """--sim-gpus, --sim-kfd-minor and --sim-pre-batch shape the host GPU that opens."""
+    config = config_from("--socket-path", "s", "--gpu", "sim", "--sim-gpus", "3",
+                         "--sim-kfd-minor", "18", "--sim-pre-batch")
+    gpu = open_host_gpu(config)
+    assert gpu is not None
+    try:
+        info = gpu.info()
+        assert (len(info.gpu_ids), info.kfd_version, info.batch_supported) == (
+            3, (1, 18), False)
+    finally:
+        gpu.close()
 
 
 def test_every_limit_option_overrides_its_limit() -> None:

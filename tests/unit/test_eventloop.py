@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
+import select
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any, TypeVar
 
 import pytest
 
 from tests.unit.loop_runner import run_until
+from vgpu_backend import eventloop
 from vgpu_backend.eventloop import EventLoop
+
+T = TypeVar("T")
 
 
 @pytest.fixture
@@ -108,7 +117,349 @@ def test_stop_from_a_thread_returns_from_run(loop: EventLoop) -> None:
 
 
 def test_close_releases_the_wakeup_fd() -> None:
+    """close() releases both descriptors: the epoll one and the wake-up eventfd."""
     loop = EventLoop()
     before = len(os.listdir("/proc/self/fd"))
     loop.close()
-    assert len(os.listdir("/proc/self/fd")) < before
+    assert len(os.listdir("/proc/self/fd")) == before - 2
+
+
+# --- readiness routing, watches, spinning ------------------------------------------------------
+
+
+class CountingEpoll:
+    """Wraps the loop's epoll object and counts its polls (a spinning loop polls
+    thousands of times; an idle one once per wake-up)."""
+
+    def __init__(self, epoll: select.epoll) -> None:
+        self._epoll = epoll
+        self.polls = 0
+
+    def poll(self, timeout: float = -1.0) -> list[tuple[int, int]]:
+        self.polls += 1
+        return self._epoll.poll(timeout)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._epoll, name)
+
+
+@pytest.fixture
+def polls(loop: EventLoop, monkeypatch: pytest.MonkeyPatch) -> CountingEpoll:
+    """Count the polls of ``loop``."""
+    counting = CountingEpoll(loop._epoll)
+    monkeypatch.setattr(loop, "_epoll", counting)
+    return counting
+
+
+def run_for(loop: EventLoop, seconds: float) -> None:
+    """Run ``loop`` until another thread stops it after ``seconds`` (or it stops
+    itself earlier)."""
+    timer = threading.Timer(seconds, loop.stop)
+    timer.start()
+    loop.run()
+    timer.cancel()
+    timer.join()
+
+
+def record_and_stop(loop: EventLoop, into: list[T], value: T) -> None:
+    """Append ``value`` to ``into`` and stop ``loop``."""
+    into.append(value)
+    loop.stop()
+
+
+def full_pipe() -> tuple[int, int]:
+    """A pipe whose (non-blocking) write end is full: ``(read end, write end)``."""
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            os.write(w, bytes(1 << 16))
+    return r, w
+
+
+def test_reader_is_told_of_a_hang_up(loop: EventLoop) -> None:
+    """A pipe whose writer closed reports EPOLLHUP only: the reader runs (and sees
+    EOF)."""
+    r, w = os.pipe()
+    got: list[bytes] = []
+
+    def readable() -> None:
+        got.append(os.read(r, 10))
+        loop.remove_reader(r)
+
+    loop.add_reader(r, readable)
+    os.close(w)
+    try:
+        run_until(loop, lambda: bool(got))
+    finally:
+        os.close(r)
+    assert got == [b""]
+
+
+@pytest.mark.parametrize("watch", ["reader", "writer"])
+def test_an_error_alone_reaches_the_watcher(loop: EventLoop, watch: str) -> None:
+    """EPOLLERR without readiness (a full pipe's write end after its reader closed)
+    runs the reader or writer, which then sees the error."""
+    r, w = full_pipe()
+    errors: list[type[OSError]] = []
+
+    def ready() -> None:
+        loop.forget_fd(w)
+        try:
+            os.write(w, b"x")
+        except OSError as e:
+            errors.append(type(e))
+
+    (loop.add_reader if watch == "reader" else loop.add_writer)(w, ready)
+    os.close(r)
+    try:
+        run_until(loop, lambda: bool(errors))
+    finally:
+        os.close(w)
+    assert errors == [BrokenPipeError]
+
+
+def test_writer_is_told_of_a_hang_up(loop: EventLoop,
+                                     pair: tuple[socket.socket, socket.socket]) -> None:
+    """A socket shut down with a full send buffer reports EPOLLHUP only: the writer
+    runs (and sees EPIPE)."""
+    a, _ = pair
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            a.send(bytes(1 << 16))
+    errors: list[type[OSError]] = []
+
+    def writable() -> None:
+        loop.remove_writer(a.fileno())
+        try:
+            a.send(b"x")
+        except OSError as e:
+            errors.append(type(e))
+
+    loop.add_writer(a.fileno(), writable)
+    a.shutdown(socket.SHUT_RDWR)
+    run_until(loop, lambda: bool(errors))
+    assert errors == [BrokenPipeError]
+
+
+def test_a_removed_reader_can_be_added_again(loop: EventLoop,
+                                             pair: tuple[socket.socket, socket.socket]) -> None:
+    """remove_reader then add_reader on the same fd watches it again."""
+    a, b = pair
+    got: list[bytes] = []
+    loop.add_reader(a.fileno(), lambda: None)
+    loop.remove_reader(a.fileno())
+    loop.add_reader(a.fileno(), lambda: got.append(a.recv(10)))
+    b.send(b"again")
+    run_until(loop, lambda: got == [b"again"])
+
+
+def test_a_reader_can_be_removed_after_its_fd_closed(loop: EventLoop) -> None:
+    """Removing the reader of an fd already closed is fine (epoll forgot it), and the
+    same fd number, reused, can be watched again."""
+    a, b = socket.socketpair()
+    fd = a.fileno()
+    loop.add_reader(fd, lambda: None)
+    a.close()
+    loop.remove_reader(fd)
+    c, d = socket.socketpair()
+    try:
+        assert c.fileno() == fd
+        got: list[bytes] = []
+        loop.add_reader(fd, lambda: got.append(c.recv(10)))
+        d.send(b"reused")
+        run_until(loop, lambda: got == [b"reused"])
+    finally:
+        for s in (b, c, d):
+            s.close()
+
+
+@pytest.mark.parametrize("how", ["remove_reader", "remove_writer", "forget_fd"])
+def test_a_dropped_watch_does_not_keep_the_loop_busy(
+        loop: EventLoop, polls: CountingEpoll, pair: tuple[socket.socket, socket.socket],
+        how: str) -> None:
+    """After its watch is dropped, an fd that stays readable and writable neither runs
+    a callback nor wakes the loop."""
+    a, b = pair
+    b.send(b"never read")
+    calls: list[str] = []
+    fd = a.fileno()
+
+    def reader() -> None:
+        calls.append("r")
+        if how == "forget_fd":
+            loop.forget_fd(fd)
+        else:
+            loop.remove_reader(fd)
+
+    def writer() -> None:
+        calls.append("w")
+        if how == "forget_fd":
+            loop.forget_fd(fd)
+        else:
+            loop.remove_writer(fd)
+
+    if how != "remove_writer":
+        loop.add_reader(fd, reader)
+    if how != "remove_reader":
+        loop.add_writer(fd, writer)
+    run_for(loop, 0.1)
+    if how == "forget_fd":
+        assert calls in (["r"], ["w"])
+    else:
+        assert calls == ["r" if how == "remove_reader" else "w"]
+    assert polls.polls <= 4
+
+
+def test_an_idle_loop_sleeps(loop: EventLoop, polls: CountingEpoll) -> None:
+    """With nothing to do the loop blocks in one poll until it is stopped."""
+    run_for(loop, 0.05)
+    assert polls.polls <= 2
+
+
+def test_the_wakeup_is_consumed(loop: EventLoop, polls: CountingEpoll) -> None:
+    """After running a thread-safe call the loop goes back to sleep (the eventfd is
+    read, not left readable)."""
+    done: list[int] = []
+    loop.call_soon_threadsafe(lambda: done.append(1))
+    run_for(loop, 0.05)
+    assert done == [1]
+    assert polls.polls <= 3
+
+
+# --- dispatch --------------------------------------------------------------------------------
+
+
+def test_a_reader_removed_by_an_earlier_callback_does_not_run(loop: EventLoop) -> None:
+    """Two fds ready in one poll; whichever reader runs first drops the other's watch:
+    the other reader does not run."""
+    first, second = socket.socketpair(), socket.socketpair()
+    ran: list[int] = []
+    try:
+        ends = [first[0], second[0]]
+
+        def reader(i: int) -> None:
+            ran.append(i)
+            ends[i].recv(10)
+            loop.forget_fd(ends[1 - i].fileno())
+
+        for i, end in enumerate(ends):
+            loop.add_reader(end.fileno(), functools.partial(reader, i))
+        first[1].send(b"1")
+        second[1].send(b"2")
+        loop.call_later(0.05, loop.stop)
+        loop.run()
+        assert len(ran) == 1
+    finally:
+        for s in (*first, *second):
+            s.close()
+
+
+def test_a_reader_that_forgets_its_fd_stops_its_writer(
+        loop: EventLoop, pair: tuple[socket.socket, socket.socket]) -> None:
+    """An fd readable and writable in one poll whose reader forgets it (EOF handling):
+    its writer does not run."""
+    a, b = pair
+    calls: list[str] = []
+
+    def reader() -> None:
+        calls.append("r")
+        a.recv(10)
+        loop.forget_fd(a.fileno())
+
+    loop.add_reader(a.fileno(), reader)
+    loop.add_writer(a.fileno(), lambda: calls.append("w"))
+    b.send(b"bye")
+    loop.call_later(0.05, loop.stop)
+    loop.run()
+    assert calls == ["r"]
+
+
+# --- timers ----------------------------------------------------------------------------------
+
+
+def test_timers_due_together_run_in_the_order_they_were_set(
+        loop: EventLoop, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a clock that does not move, every timer is due at once (when == now) and
+    they run first come, first served."""
+    monkeypatch.setattr(eventloop, "time", SimpleNamespace(monotonic=lambda: 1000.0))
+    order: list[int] = []
+    for i in range(20):
+        loop.call_later(0, functools.partial(order.append, i))
+    loop.call_later(0, loop.stop)
+    run_for(loop, 1.0)  # a safety stop; the last timer stops the loop first
+    assert order == list(range(20))
+
+
+def test_cancelled_timers_do_not_wake_the_loop(loop: EventLoop, polls: CountingEpoll) -> None:
+    """The loop sleeps until the first live timer, not until cancelled ones."""
+    for i in range(5):
+        loop.call_later(0.005 * (i + 1), lambda: None).cancel()
+    fired: list[float] = []
+    loop.call_later(0.06, functools.partial(record_and_stop, loop, fired, 1.0))
+    loop.run()
+    assert fired == [1.0]
+    assert polls.polls <= 2
+
+
+def test_an_overdue_timer_runs_at_once(loop: EventLoop) -> None:
+    """A timer already overdue when the loop gets back to polling (an earlier callback
+    was slow) runs without waiting."""
+    started = time.monotonic()
+    fired: list[float] = []
+    loop.call_later(0, lambda: time.sleep(0.03))
+    loop.call_later(0.005, lambda: record_and_stop(loop, fired, time.monotonic() - started))
+    run_for(loop, 1.5)  # a safety stop
+    assert fired and fired[0] < 0.5
+
+
+def test_a_fired_timer_lets_go_of_its_callback(loop: EventLoop) -> None:
+    """The handle of a timer that ran no longer holds the callback (nor what it
+    refers to)."""
+    fired: list[int] = []
+
+    def callback() -> None:
+        fired.append(1)
+
+    handle = loop.call_later(0, callback)
+    ref = weakref.ref(callback)
+    del callback
+    run_until(loop, lambda: bool(fired))
+    assert handle.callback is None and ref() is None
+
+
+# --- thread-safe calls, stop, close ------------------------------------------------------------
+
+
+def test_thread_safe_calls_run_in_order_in_one_wakeup(loop: EventLoop) -> None:
+    """Calls queued before the loop runs (one eventfd count for all) run in order."""
+    order: list[str] = []
+    loop.call_soon_threadsafe(lambda: order.append("a"))
+    loop.call_soon_threadsafe(lambda: order.append("b"))
+    loop.call_soon_threadsafe(loop.stop)
+    started = time.monotonic()
+    run_for(loop, 1.5)  # a safety stop
+    assert order == ["a", "b"]
+    assert time.monotonic() - started < 1.0
+
+
+def test_a_thread_safe_call_may_queue_another(loop: EventLoop) -> None:
+    """A thread-safe call that itself calls call_soon_threadsafe does not deadlock."""
+    order: list[str] = []
+
+    def first() -> None:
+        order.append("first")
+        loop.call_soon_threadsafe(functools.partial(record_and_stop, loop, order, "second"))
+
+    loop.call_soon_threadsafe(first)
+    thread = threading.Thread(target=loop.run, daemon=True)
+    thread.start()
+    thread.join(2.0)
+    assert not thread.is_alive() and order == ["first", "second"]
+
+
+def test_stop_after_close_is_harmless() -> None:
+    """stop() during shutdown, after close(), does not raise."""
+    loop = EventLoop()
+    loop.close()
+    loop.stop()
