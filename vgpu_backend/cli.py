@@ -147,8 +147,8 @@ def run(config: BackendConfig) -> int:
         log.error("%s", err)
         loop.close()
         return 1
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: loop.stop())
+    for signum in (signal.SIGTERM, signal.SIGINT):  # also before loop.run() starts
+        signal.signal(signum, lambda *_: loop.shutdown())
     try:
         if config.fd is not None:
             backend.serve(socket.socket(fileno=config.fd))

@@ -55,6 +55,7 @@ class EventLoop:
         self._calls_lock = threading.Lock()
         self._wakeup_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._running = False
+        self._shut_down = False
         self.add_reader(self._wakeup_fd, self._drain_wakeup)
 
     # --- fd watches -------------------------------------------------------------------
@@ -133,10 +134,17 @@ class EventLoop:
         with contextlib.suppress(OSError):  # closed during shutdown
             os.eventfd_write(self._wakeup_fd, 1)
 
+    def shutdown(self) -> None:
+        """Stop for good: :meth:`run` returns after the current iteration, and at once
+        whenever it is called again -- also when this comes before :meth:`run` (a
+        SIGTERM during start-up).  Signal-handler safe."""
+        self._shut_down = True
+        self.stop()
+
     def run(self) -> None:
-        """Dispatch events until :meth:`stop`."""
+        """Dispatch events until :meth:`stop` (or :meth:`shutdown`)."""
         self._running = True
-        while self._running:
+        while self._running and not self._shut_down:
             timeout = -1.0
             while self._timers and self._timers[0].callback is None:
                 heapq.heappop(self._timers)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from protocol.capsets import (
     RESERVED_CAPSET_IDS,
 )
 from protocol.limits import DEFAULT_LIMITS, cli_fields
+from tests.unit.hang_guard import deadline
 from vgpu_backend.cli import CAPABILITIES, main, parser
 from vgpu_backend.config import (
     BackendConfig,
@@ -27,7 +29,7 @@ from vgpu_backend.config import (
     with_limits,
 )
 from vgpu_backend.device_state import UserptrProtocol
-from vgpu_backend.runtime import open_host_gpu
+from vgpu_backend.runtime import Backend, open_host_gpu
 
 
 @pytest.fixture
@@ -269,3 +271,23 @@ def test_listening_socket_does_not_remove_other_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--socket-path"):
         listening_socket(str(path))
     assert path.read_text() == "keep me"
+
+
+def test_a_sigterm_before_the_loop_runs_still_ends_the_back_end(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM between installing the handlers and starting the loop (the start-up
+    window) is not lost: the back-end shuts down instead of serving on."""
+    def signalled_while_starting(self: Backend, listener: socket.socket) -> None:
+        real_listen(self, listener)
+        signal.raise_signal(signal.SIGTERM)
+
+    real_listen = Backend.listen
+    monkeypatch.setattr(Backend, "listen", signalled_while_starting)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with deadline(20.0):
+            assert main(["--socket-path", str(tmp_path / "vgpu.sock")]) == 0
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import os
 import select
+import signal
 import socket
 import threading
 import time
@@ -16,6 +17,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from tests.unit.hang_guard import deadline
 from tests.unit.loop_runner import run_until
 from vgpu_backend import eventloop
 from vgpu_backend.eventloop import EventLoop
@@ -114,6 +116,41 @@ def test_stop_from_a_thread_returns_from_run(loop: EventLoop) -> None:
     loop.run()  # no timers, no fds: only the wake-up eventfd can end the wait
     timer.join()
     assert time.monotonic() - started < 2.0
+
+
+def test_a_stop_before_run_is_forgotten_a_shutdown_is_not(loop: EventLoop) -> None:
+    """stop() ends the current run only: a run() after it dispatches as usual.
+    shutdown() sticks: run() returns at once, before it and ever after."""
+    ran: list[str] = []
+
+    def timer() -> None:
+        ran.append("timer")
+        loop.stop()
+
+    loop.stop()
+    loop.call_later(0.0, timer)
+    with deadline(10.0):
+        loop.run()
+    assert ran == ["timer"]
+    loop.shutdown()
+    loop.call_soon_threadsafe(lambda: ran.append("call"))
+    with deadline(10.0):
+        loop.run()
+        loop.run()
+    assert ran == ["timer"]  # nothing was dispatched any more
+
+
+def test_shutdown_from_a_signal_handler_ends_run(loop: EventLoop) -> None:
+    """A signal handler calling shutdown() while run() waits ends it (the eventfd
+    wakes the wait), and later runs return at once."""
+    previous = signal.signal(signal.SIGUSR1, lambda *_: loop.shutdown())
+    try:
+        loop.call_later(0.01, lambda: signal.raise_signal(signal.SIGUSR1))
+        with deadline(10.0):
+            loop.run()
+            loop.run()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
 
 
 def test_close_releases_the_wakeup_fd() -> None:
