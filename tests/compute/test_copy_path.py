@@ -11,7 +11,9 @@ import numpy.typing as npt
 import pytest
 
 from protocol.compute import Kernel, buffer_arg, f32_arg, u64_arg
+from protocol.virtio_gpu import ResourceCreate3d, TransferHost3d
 from protocol.virtio_gpu_codes import Cmd, Resp
+from protocol.wire import encode
 from tests.compute.busy_work import BusyBlob
 from tests.frontend.gpu_driver import PreparedCommand
 from tests.userptr import guest_commands as gc
@@ -145,6 +147,21 @@ def test_partial_transfers(vm: Vm) -> None:
     assert buf.backing.read(vm.ram) == bytes(want)
 
 
+def test_partial_transfer_to_host(vm: Vm) -> None:
+    """TRANSFER_TO_HOST_3D of a window (x, w) from a backing offset moves exactly those
+    bytes into the host buffer."""
+    ctx = vm.compute_context()
+    buf = create_buffer(vm, ctx, 3 * 4096)
+    to_host(vm, buf, np.zeros(buf.size, np.uint8))
+    data = vm.random_bytes(buf.size)
+    buf.backing.write(vm.ram, data)
+    vm.run(gc.transfer_3d(Cmd.TRANSFER_TO_HOST_3D, buf.resource_id, 900, 2200, offset=4096)
+           ).expect(Resp.OK_NODATA)
+    want = bytearray(buf.size)
+    want[900:3100] = data[4096:4096 + 2200]
+    assert from_host(vm, buf).tobytes() == bytes(want)
+
+
 def test_transfer_waits_for_compute(vm: Vm) -> None:
     """TRANSFER_FROM_HOST_3D after an unfenced job writing the buffer gets its result."""
     ctx = vm.compute_context()
@@ -157,14 +174,52 @@ def test_transfer_waits_for_compute(vm: Vm) -> None:
     assert got.view(np.uint32).tolist() == [0x0BADCAFE] * 1024
 
 
-@pytest.mark.parametrize(("field", "value"), [("target", 2), ("height", 2), ("nbytes", 0)])
+CREATE_3D_FIELDS = ("target", "height", "depth", "array_size", "last_level", "nr_samples")
+
+
+def create_3d(resource_id: int, nbytes: int, **fields: int) -> bytes:
+    """RESOURCE_CREATE_3D of a buffer (R8_UNORM) with any of :data:`CREATE_3D_FIELDS`."""
+    values = {"target": 0, "height": 1, "depth": 1, "array_size": 1, "last_level": 0,
+              "nr_samples": 0, **fields}
+    return gc.header(Cmd.RESOURCE_CREATE_3D) + encode(ResourceCreate3d(
+        resource_id, values["target"], 64, 0, nbytes, values["height"], values["depth"],
+        values["array_size"], values["last_level"], values["nr_samples"], 0))
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("target", 2), ("height", 2), ("nbytes", 0), ("depth", 2), ("depth", 0),
+    ("array_size", 2), ("array_size", 0), ("last_level", 1), ("nr_samples", 2)])
 def test_create_3d_rejections(vm: Vm, field: str, value: int) -> None:
-    """Only buffers (PIPE_BUFFER, width x 1 x 1, width > 0): INVALID_PARAMETER."""
-    fields = {"nbytes": 4096, "target": 0, "height": 1, field: value}
-    cmd = gc.create_buffer_3d(vm.new_resource_id(), fields["nbytes"], target=fields["target"],
-                              height=fields["height"])
-    vm.run(cmd).expect(Resp.ERR_INVALID_PARAMETER)
+    """Only buffers (PIPE_BUFFER, width x 1 x 1, one level and sample, width > 0):
+    INVALID_PARAMETER; the id stays free."""
+    rid = vm.new_resource_id()
+    nbytes = value if field == "nbytes" else 4096
+    shape = {} if field == "nbytes" else {field: value}
+    vm.run(create_3d(rid, nbytes, **shape)).expect(Resp.ERR_INVALID_PARAMETER)
+    vm.run(create_3d(rid, 4096)).expect(Resp.OK_NODATA)
+    vm.unref(rid).expect(Resp.OK_NODATA)
     vm.still_serving()
+
+
+@pytest.mark.parametrize("nr_samples", [0, 1])
+def test_create_3d_single_sample(vm: Vm, nr_samples: int) -> None:
+    """nr_samples 0 and 1 both mean one sample."""
+    rid = vm.new_resource_id()
+    vm.run(create_3d(rid, 4096, nr_samples=nr_samples)).expect(Resp.OK_NODATA)
+    vm.unref(rid).expect(Resp.OK_NODATA)
+
+
+def test_create_3d_resource_ids(vm: Vm) -> None:
+    """Id 0 and an id in use are INVALID_RESOURCE_ID; the buffer holding the id keeps
+    its contents."""
+    ctx = vm.compute_context()
+    buf = create_buffer(vm, ctx, 4096)
+    data = np.frombuffer(vm.random_bytes(buf.size), np.uint8)
+    to_host(vm, buf, data)
+    vm.run(create_3d(0, 4096)).expect(Resp.ERR_INVALID_RESOURCE_ID)
+    vm.run(create_3d(buf.resource_id, 8192)).expect(Resp.ERR_INVALID_RESOURCE_ID)
+    buf.backing.write(vm.ram, bytes(buf.size))
+    assert from_host(vm, buf).tobytes() == data.tobytes()
 
 
 def transfers(vm: Vm, buf: Buffer3d, blob_id: int) -> dict[str, tuple[PreparedCommand, Resp]]:
@@ -187,6 +242,21 @@ def test_transfer_rejections(vm: Vm) -> None:
     vm.run(gc.create_buffer_3d(bare, 4096)).expect(Resp.OK_NODATA)
     vm.run(gc.transfer_3d(Cmd.TRANSFER_TO_HOST_3D, bare, 0, 16)).expect(Resp.ERR_UNSPEC)
     vm.unref(bare).expect(Resp.OK_NODATA)
+
+
+@pytest.mark.parametrize("box", [{"y": 1}, {"z": 1}, {"h": 0}, {"h": 2}, {"d": 0}, {"d": 2},
+                                 {"level": 1}])
+def test_transfer_box_rejections(vm: Vm, box: dict[str, int]) -> None:
+    """A buffer transfer box is (x, 0, 0, w, 1, 1) at level 0: anything else is
+    INVALID_PARAMETER, in either direction."""
+    ctx = vm.compute_context()
+    buf = create_buffer(vm, ctx, 4096)
+    fields = {"x": 0, "y": 0, "z": 0, "w": 16, "h": 1, "d": 1, "offset": 0,
+              "resource_id": buf.resource_id, "level": 0, "stride": 0, "layer_stride": 0,
+              **box}
+    for cmd in (Cmd.TRANSFER_TO_HOST_3D, Cmd.TRANSFER_FROM_HOST_3D):
+        vm.run(gc.header(cmd) + encode(TransferHost3d(**fields))).expect(
+            Resp.ERR_INVALID_PARAMETER)
 
 
 def test_host_buffer_budget(start_vm: VmFactory) -> None:

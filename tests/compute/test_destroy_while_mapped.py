@@ -171,3 +171,19 @@ def test_blob_outlives_its_context(vm: Vm) -> None:
     read = second.run([dispatch(Kernel.CHECKSUM_CRC32, buffer_arg(va), u64_arg(2 * PAGE))])
     assert read.results.status == Status.OK, f"mapped at {va:#x} but the access faults"
     assert read.results.values()[0] == zlib.crc32(blob.buffer.read(vm.ram))
+
+
+def test_recreated_context_id_starts_empty(vm: Vm) -> None:
+    """CTX_DESTROY detaches every resource: a new context with the same id reaches none
+    of them (MAP_RESOURCE refuses) until they are attached to it again."""
+    first = vm.compute_context()
+    blob = first.blob(PAGE)
+    first.map(blob)
+    vm.destroy_context(first.ctx_id).expect(Resp.OK_NODATA)
+    vm.run(gc.ctx_create(first.ctx_id)).expect(Resp.OK_NODATA)
+    again = ComputeContext(vm, first.ctx_id, vm.userptr_blob(PAGE, ctx_id=first.ctx_id))
+    assert again.run([map_cmd(blob.resource_id)]).results.statuses() == [
+        Status.INVALID_RESOURCE]
+    vm.attach(again.ctx_id, blob.resource_id).expect(Resp.OK_NODATA)
+    assert again.run([map_cmd(blob.resource_id)]).results.status == Status.OK
+    vm.destroy_context(again.ctx_id).expect(Resp.OK_NODATA)

@@ -10,7 +10,14 @@ import pytest
 
 from protocol.compute import Status
 from protocol.virtio_gpu_codes import Resp
-from tests.userptr.compute_stream import copy_cmd, fill_cmd, map_cmd, signal_cmd, unmap_cmd
+from tests.userptr.compute_stream import (
+    copy_cmd,
+    fill_cmd,
+    map_cmd,
+    results_size,
+    signal_cmd,
+    unmap_cmd,
+)
 from tests.userptr.vm import ComputeContext, Vm
 
 PAGE = 4096
@@ -133,3 +140,20 @@ def test_commands_run_in_order(vm: Vm) -> None:
     assert run_in_order(ctx, va) == [Status.OK] * 4
     got = blob.buffer.read(vm.ram, 40)
     assert got == b"\1" * 8 + struct.pack("<Q", 0xFFFF) + b"\1" * 16 + struct.pack("<Q", 0xFFFF)
+
+
+def test_results_at_an_offset_up_to_the_blob_end(vm: Vm) -> None:
+    """``result_offset`` places the record: one ending exactly at the result blob's end
+    is accepted and written there; the bytes before it stay as they were."""
+    ctx = vm.compute_context()
+    data = ctx.blob(PAGE)
+    (va,) = ctx.map(data)
+    size = ctx.results.buffer.size
+    offset = size - results_size(2)
+    vm.poison_results(ctx.results, 2, offset)
+    before = ctx.results.buffer.read(vm.ram, offset)
+    vm.submit(ctx.ctx_id, [signal_cmd(va, 5), signal_cmd(va + 8, 6)], result=ctx.results,
+              result_offset=offset).expect(Resp.OK_NODATA)
+    got = vm.results(ctx.results, 2, offset)
+    assert (got.status, got.header.completed, got.values()) == (Status.OK, 2, [5, 6])
+    assert ctx.results.buffer.read(vm.ram, offset) == before

@@ -30,6 +30,7 @@ from vgpu_backend.device import CONTROL_QUEUE, CURSOR_QUEUE, VirtioGpuDevice
 from vgpu_backend.device_state import DeviceOptions, UserptrProtocol
 from vgpu_backend.display import DisplayState
 from vgpu_backend.eventloop import EventLoop
+from vgpu_backend.hostgpu.base import HostGpu
 
 __all__ = ["BACKING_BASE", "BACKING_END", "TWO_D_ONLY", "DeviceHarness", "Response", "command",
            "mem_entries"]
@@ -86,15 +87,17 @@ class Response:
 
 
 class DeviceHarness:
-    """One device, its guest RAM and rings; with ``display=True`` a QEMU display peer."""
+    """One device, its guest RAM and rings; with ``display=True`` a QEMU display peer;
+    with ``host_gpu`` (closed by the caller) blobs, contexts and compute can be served."""
 
     def __init__(self, limits: Limits | None = None, options: DeviceOptions | None = None,
-                 display: bool = False, display_send_buffer: int = 0) -> None:
+                 display: bool = False, display_send_buffer: int = 0,
+                 host_gpu: HostGpu | None = None) -> None:
         self.limits = limits or Limits(max_hostmem=16 << 20)
         self.ram = GuestRam([(0, RAM_SIZE)])
         self.loop = EventLoop()
         self.device = VirtioGpuDevice(self.loop, self.ram.memory, self.limits,
-                                      options or TWO_D_ONLY, None)
+                                      options or TWO_D_ONLY, host_gpu)
         self.control = DriverRing(self.ram, 64, 0x0)
         self.cursor = DriverRing(self.ram, 16, 0x4000)
         self.control.attach(self.device.queues[CONTROL_QUEUE])
