@@ -26,7 +26,7 @@ from tests.compute.test_buffers import (
     page_runs,
     subrange,
 )
-from vgpu_backend.compute import buffers
+from vgpu_backend.compute import buffers, kernels
 from vgpu_backend.compute.buffers import PAGE
 from vgpu_backend.compute.kernels import KernelStats, TooLarge, copy
 
@@ -102,13 +102,17 @@ def run_copies(draw: st.DrawFn) -> Copy:
          seed=0)  # blobs a page apart
 @example(case=(page_list([3, 4, 3]), BLOB_VA[1], page_list([5, 6, 7]), BLOB_VA[0],
                3 * PAGE), seed=0)  # a page named twice in the destination
+@example(case=(page_list([3, 4, 3]), BLOB_VA[1], page_list([4, 5, 6]), BLOB_VA[0],
+               3 * PAGE), seed=0)  # ... and a page shared with the source: staged whole
 def test_copy_is_a_memmove_in_va_space(arena: U8, block: int, walk: str, case: Copy,
                                        seed: int) -> None:
-    """Any aliasing, any walk, any block size: the byte model's result."""
+    """Any aliasing, any walk, any block size (of walked and of staged copies): the byte
+    model's result."""
     fill_random(arena, seed)
     dst_runs, dst_va, src_runs, src_va, n = case
     expected = model_copy(arena, dst_runs, src_runs, n)
     with mock.patch.object(buffers, "MAX_PIECE", block), \
+            mock.patch.object(kernels, "MAX_PIECE", block), \
             mock.patch.object(buffers, "_STAGE_BELOW", WALKS[walk]):
         copy(make(arena, dst_runs, dst_va), make(arena, src_runs, src_va), n, KernelStats())
     assert np.array_equal(arena, expected)

@@ -3,6 +3,7 @@ reused staging memory must never leak one dispatch's data into the next."""
 
 from __future__ import annotations
 
+import contextlib
 from unittest import mock
 
 import numpy as np
@@ -104,12 +105,26 @@ def test_product_written_over_an_operand(shared: str, scattered: bool) -> None:
                                rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize(("m", "n", "k"), [(64, 64, 64), (48, 256, 128), (40, 70, 90)],
-                         ids=["16 rows per run", "4+ rows per run", "rows split across runs"])
-def test_rows_in_one_run_are_used_in_place(m: int, n: int, k: int) -> None:
-    """When every run of ``a`` and ``c`` holds whole rows, a block or more, their row
-    blocks are used in place (only ``b``, spread over several runs, is staged); rows
-    split across runs are staged; the product is right either way."""
+#: m, n, k with 4 KiB runs and blocks of 3 rows: which operands are staged
+IN_PLACE_CASES = {
+    "16 rows per run": (64, 64, 64, "b"),
+    "4+ rows per run": (48, 256, 128, "b"),
+    "fewer rows per run of a than of c": (64, 64, 128, "b"),
+    "a short last run": (50, 64, 64, "b"),
+    "rows of a split across runs": (40, 64, 90, "ab"),
+    "rows of c split across runs": (40, 90, 64, "bc"),
+    "rows split across runs": (40, 70, 90, "abc"),
+    "runs of a hold fewer rows than a block": (12, 64, 512, "ab"),
+}
+
+
+@pytest.mark.parametrize(("m", "n", "k", "staged"), list(IN_PLACE_CASES.values()),
+                         ids=list(IN_PLACE_CASES))
+def test_rows_in_one_run_are_used_in_place(m: int, n: int, k: int, staged: str) -> None:
+    """When every run of ``a`` (or ``c``) holds whole rows, a block or more (but the
+    last run), its row blocks are used in place; otherwise each row is staged once;
+    ``b``, spread over several runs, is staged whole; the product is right either
+    way."""
     arena = ScatteredArena(256)
     a, b, abuf, bbuf, cbuf = matmul_operands(arena, m, n, k)
     stats = KernelStats()
@@ -118,10 +133,49 @@ def test_rows_in_one_run_are_used_in_place(m: int, n: int, k: int) -> None:
         matmul_f32(cbuf, abuf, bbuf, m, n, k, stats)
     np.testing.assert_allclose(cbuf.gather().view(np.float32).reshape(m, n), a @ b,
                                rtol=1e-4, atol=1e-4)
-    if RUN % (4 * k) == 0 and RUN % (4 * n) == 0:
-        assert stats.staged_bytes == bbuf.nbytes
-    else:
-        assert stats.staged_bytes > bbuf.nbytes
+    sizes = {"a": abuf.nbytes, "b": bbuf.nbytes, "c": cbuf.nbytes}
+    assert stats.staged_bytes == sum(sizes[name] for name in staged)
+
+
+def test_operands_in_one_run_each_are_not_staged() -> None:
+    """``a``, ``b`` and ``c`` each one host run: all used in place, nothing staged, so
+    the staging limit does not apply."""
+    m, n, k = 40, 24, 56
+    memory = np.zeros(4 * (m * k + k * n + m * n), np.uint8)
+    base = memory.ctypes.data
+    sizes = [4 * m * k, 4 * k * n, 4 * m * n]
+    starts = [base, base + sizes[0], base + sizes[0] + sizes[1]]
+    abuf, bbuf, cbuf = (Buffer(0x10000 * (i + 1), size, np.array([start], np.int64),
+                               np.array([size], np.int64))
+                        for i, (start, size) in enumerate(zip(starts, sizes, strict=True)))
+    a = RNG.standard_normal((m, k)).astype(np.float32)
+    b = RNG.standard_normal((k, n)).astype(np.float32)
+    f32(abuf, a)
+    f32(bbuf, b)
+    stats = KernelStats(max_staging=0)
+    matmul_f32(cbuf, abuf, bbuf, m, n, k, stats)
+    np.testing.assert_allclose(cbuf.gather().view(np.float32).reshape(m, n), a @ b,
+                               rtol=1e-4, atol=1e-4)
+    assert stats.staged_bytes == 0
+
+
+@pytest.mark.parametrize("cap", ["multiply-adds", "bytes"])
+def test_a_row_beyond_every_cap_is_a_block(cap: str) -> None:
+    """A row with more multiply-adds, or more bytes, than a block may have is computed
+    one row per block (never zero rows)."""
+    arena = ScatteredArena(64)
+    m, n, k = 9, 20, 30
+    a, b, abuf, bbuf, cbuf = matmul_operands(arena, m, n, k)
+    caps = {"_MATMUL_BLOCK_MACS": 1, "_MATMUL_MAX_BLOCK_MACS": 1} if cap == "multiply-adds" \
+        else {"_MATMUL_BLOCK_BYTES": 4}
+    stats = KernelStats()
+    with contextlib.ExitStack() as patches:
+        for name, value in caps.items():
+            patches.enter_context(mock.patch.object(kernels, name, value))
+        matmul_f32(cbuf, abuf, bbuf, m, n, k, stats)
+    np.testing.assert_allclose(cbuf.gather().view(np.float32).reshape(m, n), a @ b,
+                               rtol=1e-4, atol=1e-4)
+    assert stats.pieces == m
 
 
 @pytest.mark.parametrize(("m", "n", "k"), [(4, 3, 0), (4, 0, 5), (0, 3, 5), (0, 0, 0)])
@@ -156,10 +210,12 @@ def test_operands_beyond_the_staging_limit_are_refused(shared: bool) -> None:
     np.testing.assert_allclose(product, a @ b, rtol=1e-4, atol=1e-4)
 
 
-def test_row_blocks_are_bounded_in_bytes() -> None:
-    """Wide rows make fewer rows per staged block (never fewer than one)."""
+@pytest.mark.parametrize(("n", "k"), [(2, 4096), (4096, 2)], ids=["rows of a", "rows of c"])
+def test_row_blocks_are_bounded_in_bytes(n: int, k: int) -> None:
+    """Wide rows of ``a`` or of ``c`` make fewer rows per staged block (never fewer than
+    one)."""
     arena = ScatteredArena(300)
-    m, n, k = 24, 2, 4096  # rows of a: 16 KiB; the MAC targets alone would take all 24
+    m = 24  # wide rows: 16 KiB; the MAC targets alone would take all 24
     a, b, abuf, bbuf, cbuf = matmul_operands(arena, m, n, k)
     sizes: list[int] = []
     real = buffers.staging
@@ -167,12 +223,12 @@ def test_row_blocks_are_bounded_in_bytes() -> None:
     def spy(slot: int, nbytes: int) -> npt.NDArray[np.uint8]:
         sizes.append(nbytes)
         return real(slot, nbytes)
-    with mock.patch.object(kernels, "_MATMUL_BLOCK_BYTES", 5 * 4 * k), \
+    with mock.patch.object(kernels, "_MATMUL_BLOCK_BYTES", 5 * 4 * max(n, k)), \
             mock.patch.object(kernels, "staging", spy):
         matmul_f32(cbuf, abuf, bbuf, m, n, k, KernelStats())
     np.testing.assert_allclose(cbuf.gather().view(np.float32).reshape(m, n), a @ b,
                                rtol=1e-3, atol=1e-3)
-    assert max(s for s in sizes if s != bbuf.nbytes) <= 5 * 4 * k
+    assert max(s for s in sizes if s != bbuf.nbytes) <= 5 * 4 * max(n, k)
 
 
 def test_a_job_past_its_deadline_stops_at_the_next_piece() -> None:

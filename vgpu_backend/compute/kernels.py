@@ -53,7 +53,8 @@ class TooLarge(Exception):
 
 @dataclass(slots=True)
 class KernelStats:
-    """What a kernel did (for results and the demo's summary), and its cancellation."""
+    """What a kernel did (the engine logs the bytes touched and staged per job), and
+    its cancellation."""
 
     bytes_touched: int = 0
     staged_bytes: int = 0
