@@ -209,3 +209,21 @@ def test_process_maps_intervals_from_given_mappings() -> None:
     assert maps.first_uncovered(arr(10, 15, 9), arr(12, 7, 1), write=False) == 2
     assert maps.first_uncovered(arr(10, 15), arr(12, 7), write=False) == -1
     assert maps.first_uncovered(arr(10), arr(1), write=True) == 0
+
+
+def test_an_empty_range_is_covered_wherever_it_lies() -> None:
+    """A range of 0 bytes touches no memory: covered in a gap, below every mapping and
+    where nothing is writable, by the maps file as by PROCMAP_QUERY."""
+    def arr(*values: int) -> np.ndarray[tuple[int], np.dtype[np.int64]]:
+        return np.array(values, dtype=np.int64) * PAGE
+
+    yes = np.array([True])
+    maps = ProcessMaps(arr(10), arr(20), yes, ~yes)
+    for write in (False, True):
+        assert maps.first_uncovered(arr(30, 5), arr(0, 0), write=write) == -1
+        assert maps.first_uncovered(arr(30, 5, 30), arr(0, 0, 1), write=write) == 2
+    gap = hostmem.reserve(PAGE)
+    hostmem.unmap(gap, PAGE)  # an address in no mapping
+    starts, sizes = np.array([gap], np.int64), np.array([0], np.int64)
+    assert ProcessMaps.read().first_uncovered(starts, sizes, write=True) == -1
+    assert query_first_uncovered(starts, sizes, write=True) in (-1, None)  # None: < 6.11

@@ -151,14 +151,16 @@ class ProcessMaps:
     def first_uncovered(self, starts: npt.NDArray[np.int64], sizes: npt.NDArray[np.int64],
                         *, write: bool) -> int:
         """Index of the first range not entirely inside accessible (writable when
-        ``write``) memory, or -1 when every range is covered."""
+        ``write``) memory, or -1 when every range is covered (an empty range touches
+        nothing: it is covered wherever it lies, as with ``PROCMAP_QUERY``)."""
         m_starts, m_ends = self._write if write else self._read
         if starts.size == 0:
             return -1
         if m_starts.size == 0:
-            return 0
+            nonempty = np.flatnonzero(sizes > 0)
+            return int(nonempty[0]) if nonempty.size else -1
         i = np.searchsorted(m_starts, starts, side="right") - 1
-        inside = (i >= 0) & (starts + sizes <= m_ends[np.maximum(i, 0)])
+        inside = (sizes == 0) | ((i >= 0) & (starts + sizes <= m_ends[np.maximum(i, 0)]))
         bad = np.flatnonzero(~inside)
         return int(bad[0]) if bad.size else -1
 
