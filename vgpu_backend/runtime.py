@@ -39,8 +39,15 @@ def open_host_gpu(config: BackendConfig) -> HostGpu | None:
 
 
 def open_fds() -> set[int]:
-    """This process's open file descriptors."""
-    return {int(name) for name in os.listdir("/proc/self/fd")}
+    """This process's open file descriptors (not the one listing them)."""
+    fds = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            os.fstat(int(name))
+        except OSError:  # listdir's own directory fd, closed by now
+            continue
+        fds.add(int(name))
+    return fds
 
 
 class Backend:

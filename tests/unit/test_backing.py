@@ -1,4 +1,4 @@
-"""``Backing.read`` and ``read_rows`` against a concatenation model;
+"""``Backing.read``, ``read_rows`` and ``write`` against a concatenation model;
 ``read_mem_entries`` snapshots."""
 
 from __future__ import annotations
@@ -162,6 +162,78 @@ def test_regions_used(ram: GuestRam) -> None:
     assert backing.region_ids == ids
     assert all(backing.uses_region(i) for i in ids)
     assert not backing.uses_region(max(ids) + 1)
+    one = make_backing(ram, [(0x200000 + 64, 128)], coalesce=True)  # a single segment
+    assert len(one.segments) == 1 and len(one.region_ids) == 1
+    assert one.uses_region(next(iter(one.region_ids)))
+
+
+def test_read_rows_refuses_bad_shapes(ram: GuestRam) -> None:
+    """No rows, empty rows or rows overlapping (stride < row_bytes) are caller bugs."""
+    backing = make_backing(ram, [(0x200000, PAGE)], coalesce=True)
+    for rows, row_bytes, stride in [(0, 4, 4), (-1, 4, 8), (2, 0, 4), (2, 8, 4)]:
+        with pytest.raises(ValueError):
+            backing.read_rows(0, stride, row_bytes, rows)
+
+
+def test_negative_starts_are_refused(ram: GuestRam) -> None:
+    """A range starting before the backing is refused even when it ends inside it."""
+    backing = make_backing(ram, [(0x100000, 100), (0x200000, 100)], coalesce=False)
+    with pytest.raises(GuestProtocolError):
+        backing.read(-1, 10)
+    with pytest.raises(GuestProtocolError):
+        backing.read_rows(-4, 8, 4, 2)
+    with pytest.raises(GuestProtocolError):
+        backing.read_into(-1, np.zeros(10, np.uint8))
+
+
+def test_reads_inside_one_segment_at_its_edges_are_views(ram: GuestRam) -> None:
+    """A range that starts where a segment starts or ends where it ends, or rows whose
+    span lies in one segment, is still a view of guest memory, not a copy."""
+    backing = make_backing(ram, [(0x100000, PAGE), (0x200000, PAGE)], coalesce=False)
+    for view in (backing.read(PAGE, 64), backing.read(PAGE - 64, 64),
+                 backing.read(0, PAGE), backing.read_rows(PAGE, 128, 64, 4)):
+        assert not view.flags.owndata and view.base is not None
+    rows = backing.read_rows(PAGE, 128, 64, 4)
+    ram.write(0x200080, b"\xCD" * 64)
+    try:
+        assert rows[1].tobytes() == b"\xCD" * 64  # no copy was made
+    finally:
+        ram.write(0x200080, bytes(64))
+
+
+@pytest.mark.parametrize("runs, start, size", [
+    ([(0x200000, PAGE)], 16, 32),  # one segment: stored through a view
+    ([(0x100000 + 3, 100), (0x200000 + 5, 200)], 50, 200),  # unaligned: piece by piece
+    ([(0x100000, 128), (0x100000 + 2 * PAGE, 128)], 0, 256),  # index rows, one region
+    ([(0x100000, 128), (0x200000, 128), (0x100000 + PAGE, 128)], 64, 320),  # two regions
+], ids=["view", "looped", "one region", "two regions"])
+def test_write_stores_into_the_right_guest_bytes(runs: list[tuple[int, int]], start: int,
+                                                 size: int) -> None:
+    """``write`` puts each byte where ``read`` takes it from, and touches nothing else,
+    on each of the copy paths."""
+    wram = GuestRam(LAYOUT)
+    try:
+        rng = random.Random(size)
+        for gpa, length, *_ in LAYOUT:
+            wram.write(gpa, rng.randbytes(length))
+        expected = {gpa: bytearray(wram.read(gpa, length)) for gpa, length, *_ in LAYOUT}
+        backing = make_backing(wram, runs, coalesce=False)
+        data = rng.randbytes(size)
+        backing.write(start, np.frombuffer(data, np.uint8))
+        done = 0
+        for a, n in runs:  # the model: the written bytes land run by run, in order
+            for i in range(n):
+                if start <= done + i < start + size:
+                    base = 0x100000 if a < 0x200000 else 0x200000  # runs stay in a region
+                    expected[base][a - base + i] = data[done + i - start]
+            done += n
+        for gpa, length, *_ in LAYOUT:
+            assert wram.read(gpa, length) == bytes(expected[gpa]), hex(gpa)
+        assert backing.read(start, size).tobytes() == data
+        with pytest.raises(GuestProtocolError):
+            backing.write(backing.size - 1, np.zeros(2, np.uint8))
+    finally:
+        wram.close()
 
 
 # --- read_mem_entries --------------------------------------------------------------
@@ -192,6 +264,7 @@ def test_read_mem_entries_checks_count_and_bytes_and_snapshots(
     addr, length = read_mem_entries(chain, 32, 4, limit=4)
     assert addr.tolist() == [0, 0x1000, 0x2000, 0x3000]
     assert length.tolist() == [100, 101, 102, 103] and length.dtype == np.uint64
+    assert addr.flags.c_contiguous and length.flags.c_contiguous  # columns
     ram.write(0x9000, b"\xFF" * 8)  # the guest changes its mind afterwards
     assert addr.tolist()[1] == 0x1000
     with pytest.raises(GuestProtocolError, match="limit"):

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import errno
+import gc
 import json
+import logging
 import os
 import signal
 import socket
+import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +24,7 @@ from protocol.capsets import (
 )
 from protocol.limits import DEFAULT_LIMITS, cli_fields
 from tests.unit.hang_guard import deadline
+from vgpu_backend import cli
 from vgpu_backend.cli import CAPABILITIES, main, parser
 from vgpu_backend.config import (
     BackendConfig,
@@ -273,13 +278,14 @@ def test_listening_socket_does_not_remove_other_files(tmp_path: Path) -> None:
     assert path.read_text() == "keep me"
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_sigterm_before_the_loop_runs_still_ends_the_back_end(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """SIGTERM between installing the handlers and starting the loop (the start-up
-    window) is not lost: the back-end shuts down instead of serving on."""
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, signum: signal.Signals) -> None:
+    """SIGTERM (or SIGINT) between installing the handlers and starting the loop (the
+    start-up window) is not lost: the back-end shuts down instead of serving on."""
     def signalled_while_starting(self: Backend, listener: socket.socket) -> None:
         real_listen(self, listener)
-        signal.raise_signal(signal.SIGTERM)
+        signal.raise_signal(signum)
 
     real_listen = Backend.listen
     monkeypatch.setattr(Backend, "listen", signalled_while_starting)
@@ -288,6 +294,40 @@ def test_a_sigterm_before_the_loop_runs_still_ends_the_back_end(
         with deadline(20.0):
             assert main(["--socket-path", str(tmp_path / "vgpu.sock")]) == 0
     finally:
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
+        for installed, handler in handlers.items():
+            signal.signal(installed, handler)
 
+
+
+def test_the_log_level_option_sets_the_level(monkeypatch: pytest.MonkeyPatch) -> None:
+    """main() configures logging with --log-level before running."""
+    levels: list[str] = []
+    monkeypatch.setattr(cli, "_configure_logging", levels.append)
+    monkeypatch.setattr(cli, "run", lambda config: 0)
+    assert main(["--socket-path", "s", "--log-level", "warning"]) == 0
+    assert main(["--socket-path", "s"]) == 0
+    assert levels == ["warning", "info"]
+
+
+@pytest.mark.parametrize("level", ["debug", "error"])
+def test_logging_goes_to_stderr_at_the_chosen_level(monkeypatch: pytest.MonkeyPatch,
+                                                    level: str) -> None:
+    """The root logger gets the level and one stderr handler (stdout stays clean)."""
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])
+    monkeypatch.setattr(root, "level", root.level)
+    cli._configure_logging(level)
+    [handler] = root.handlers
+    assert root.level == getattr(logging, level.upper())
+    assert isinstance(handler, logging.StreamHandler) and handler.stream is sys.stderr
+
+
+def test_a_failed_bind_closes_its_socket(tmp_path: Path) -> None:
+    """The socket of a --socket-path that cannot be bound is closed, not left to the
+    garbage collector (which would warn about it)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ConfigError, match="--socket-path"):
+            listening_socket(str(tmp_path / "no" / "vgpu.sock"))
+        gc.collect()
+    assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []

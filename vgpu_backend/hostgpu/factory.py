@@ -109,12 +109,13 @@ def create_host_gpu(options: HostGpuOptions | None = None, *,
     """
     options = options or HostGpuOptions()
     transport = transport or _transport(options)
+    if options.sim_faults and not isinstance(transport, SimTransport):
+        # refused before anything opens: the GPU built below would stay open
+        raise HostGpuError("fault injection needs the simulated KFD", unsupported=True)
     gpu = KfdHostGpu(transport, gpu_ids=options.gpu_ids,
                      isolation=options.isolation, userptr_path=options.userptr_path,
                      max_per_range_ranges=options.max_per_range_ranges)
-    if options.sim_faults:
-        if not isinstance(transport, SimTransport):
-            raise HostGpuError("fault injection needs the simulated KFD", unsupported=True)
+    if options.sim_faults and isinstance(transport, SimTransport):
         for fault in options.sim_faults:
             transport.kernel.inject(fault)
         log.warning("simulated KFD will inject %d fault(s): %s", len(options.sim_faults),
