@@ -135,7 +135,7 @@ class Engine:
             try:
                 if cancel is not None and cancel.is_set():
                     raise kernels.Cancelled
-                value = self._ops[cmd.op](vm, cmd, prepared.get(cmd.index), outcome.stats)
+                value = self._execute(vm, cmd, prepared.get(cmd.index), outcome.stats)
             except kernels.Cancelled as stop:
                 fail = _Failure(Status.ABORTED, f"ran longer than {self._job_timeout:g} s"
                                 if isinstance(stop, kernels.OverTime)
@@ -164,6 +164,15 @@ class Engine:
         if target is not None and not (cancel is not None and cancel.is_set()):
             self._write_results(vm, target, outcome)
         return outcome
+
+    def _execute(self, vm: ContextVm, cmd: Command, prepared: Mapping | None,
+                 stats: KernelStats) -> int:
+        """One command.  Operands a kernel would have to stage whole beyond the staging
+        limit (MATMUL's, an aliased COPY's source) are an invalid argument."""
+        try:
+            return self._ops[cmd.op](vm, cmd, prepared, stats)
+        except kernels.TooLarge as err:
+            raise _Failure(Status.INVALID_ARGUMENT, str(err)) from None
 
     def _write_results(self, vm: ContextVm, target: ResultTarget, outcome: Outcome) -> None:
         blob = encode(ResultHeader(RESULT_MAGIC, outcome.status, outcome.failed_index,
@@ -242,7 +251,7 @@ class Engine:
             raise _Failure(Status.INVALID_COMMAND, "command body mismatch")
         src = self._buffer(vm, body.src, body.size, write=False, align=1)
         dst = self._buffer(vm, body.dst, body.size, write=True, align=1)
-        _copy(dst, src, body.size, stats)
+        kernels.copy(dst, src, body.size, stats)
         return body.size
 
     def _signal(self, vm: ContextVm, cmd: Command, prepared: Mapping | None,
@@ -277,7 +286,7 @@ class Engine:
             n = count(2)
             src = self._buffer(vm, int(arg(1)), n, write=False, align=1)
             dst = self._buffer(vm, int(arg(0)), n, write=True, align=1)
-            _copy(dst, src, n, stats)
+            kernels.copy(dst, src, n, stats)
             return n
         if kernel is Kernel.VADD_F32:
             n = count(3)
@@ -302,22 +311,10 @@ class Engine:
             a = self._buffer(vm, int(arg(1)), 4 * m * k, write=False)
             b = self._buffer(vm, int(arg(2)), 4 * k * n, write=False)
             c = self._buffer(vm, int(arg(0)), 4 * m * n, write=True)
-            try:
-                kernels.matmul_f32(c, a, b, m, n, k, stats)
-            except kernels.TooLarge as err:
-                raise _Failure(Status.INVALID_ARGUMENT, str(err)) from None
+            kernels.matmul_f32(c, a, b, m, n, k, stats)
             return m * n
         if kernel is Kernel.CHECKSUM_CRC32:
             n = count(1)
             return kernels.checksum_crc32(self._buffer(vm, int(arg(0)), n, write=False,
                                                        align=1), n, stats)
         raise _Failure(Status.INVALID_COMMAND, f"kernel {kernel.name}")  # pragma: no cover
-
-
-def _copy(dst: Buffer, src: Buffer, nbytes: int, stats: KernelStats) -> None:
-    """COPY (the command and the kernel): a source sharing memory with the destination
-    under other addresses, too large to stage, is an invalid argument."""
-    try:
-        kernels.copy(dst, src, nbytes, stats)
-    except kernels.TooLarge as err:
-        raise _Failure(Status.INVALID_ARGUMENT, str(err)) from None
