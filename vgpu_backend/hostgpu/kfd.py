@@ -334,13 +334,13 @@ class KfdHostGpu(HostGpu):
         if self._closed:
             return
         self._closed = True
+        for context in list(self._contexts):  # its mappings, and refusals to leftovers
+            self.close_context(context)
         for mapping in list(self._live.values()):
             try:
                 self.release(mapping)
             except (HostGpuError, OSError) as e:
                 log.error("releasing mapping at GPU VA %#x on close: %s", mapping.gpu_va, e)
-        for context in list(self._contexts):
-            self.close_context(context)
         for reg in self._leftovers:
             try:
                 teardown(reg)
