@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import struct
+import sys
 
 import numpy as np
 import numpy.typing as npt
@@ -47,7 +48,8 @@ _NO_INTERRUPT = int(AvailFlag.NO_INTERRUPT)
 #: codecs derived from the ``@wire`` declarations in protocol.virtqueue
 _DESC = layout(VirtqDesc).struct
 _USED_ELEM = layout(VirtqUsedElem).struct
-_U16 = struct.Struct("<H")
+if sys.byteorder != "little":  # the ring indices are read and stored as native u16
+    raise ImportError("virtio rings are little-endian: this host is not")
 #: two descriptors at once: the command + response pair nearly every chain is
 _DESC_PAIR = struct.Struct("<QIHHQIHH")
 
@@ -215,13 +217,19 @@ class Virtqueue:
         self._desc = d_reg.view[d_off:d_off + desc_table_size(n)]
         self._avail = a_reg.view[a_off:a_off + avail_ring_size(n)]
         self._used = u_reg.view[u_off:u_off + used_ring_size(n)]
-        self._avail_event_at = 4 + 8 * n
-        self._used_event_at = 4 + 2 * n
+        # The indices the driver polls while we run (used.idx, avail_event) are
+        # stored through native 16-bit views: one store each.  struct's pack_into
+        # zeroes its target before it writes the value, so a driver polling on
+        # another CPU could see 0 in between (a guest saw used.idx go from 3 to 0).
+        self._avail_u16 = self._avail.cast("H")
+        self._used_u16 = self._used.cast("H")
+        self._avail_event_at = 2 + 4 * n  # u16 index of used->avail_event
+        self._used_event_at = 2 + n  # u16 index of avail->used_event
         self._region_ids = {d_reg.id, a_reg.id, u_reg.id}
         self._mapped = True
         if self._used_idx_from_ring:
             self._used_idx_from_ring = False
-            self.used_idx = _U16.unpack_from(self._used, 2)[0]
+            self.used_idx = self._used_u16[1]
             self._signalled_valid = False
 
     def uses_region(self, region: MemoryRegion) -> bool:
@@ -230,7 +238,7 @@ class Virtqueue:
 
     def _unmap(self) -> None:
         if self._mapped:
-            del self._desc, self._avail, self._used
+            del self._desc, self._avail, self._used, self._avail_u16, self._used_u16
         self._mapped = False
         self._region_ids = set()
 
@@ -255,7 +263,7 @@ class Virtqueue:
 
     def pending(self) -> int:
         """Number of chains the driver made available that we have not popped."""
-        return int(_U16.unpack_from(self._avail, 2)[0] - self.last_avail) & 0xFFFF
+        return (self._avail_u16[1] - self.last_avail) & 0xFFFF
 
     def pop(self) -> DescriptorChain | None:
         """The next available chain, or ``None`` when the ring is empty.
@@ -282,7 +290,7 @@ class Virtqueue:
         pending = self.pending()
         if pending == 0:
             if self.event_idx:
-                _U16.pack_into(self._used, self._avail_event_at, self.last_avail)
+                self._used_u16[self._avail_event_at] = self.last_avail
                 pending = self.pending()  # re-check after publishing
             if pending == 0:
                 return []
@@ -291,8 +299,8 @@ class Virtqueue:
             raise _ring_fatal(f"avail index moved by {pending} on a ring of {num}")
         pending = min(pending, limit)
         chains: list[DescriptorChain] = []
-        avail, table, last = self._avail, self._desc, self.last_avail
-        unpack_desc, unpack_head = _DESC.unpack_from, _U16.unpack_from
+        avail, table, last = self._avail_u16, self._desc, self.last_avail
+        unpack_desc = _DESC.unpack_from
         region = self._last_region
         pairs = self._pairs_allowed and region is not None and region.fd >= 0
         gpa = end = 0
@@ -300,7 +308,7 @@ class Virtqueue:
         if region is not None:
             gpa, end, view = region.gpa, region.gpa + region.size, region.view
         for _ in range(pending):
-            head = unpack_head(avail, 4 + 2 * (last % num))[0]
+            head = avail[2 + last % num]
             try:
                 if head >= num:
                     raise _ring_fatal(f"head index {head} >= queue size {num}")
@@ -446,7 +454,7 @@ class Virtqueue:
         """Return a chain to the driver with ``written`` bytes in its writable part."""
         _USED_ELEM.pack_into(self._used, 4 + 8 * (self.used_idx % self.num), head, written)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
-        _U16.pack_into(self._used, 2, self.used_idx)  # x86 is TSO: the entry is seen first
+        self._used_u16[1] = self.used_idx  # x86 is TSO: the entry is seen first
 
     def notify(self) -> None:
         """Signal the call eventfd if the driver wants an interrupt now."""
@@ -457,9 +465,9 @@ class Virtqueue:
             valid, self._signalled_valid = self._signalled_valid, True
             self._signalled_used = new
             if valid and not vring_need_event(
-                    _U16.unpack_from(self._avail, self._used_event_at)[0], new, old):
+                    self._avail_u16[self._used_event_at], new, old):
                 return
-        elif _U16.unpack_from(self._avail, 0)[0] & _NO_INTERRUPT:
+        elif self._avail_u16[0] & _NO_INTERRUPT:
             return
         try:
             os.eventfd_write(self.call_fd, 1)
