@@ -4,40 +4,47 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import lzma
+import itertools
+import os
+import re
+import signal
 import socket
-import stat
-import struct
-import subprocess
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
-from vmrunner import console_check
-from vmrunner.backend import backend_spec, is_listening
+from vmrunner import commands, console_check
+from vmrunner.backend import REPO_ROOT, BackendSpec, backend_spec, is_listening, start_backend
 from vmrunner.control import ControlServer, GuestEvent, parse_event
 from vmrunner.errors import HarnessError
-from vmrunner.initramfs import CpioEntry, write_newc
 from vmrunner.junit import read_junit, summarize
-from vmrunner.kernel import extract_vmlinux, modinfo_depends
-from vmrunner.qemu import Share, VmLayout, kernel_cmdline, qemu_command
-from vmrunner.screendump import parse_ppm
+from vmrunner.processes import ManagedProcess, tail
+from vmrunner.qemu import CONTROL_PORT_NAME, Share, VmLayout, kernel_cmdline, qemu_command
+from vmrunner.screendump import Screendumper, parse_ppm
+from vmrunner.session import VmSession
+
+from guest_tests.guest_helpers import ppm_bytes
 
 GEOMETRY = {"xres": 640, "yres": 480, "stride": 2560, "bpp": 32, "rows": 30, "cols": 80,
             "x0": 352, "y0": 384}
 
 
-def _render_console(seed: int = 7) -> np.ndarray:
-    """What a correct display shows: fake 8x16 glyphs in the palette colours + the pattern."""
+def _render_console(seed: int = 7, font_alias: dict[str, str] | None = None) -> np.ndarray:
+    """What a correct display shows: fake 8x16 glyphs in the palette colours + the pattern
+    (a broken font draws each key of `font_alias` with the glyph of its value)."""
     rng = np.random.default_rng(seed)
     glyphs: dict[str, np.ndarray] = {" ": np.zeros((16, 8), bool)}
     image = np.zeros((GEOMETRY["yres"], GEOMETRY["xres"], 3), np.uint8)
     for line in console_check.CONSOLE_LINES:
-        for col, char in enumerate(line.text):
+        for col, written in enumerate(line.text):
+            char = (font_alias or {}).get(written, written)
             if char not in glyphs:
                 mask = rng.random((16, 8)) < 0.4
                 mask[0, 0] = True
@@ -71,6 +78,27 @@ def test_console_check_rejects_stray_pixels_and_swapped_glyphs() -> None:
     swapped = _render_console()
     swapped[0:16, 8:16] = swapped[0:16, 0:8]  # 'g' drawn as 'v'
     assert any("glyph" in f for f in console_check.check_console(swapped, GEOMETRY))
+    damaged = _render_console()
+    cell = damaged[32:48, 32:40]  # row 2 col 4: the last 'A' of "AABBA"
+    y, x = np.argwhere((cell != console_check.BRIGHT_YELLOW).any(axis=2))[0]
+    cell[y, x] = console_check.BRIGHT_YELLOW  # one more foreground pixel: still two colours
+    assert console_check.check_console(damaged, GEOMETRY) == [
+        "text cell row 2 col 4 'A': glyph differs from the same character at row 2 col 0"]
+
+
+def test_console_check_rejects_a_font_that_draws_two_characters_alike() -> None:
+    same = _render_console(font_alias={"Z": "Y"})  # every Z drawn as Y: each is consistent
+    assert console_check.check_console(same, GEOMETRY) == [
+        "text: characters 'Y' and 'Z' have identical glyphs"]
+
+
+def test_console_check_needs_a_32_bpp_framebuffer_and_a_full_report() -> None:
+    failures = console_check.check_console(_render_console(), {**GEOMETRY, "bpp": 16})
+    assert failures == ["guest framebuffer has 16 bpp, the check expects 32"]
+    report = {key: str(value) for key, value in GEOMETRY.items() if key != "stride"}
+    with pytest.raises(ValueError, match="console-ready lacks stride"):
+        console_check.parse_geometry(report)
+    assert console_check.parse_geometry({**report, "stride": "2560"}) == GEOMETRY
 
 
 def test_pattern_bytes_are_bgrx_of_the_rgb_pattern() -> None:
@@ -95,53 +123,8 @@ def test_parse_ppm_round_trip_and_truncation() -> None:
         parse_ppm(data[:-1])
     with pytest.raises(ValueError):
         parse_ppm(b"P5\n3 2\n255\n" + bytes(6))
-
-
-def test_extract_vmlinux_finds_the_elf_after_a_false_magic() -> None:
-    payload = b"\x7fELF" + bytes(range(256)) * 64
-    packed = lzma.compress(payload, format=lzma.FORMAT_XZ)
-    bzimage = b"MZ" + bytes(100) + b"\xfd7zXZ\x00garbage" + bytes(50) + packed + bytes(30)
-    assert extract_vmlinux(bzimage) == payload
-    assert extract_vmlinux(b"MZ" + bytes(100)) is None
-
-
-def _module_elf(modinfo: bytes) -> bytes:
-    """A minimal ELF64 with a section-name table and a .modinfo section."""
-    names = b"\0.shstrtab\0.modinfo\0"
-    body_offset = 64
-    shoff = body_offset + len(names) + len(modinfo)
-    header = bytearray(64)
-    header[:5] = b"\x7fELF\x02"
-    struct.pack_into("<Q", header, 0x28, shoff)
-    struct.pack_into("<HHH", header, 0x3A, 64, 3, 1)
-
-    def section(name: int, offset: int, size: int) -> bytes:
-        return struct.pack("<IIQQQQIIQQ", name, 1, 0, 0, offset, size, 0, 0, 1, 0)
-
-    return (bytes(header) + names + modinfo + bytes(64)
-            + section(1, body_offset, len(names))
-            + section(11, body_offset + len(names), len(modinfo)))
-
-
-def test_modinfo_depends() -> None:
-    ko = _module_elf(b"license=GPL\0depends=drm,drm_kms_helper\0name=virtio_gpu\0")
-    assert modinfo_depends(ko) == ["drm", "drm_kms_helper"]
-    assert modinfo_depends(_module_elf(b"depends=\0")) == []
-    with pytest.raises(HarnessError):
-        modinfo_depends(b"not an elf")
-
-
-def test_newc_archive_lists_with_cpio(tmp_path: Path) -> None:
-    archive = tmp_path / "initrd.cpio"
-    write_newc([CpioEntry("bin", stat.S_IFDIR | 0o755),
-                CpioEntry("bin/busybox", stat.S_IFREG | 0o755, b"x" * 5),
-                CpioEntry("bin/sh", stat.S_IFLNK | 0o777, b"busybox"),
-                CpioEntry("dev/console", stat.S_IFCHR | 0o600, rdev=(5, 1))], archive)
-    assert archive.stat().st_size % 4 == 0
-    listing = subprocess.run(["cpio", "-itv", "--quiet"], stdin=archive.open("rb"),
-                             capture_output=True, text=True, check=True).stdout
-    assert "bin/sh -> busybox" in listing
-    assert "5, " in listing and "dev/console" in listing
+    with pytest.raises(ValueError, match="maxval 255"):  # 16-bit samples
+        parse_ppm(b"P6\n3 2\n65535\n" + bytes(36))
 
 
 def test_qemu_command_places_devices_at_fixed_addresses(tmp_path: Path) -> None:
@@ -167,12 +150,35 @@ def test_backend_spec_templates() -> None:
     spec = backend_spec(None, "prog --socket-path {socket} --log-level debug")
     assert spec.name == "custom"
     assert spec.argv(Path("/s")) == ["prog", "--socket-path", "/s", "--log-level", "debug"]
+    assert spec.cwd == REPO_ROOT  # so `python3 -m vgpu_backend ...` finds the package
     assert backend_spec("reference", None).argv(Path("/s"))[-2:] == ["--socket-path", "/s"]
     assert backend_spec(None, None).name == "ours"  # the runner tests this project's back-end
     with pytest.raises(HarnessError):
         backend_spec(None, "prog --no-socket")
     with pytest.raises(HarnessError):
         backend_spec("nonsense", None)
+
+
+LISTENER = ("import os, socket, sys; server = socket.socket(socket.AF_UNIX); "
+            "server.bind(sys.argv[1]); server.listen(1); print(os.getcwd(), flush=True); "
+            "server.accept()")
+
+
+def test_a_backend_starts_in_its_directory_and_is_up_once_it_listens(tmp_path: Path) -> None:
+    workdir = tmp_path / "wd"
+    workdir.mkdir()
+    spec = BackendSpec("custom", (sys.executable, "-c", LISTENER, "{socket}"), workdir)
+    sock, log = tmp_path / "gpu0.sock", tmp_path / "backend-0.log"
+    sock.write_bytes(b"")  # a stale socket file from an earlier run is replaced
+
+    async def scenario() -> bool:
+        process = await start_backend(spec, 0, sock, log, 5.0)
+        listening = is_listening(sock)
+        await process.stop(0, term_wait=3)
+        return listening
+
+    assert asyncio.run(scenario())
+    assert log.read_text().splitlines()[0] == str(workdir)
 
 
 def test_is_listening_sees_listen_not_bind(tmp_path: Path) -> None:
@@ -188,6 +194,7 @@ def test_parse_event() -> None:
     event = parse_event("init start=1.5 modules=2.0 now=2.1")
     assert (event.name, event.fields["modules"]) == ("init", "2.0")
     assert parse_event("error cannot mount /dev/vda").text == "cannot mount /dev/vda"
+    assert parse_event("error mount -o x=1 --opt=2 failed").fields == {"x": "1"}
 
 
 def test_control_server_queues_events_and_answers_requests(tmp_path: Path) -> None:
@@ -198,11 +205,19 @@ def test_control_server_queues_events_and_answers_requests(tmp_path: Path) -> No
         async def echo(args: str) -> str:
             return f"ok {args.upper()}"
 
+        async def two_lines(args: str) -> str:
+            return "ok first\nsecond"
+
+        async def broken(args: str) -> str:
+            raise KeyError(args)
+
         server.handlers["echo"] = echo
         await server.start()
         reader, writer = await asyncio.open_unix_connection(str(tmp_path / "c.sock"))
-        writer.write(b"event init now=1\necho abc\nbogus\n")
-        replies = await reader.readline() + await reader.readline()
+        server.handlers["two-lines"] = two_lines
+        server.handlers["broken"] = broken
+        writer.write(b"event init now=1\n\necho abc\nbogus\ntwo-lines\nbroken x\necho z\n")
+        replies = b"".join([await reader.readline() for _ in range(5)])
         event = await asyncio.wait_for(events.get(), 5)
         writer.close()
         await server.close()
@@ -210,7 +225,25 @@ def test_control_server_queues_events_and_answers_requests(tmp_path: Path) -> No
 
     event, replies = asyncio.run(scenario())
     assert event.name == "init" and event.fields == {"now": "1"}
-    assert replies == b"ok ABC\nerror unknown request bogus\n"
+    assert replies == (b"ok ABC\nerror unknown request bogus\nok first second\n"
+                       b"error KeyError: 'x'\nok Z\n")
+
+
+def test_closing_the_control_server_drops_the_guests_connection(tmp_path: Path) -> None:
+    async def scenario() -> bytes:
+        events: asyncio.Queue[GuestEvent] = asyncio.Queue()
+        server = ControlServer(tmp_path / "c.sock", events, tmp_path / "control.log")
+        await server.start()
+        reader, writer = await asyncio.open_unix_connection(str(tmp_path / "c.sock"))
+        writer.write(b"event init\n")
+        await asyncio.wait_for(events.get(), 5)
+        await server.close()
+        rest = await asyncio.wait_for(reader.read(), 2)
+        writer.close()
+        return rest
+
+    assert asyncio.run(scenario()) == b""
+    assert not (tmp_path / "c.sock").exists()
 
 
 def test_junit_summary(tmp_path: Path) -> None:
@@ -227,4 +260,162 @@ def test_junit_summary(tmp_path: Path) -> None:
     assert [c.outcome for c in cases] == ["passed", "failed", "skipped"]
     text = summarize(cases)
     assert "guest_tests.test_a::test_bad" in text and "3 pixels differ" in text
+    assert "\n           no --second-gpu\n" in text
     assert text.splitlines()[-1] == "guest: 1 passed, 1 failed, 1 skipped"
+
+
+def test_junit_summary_counts_errors(tmp_path: Path) -> None:
+    xml = tmp_path / "junit.xml"
+    xml.write_text(
+        '<testsuites><testsuite name="pytest">'
+        '<testcase classname="" name="test_fixture" time="0.1">'
+        '<error message="fixture \'gpu\' failed">trace</error></testcase>'
+        '</testsuite></testsuites>')
+    cases = read_junit(xml)
+    assert [(c.name, c.outcome, c.message) for c in cases] == [
+        ("test_fixture", "error", "fixture 'gpu' failed")]
+    assert summarize(cases).splitlines()[-1] == "guest: 0 passed, 0 failed, 1 error"
+
+
+def _argv_pairs(argv: list[str]) -> list[tuple[str, str]]:
+    return [(flag, value) for flag, value in itertools.pairwise(argv[1:])
+            if flag.startswith("-")]
+
+
+def test_qemu_command_boots_the_layout_it_is_given(tmp_path: Path) -> None:
+    layout = VmLayout(
+        kernel_image=tmp_path / "vmlinux", initramfs=tmp_path / "initrd",
+        cmdline=kernel_cmdline("test", "image", None, 32),
+        gpu_sockets=(tmp_path / "a.sock",), control_socket=tmp_path / "c.sock",
+        qmp_socket=tmp_path / "q.sock", serial_log=tmp_path / "serial.log",
+        shares=(Share("results", tmp_path / "results", readonly=False),
+                Share("project", tmp_path / "project", readonly=True)),
+        root_image=tmp_path / "root.ext4", memory_mib=1536, smp=2)
+    argv = qemu_command(layout, "/opt/qemu")
+    pairs = _argv_pairs(argv)
+    assert argv[0] == "/opt/qemu" and "-no-reboot" in argv
+    for pair in [("-kernel", str(tmp_path / "vmlinux")), ("-initrd", str(tmp_path / "initrd")),
+                 ("-smp", "2"), ("-m", "1536M"), ("-numa", "node,memdev=mem"),
+                 ("-append", "console=ttyS0 panic=-1 quiet loglevel=4 hugepages=32 "
+                             "vgpu.mode=test vgpu.root=image"),
+                 ("-chardev", f"file,id=serial0,path={tmp_path / 'serial.log'}"),
+                 ("-fsdev", f"local,id=fs-results,path={tmp_path / 'results'},"
+                            "security_model=none"),
+                 ("-device", "virtio-9p-pci,fsdev=fs-results,mount_tag=results,addr=04.0"),
+                 ("-device", "virtio-9p-pci,fsdev=fs-project,mount_tag=project,addr=05.0"),
+                 ("-drive", f"file={tmp_path / 'root.ext4'},if=none,id=root,format=raw,"
+                            "readonly=on"),
+                 ("-device", "virtio-blk-pci,drive=root,addr=06.0")]:
+        assert pair in pairs, pair
+    addresses = [match for _, value in pairs for match in re.findall(r",addr=([^,]+)", value)]
+    assert len(addresses) == len(set(addresses)) == 5  # control, gpu, 2 shares, root disk
+    assert "-drive" not in qemu_command(dataclasses.replace(layout, root_image=None))
+    assert kernel_cmdline("demo", "host", None, 0, "vgpu.trace=1") == \
+        "console=ttyS0 panic=-1 quiet loglevel=4 hugepages=0 vgpu.mode=demo vgpu.root=host " \
+        "vgpu.trace=1"
+
+
+def test_the_control_port_name_is_the_one_the_guest_init_looks_for() -> None:
+    init = (Path(__file__).resolve().parents[1] / "guest_tests" / "boot" / "init").read_text()
+    assert f"\nCONTROL_PORT_NAME={CONTROL_PORT_NAME}\n" in init
+    layout = VmLayout(Path("k"), Path("i"), "", (), Path("c"), Path("q"), Path("s"))
+    assert ("-device", f"virtserialport,bus=vserial.0,chardev=control,name={CONTROL_PORT_NAME}"
+            ) in _argv_pairs(qemu_command(layout))
+
+
+def test_tail_gives_the_last_lines(tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    log.write_text("".join(f"line {n} {'x' * 60}\n" for n in range(100)))
+    text = tail(log, 5)
+    assert text.splitlines() == [f"line {n} {'x' * 60}" for n in range(95, 100)]
+    assert len(tail(log).splitlines()) == 40
+    assert tail(tmp_path / "missing") == ""
+
+
+def test_stop_asks_with_sigterm_before_sigkill(tmp_path: Path) -> None:
+    script = "trap 'echo bye; exit 0' TERM; echo up; while :; do sleep 0.05; done"
+
+    async def scenario() -> tuple[int | None, str, str]:
+        process = ManagedProcess("child", ["sh", "-c", script], tmp_path / "child.log")
+        await process.spawn()
+        while "up" not in (tmp_path / "child.log").read_text():
+            await asyncio.sleep(0.01)
+        code = await process.stop(0.05, term_wait=3)
+        return code, process.describe_exit(), process.stopped_by
+
+    code, how, by = asyncio.run(scenario())
+    assert (code, by) == (0, "SIGTERM")
+    assert how == "child exited with status 0 (after SIGTERM)"
+    assert "bye" in (tmp_path / "child.log").read_text()
+
+
+def test_stop_ends_the_whole_process_group(tmp_path: Path) -> None:
+    pid_file = tmp_path / "grandchild"
+
+    async def scenario() -> str:
+        process = ManagedProcess("parent", ["sh", "-c", f"sleep 30 & echo $! > {pid_file}; wait"],
+                                 tmp_path / "parent.log")
+        await process.spawn()
+        while not pid_file.exists() or not pid_file.read_text().strip():
+            await asyncio.sleep(0.01)
+        await process.stop(0, term_wait=3)
+        return process.describe_exit()
+
+    assert asyncio.run(scenario()) == "parent was killed by SIGTERM (after SIGTERM)"
+    grandchild = int(pid_file.read_text())
+    for _ in range(100):  # dead (maybe a zombie nobody reaps) shortly after the SIGTERM
+        try:
+            state = Path(f"/proc/{grandchild}/stat").read_text().rpartition(")")[2].split()[0]
+        except FileNotFoundError:
+            break
+        if state in ("Z", "X"):
+            break
+        time.sleep(0.01)
+    else:
+        os.kill(grandchild, signal.SIGKILL)
+        pytest.fail("the grandchild survived stop()")
+
+
+class ConsoleDumper(Screendumper):
+    """Shows the given screens in turn (the last one stays)."""
+
+    def __init__(self, directory: Path, screens: list[np.ndarray]) -> None:
+        self.directory = directory
+        self.screens = screens
+        self.dumps = 0
+
+    async def dump(self, path: Path, device: str = "gpu0", fmt: str = "ppm") -> Path:
+        if fmt == "png":
+            path.write_bytes(b"PNG of the last screen")
+            return path
+        self.dumps += 1
+        path.write_bytes(ppm_bytes(self.screens[min(self.dumps, len(self.screens)) - 1]))
+        return path
+
+
+def _judge(tmp_path: Path, screens: list[np.ndarray]) -> commands.ConsoleJudge:
+    dumper = ConsoleDumper(tmp_path, screens)
+    return commands.ConsoleJudge(cast(VmSession, SimpleNamespace(screendumper=dumper)),
+                                 tmp_path / "out" / "console.png")
+
+
+REPORT = " ".join(f"{key}={value}" for key, value in GEOMETRY.items())
+
+
+def test_the_console_judge_waits_for_the_display(tmp_path: Path) -> None:
+    judge = _judge(tmp_path, [np.zeros_like(_render_console()), _render_console()])
+    assert asyncio.run(judge.handle(REPORT)) == "ok pass"
+    assert (judge.failures, judge.attempts) == ([], 2)
+    assert (tmp_path / "out" / "console.png").read_bytes() == b"PNG of the last screen"
+
+
+def test_the_console_judge_fails_a_wrong_screen_when_time_is_up(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(commands, "CONSOLE_SETTLE_TIMEOUT", 0.0)
+    judge = _judge(tmp_path, [np.zeros_like(_render_console())])
+    reply = asyncio.run(judge.handle(REPORT))
+    assert judge.failures and reply == f"ok fail {len(judge.failures)}"
+    assert judge.attempts == 1
+    bad = _judge(tmp_path, [_render_console()])
+    assert asyncio.run(bad.handle("xres=640")).startswith("error console-ready lacks yres")
+    assert bad.failures and bad.attempts == 0

@@ -3,8 +3,11 @@ temporary cache directory: no download, no debootstrap, no VM."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import sys
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +27,8 @@ class FakeBuilders:
 
     cache: Path
     init_script: bytes = b"#!/bin/sh\necho init v1\n"
+    release: str = "6.1.0-99-amd64"
+    load_order: tuple[str, ...] = ("kernel/a.ko",)
     kernel_keys: list[str] = field(default_factory=list)
     initramfs_builds: list[Path] = field(default_factory=list)
     image_builds: list[Path] = field(default_factory=list)
@@ -36,8 +41,8 @@ class FakeBuilders:
         unpacked = directory / f"kernel-fake-{key}"
         unpacked.mkdir(exist_ok=True)
         (unpacked / "bzImage").write_bytes(b"MZ")
-        return GuestKernel("6.1.0-99-amd64", "6.1.999-1", unpacked / "bzImage",
-                           unpacked / "bzImage", unpacked / "modules", ("kernel/a.ko",)), fetched
+        return GuestKernel(self.release, "6.1.999-1", unpacked / "bzImage",
+                           unpacked / "bzImage", unpacked / "modules", self.load_order), fetched
 
     def inputs(self) -> dict[str, bytes]:
         return {"init": self.init_script, "bin/busybox": b"\x7fELF busybox"}
@@ -183,8 +188,66 @@ def test_no_kernel_package_and_nothing_cached_names_the_fix(
         kernel.fetch_kernel(tmp_path, "k2")
 
 
+def test_without_apt_the_newest_cached_kernel_is_used(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernel, "newest_kernel_package", lambda: None)
+    for abi in (9, 10, 8):
+        unpacked = tmp_path / f"kernel-6.1.0-{abi}-amd64-k1"
+        unpacked.mkdir()
+        (unpacked / "kernel.json").write_text(json.dumps(
+            {"release": f"6.1.0-{abi}-amd64", "package_version": "1", "load_order": []}))
+    cached, fetched = kernel.fetch_kernel(tmp_path, "k1")
+    assert not fetched and cached.release == "6.1.0-10-amd64"  # 10 > 9, as numbers
+
+
 def test_cache_dir_follows_the_environment(tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VGPU_CACHE_DIR", str(tmp_path / "somewhere"))
     assert artifacts.cache_dir() == tmp_path / "somewhere"
     assert (tmp_path / "somewhere").is_dir()
+
+
+def test_another_kernel_release_or_module_set_rebuilds_the_initramfs(fake: FakeBuilders) -> None:
+    first = prepare_artifacts("none", log=False)
+    fake.release = "6.1.0-100-amd64"  # a newer ABI under the same recipe
+    second = prepare_artifacts("none", log=False)
+    assert second.built == ("initramfs",) and second.initramfs != first.initramfs
+    fake.load_order = ("kernel/a.ko", "kernel/b.ko")
+    third = prepare_artifacts("none", log=False)
+    assert third.built == ("initramfs",) and third.initramfs != second.initramfs
+
+
+def test_the_host_root_is_checked_only_for_a_host_root(
+        fake: FakeBuilders, monkeypatch: pytest.MonkeyPatch) -> None:
+    def lacking() -> None:
+        raise HarnessError("host root lacks /usr/bin/python3")
+
+    monkeypatch.setattr(rootfs, "check_host_root", lacking)
+    with pytest.raises(HarnessError, match="host root lacks"):
+        prepare_artifacts("host", log=False)
+    assert prepare_artifacts("none", log=False).root_image is None
+    assert prepare_artifacts("image", log=False).root_image is not None
+
+
+def test_a_build_waits_for_the_cache_lock(fake: FakeBuilders,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    fake.cache.mkdir(parents=True)
+    done: list[artifacts.GuestArtifacts] = []
+    with (fake.cache / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        builder = threading.Thread(target=lambda: done.append(prepare_artifacts("none",
+                                                                                log=False)))
+        builder.start()
+        time.sleep(0.2)
+        assert builder.is_alive() and fake.kernel_keys == []  # nothing built under our lock
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    builder.join(5)
+    assert len(done) == 1 and done[0].built == ("kernel 6.1.0-99-amd64", "initramfs")
+    assert "waiting for another build" in capsys.readouterr().out
+
+
+def test_an_empty_cache_dir_variable_means_the_default(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VGPU_CACHE_DIR", "")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert artifacts.cache_dir() == tmp_path / ".cache" / "vgpu-backend"

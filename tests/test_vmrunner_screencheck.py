@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import pytest
+from qemu.qmp import QMPClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
@@ -44,6 +47,12 @@ def test_compare_region() -> None:
     verdict = compare_pixels(SCREEN, patch, 31, 10, whole=False)
     assert verdict is not None and "pixels differ" in verdict
     assert "does not fit" in str(compare_pixels(SCREEN, patch, 50, 10, whole=False))
+    wrong = patch.copy()
+    wrong[3, 2] ^= 1
+    verdict = compare_pixels(SCREEN, wrong, 30, 10, whole=False)
+    assert str(verdict).startswith("1 of 200 pixels differ; first at (32,13): got ")
+    assert compare_pixels(SCREEN, SCREEN, 0, 1, whole=True) == \
+        "a whole-display check starts at (0,0), not (0,1)"
 
 
 class FakeDumper(Screendumper):
@@ -53,10 +62,12 @@ class FakeDumper(Screendumper):
         self.directory = directory
         self.screens = screens
         self.dumps = 0
+        self.devices: list[str] = []
 
     async def dump(self, path: Path, device: str = "gpu0", fmt: str = "ppm") -> Path:
         screen = self.screens[min(self.dumps, len(self.screens) - 1)]
         self.dumps += 1
+        self.devices.append(device)
         path.write_bytes(ppm_bytes(screen))
         return path
 
@@ -81,10 +92,12 @@ def test_waits_until_the_display_catches_up(tmp_path: Path,
 
 def test_reports_what_differs_when_time_is_up(tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    started = time.monotonic()
     reply, dumps = ask(tmp_path, [np.zeros_like(SCREEN)], SCREEN, "shot timeout=0.05",
                        monkeypatch)
     assert reply.startswith("error shot: ") and "pixels differ" in reply
-    assert dumps >= 1
+    assert reply.endswith(f"(after {dumps} screendumps, 0.05 s)")
+    assert dumps >= 1 and time.monotonic() - started < 1.0
 
 
 def test_region_on_another_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -93,10 +106,60 @@ def test_region_on_another_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert reply.startswith("ok ")
 
 
+def test_the_check_dumps_the_device_the_guest_named(tmp_path: Path) -> None:
+    (tmp_path / "shot.expected.ppm").write_bytes(ppm_bytes(SCREEN))
+    dumper = FakeDumper(tmp_path, [SCREEN])
+    checker = ScreenChecker(dumper)
+    assert asyncio.run(checker.handle_request("shot device=gpu1")) == "ok shot.ppm attempts=1"
+    assert asyncio.run(checker.handle_request("shot")) == "ok shot.ppm attempts=1"
+    assert dumper.devices == ["gpu1", "gpu0"]
+
+
 @pytest.mark.parametrize("args", ["../etc device=gpu0", "shot device=gpu7", "shot x=a",
                                   "missing", "shot timeout=nan", "shot timeout=-1",
-                                  "shot x=-20 whole=0", "shot x=3"])
+                                  "shot x=-20 whole=0", "shot x=3",
+                                  "shot timeout=121"])
 def test_bad_requests_are_answered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                    args: str) -> None:
     reply, dumps = ask(tmp_path, [SCREEN], SCREEN, args, monkeypatch)
     assert reply.startswith("error ") and dumps == 0
+
+
+class FakeQmp:
+    """Records QMP commands; fails them when told to."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.commands: list[tuple[str, dict[str, Any]]] = []
+        self.error = error
+
+    async def execute(self, command: str, arguments: dict[str, Any]) -> object:
+        self.commands.append((command, arguments))
+        if self.error is not None:
+            raise self.error
+        return {}
+
+
+def test_screendump_requests_become_qmp_screendumps(tmp_path: Path) -> None:
+    qmp = FakeQmp()
+    dumper = Screendumper(cast(QMPClient, qmp), tmp_path / "screendumps")
+    assert dumper.directory.is_dir()
+    assert asyncio.run(dumper.handle_request("boot")) == "ok boot.ppm"
+    assert asyncio.run(dumper.handle_request("demo device=gpu1 format=png")) == "ok demo.png"
+    assert qmp.commands == [
+        ("screendump", {"filename": str(tmp_path / "screendumps" / "boot.ppm"),
+                        "device": "gpu0", "format": "ppm"}),
+        ("screendump", {"filename": str(tmp_path / "screendumps" / "demo.png"),
+                        "device": "gpu1", "format": "png"})]
+
+
+@pytest.mark.parametrize("args", ["", "../boot", "boot device=gpu2", "boot format=jpeg"])
+def test_bad_screendump_requests_are_refused(tmp_path: Path, args: str) -> None:
+    qmp = FakeQmp()
+    reply = asyncio.run(Screendumper(cast(QMPClient, qmp), tmp_path).handle_request(args))
+    assert reply.startswith("error ") and qmp.commands == []
+
+
+def test_a_failed_screendump_is_answered(tmp_path: Path) -> None:
+    qmp = FakeQmp(RuntimeError("device gpu1 has no surface"))
+    reply = asyncio.run(Screendumper(cast(QMPClient, qmp), tmp_path).handle_request("boot"))
+    assert reply == "error screendump failed: device gpu1 has no surface"

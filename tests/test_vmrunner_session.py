@@ -6,33 +6,32 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
-from vmrunner import commands, session
+from vmrunner import commands, demo, errors, session
 from vmrunner.artifacts import GuestArtifacts
 from vmrunner.backend import BackendSpec
 from vmrunner.errors import EXIT_HARNESS_ERROR, EXIT_TIMEOUT
 from vmrunner.kernel import GuestKernel
-from vmrunner.session import GUEST_ROOT_MOUNT, PhaseClock, SessionOptions, VmSession
+from vmrunner.session import PhaseClock, SessionOptions
 
 GUARD = 20.0  # a runner that ignores its own limits fails here instead of hanging pytest
+
 
 # Plays QEMU: answers -version, then (FAKE_QEMU_SCENARIO) connects to the back-ends and the
 # control socket, serves QMP's greeting and negotiation, sends guest events and hangs or exits.
 # Like a real guest it takes a moment to boot: a QEMU gone right after the negotiation would
 # make the runner's QMP connect fail instead of the phase under test.
 FAKE_QEMU = r'''
-import json, os, socket, sys, time
+import json, os, select, socket, sys, time
 
 args = sys.argv[1:]
 if args == ["-version"]:
@@ -50,6 +49,8 @@ print("fake qemu: started", flush=True)
 if scenario == "exit-at-once":
     print("qemu-system-x86_64: -device vhost-user-gpu-pci: fake realize failure", flush=True)
     sys.exit(1)
+if scenario == "no-qmp":  # stuck realizing a device: the monitor never comes up
+    time.sleep(3600)
 gpus = []
 for name in sorted(key for key in options if key.startswith("vgpu")):
     gpu = socket.socket(socket.AF_UNIX)
@@ -83,6 +84,35 @@ time.sleep(0.5)
 if scenario == "hang-before-init":
     time.sleep(3600)
 event("init start=0.5 modules=1.0 now=1.1")
+if scenario.startswith("console"):  # console-check: the guest asks, the host screendumps
+    if scenario == "console-fail":
+        control.sendall(b"console-ready xres=640 yres=480 stride=2560 bpp=32 rows=30 "
+                        b"cols=80 x0=352 y0=384\n")
+    pending, reply = b"", b""
+    while scenario == "console-fail" and not reply.endswith(b"\n"):
+        ready, _, _ = select.select([monitor, control], [], [], 10)
+        if control in ready:
+            reply += control.recv(4096)
+        if monitor in ready:
+            pending += monitor.recv(4096)
+            while pending.strip():
+                try:
+                    message, end = json.JSONDecoder().raw_decode(pending.decode().lstrip())
+                except ValueError:
+                    break
+                pending = pending.decode().lstrip()[end:].encode()
+                with open(message["arguments"]["filename"], "wb") as dump:  # a black screen
+                    dump.write(b"P6 640 480 255\n" + bytes(640 * 480 * 3))
+                monitor.sendall(json.dumps({"return": {}, "id": message["id"]}).encode()
+                                + b"\r\n")
+    print(f"fake qemu: console-ready reply {reply!r}", flush=True)
+    event("poweroff now=2")
+    monitor.settimeout(10)
+    while monitor.recv(4096):
+        pass
+    for gpu in gpus:
+        gpu.close()
+    sys.exit(0)
 if scenario == "exit-after-init":  # the back-ends see the disconnect (and exit) first
     for gpu in gpus:
         gpu.close()
@@ -94,17 +124,22 @@ if scenario == "hang-after-init":
 event("pytest-start now=2")
 if scenario == "hang-in-tests":
     time.sleep(3600)
-results = options["fs-results"]["path"]
-with open(os.path.join(results, "exit-code"), "w") as out:
-    out.write("0\n")
-event("pytest-exit rc=0 now=3")
+rc = os.environ.get("FAKE_GUEST_RC", "0")
+if scenario != "no-exit-file":
+    with open(os.path.join(options["fs-results"]["path"], "exit-code"), "w") as out:
+        out.write(f"{rc}\n")
+with open(options["serial0"]["path"], "w") as serial:
+    serial.write(f"booting\nvgpu-init: event pytest-start\nFAKE TEST OUTPUT\n"
+                 f"vgpu-init: event pytest-exit rc={rc}\nreboot: Power down\n")
+event(f"pytest-exit rc={rc} now=3")
 monitor.settimeout(10)
 while monitor.recv(4096):  # the runner disconnects QMP first, then waits for the exit
     pass
 for gpu in gpus:
     gpu.close()
-sys.exit(0)
+sys.exit(int(os.environ.get("FAKE_QEMU_STATUS", "0")))
 '''
+
 
 # Plays a back-end: `fake_backend.py MODE --socket-path S`.
 FAKE_BACKEND = r'''
@@ -128,6 +163,9 @@ if mode == "die-after-connect":
     sys.exit(3)
 while peer.recv(4096):  # serve: exit 0 once QEMU disconnects
     pass
+if mode == "exit-1-on-disconnect":
+    print("fake back-end: leaked 3 resources", flush=True)
+    sys.exit(1)
 sys.exit(0)
 '''
 
@@ -139,6 +177,7 @@ class Played:
     code: int
     elapsed: float
     err: str
+    out: str = ""
 
 
 @dataclass
@@ -156,7 +195,8 @@ class FakeVm:
         back-end in ``backend_mode``; ``limits`` are SessionOptions time limits."""
         self.monkeypatch.setenv("FAKE_QEMU_SCENARIO", scenario)
         code, elapsed = self.run(self.options(backend_mode, **limits))
-        return Played(code, elapsed, self.capsys.readouterr().err)
+        captured = self.capsys.readouterr()
+        return Played(code, elapsed, captured.err, captured.out)
 
     def options(self, backend_mode: str = "serve", boot_timeout: float = 10.0,
                 timeout: float = 15.0) -> SessionOptions:
@@ -166,13 +206,15 @@ class FakeVm:
                               boot_timeout=boot_timeout, timeout=timeout, shutdown_timeout=3.0)
 
     def run(self, options: SessionOptions) -> tuple[int, float]:
-        """Run the `test` command's session; its exit code and how long it took."""
+        """Run the `test` (or, in mode "console", `console-check`) command's session; its
+        exit code and how long it took."""
         image = self.root / "vmlinux"
         guest_kernel = GuestKernel("6.1.0-0-amd64", "0", image, image, self.root, ())
         artifacts = GuestArtifacts(guest_kernel, self.root / "initrd", None, ())
         started = time.monotonic()
-        code = asyncio.run(asyncio.wait_for(
-            commands._test(options, artifacts, PhaseClock(), []), GUARD))
+        command = commands._console_check(options, artifacts, PhaseClock(), None) \
+            if options.mode == "console" else commands._test(options, artifacts, PhaseClock(), [])
+        code = asyncio.run(asyncio.wait_for(command, GUARD))
         return code, time.monotonic() - started
 
     def leftovers(self) -> list[int]:
@@ -247,6 +289,26 @@ def test_qemu_exiting_early_is_a_harness_error_with_its_log(fake_vm: FakeVm) -> 
     assert fake_vm.leftovers() == []
 
 
+def test_a_qemu_whose_monitor_never_answers_times_out_within_the_boot_limit(
+        fake_vm: FakeVm) -> None:
+    run = fake_vm.play("no-qmp", boot_timeout=0.5)
+    assert run.code == EXIT_TIMEOUT, run.err
+    assert "QEMU's QMP monitor did not answer within 0 s (stuck realizing a device?)" in run.err
+    assert run.elapsed < 0.5 + 5.0  # not the 30 s QMP limit nor the 15 s overall one
+    assert fake_vm.leftovers() == []
+
+
+def test_runaway_qemu_output_stops_the_run(fake_vm: FakeVm,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(session, "LOG_LIMITS", {"qemu.log": 10})  # "fake qemu: started"
+    monkeypatch.setattr(session, "EXIT_RACE_GRACE", 0.05)  # QEMU runs on: do not wait for it
+    run = fake_vm.play("hang-after-init")
+    assert run.code == EXIT_HARNESS_ERROR, run.err
+    assert "qemu.log grew past 0 MiB (runaway output" in run.err
+    assert run.elapsed < 8.0  # not the 10 s boot limit
+    assert fake_vm.leftovers() == []
+
+
 def test_qemu_exiting_before_qmp_is_a_harness_error(fake_vm: FakeVm) -> None:
     run = fake_vm.play("exit-at-once")
     assert run.code == EXIT_HARNESS_ERROR, run.err
@@ -293,67 +355,102 @@ def test_a_too_old_qemu_stops_the_run_before_booting(fake_vm: FakeVm,
     assert fake_vm.leftovers() == []
 
 
-# --- the per-test timeout the guest init decides on ------------------------------------
+# --- what the guest's exit code and the processes' exits make of a run -----------------
 
-def _guest_env(tmp_path: Path, args: list[str], per_test_timeout: float) -> Path:
-    options = SessionOptions(mode="test", backend=BackendSpec("ours", ("x",), None),
-                             results_dir=tmp_path / "results")
-    image = tmp_path / "vmlinux"
-    artifacts = GuestArtifacts(GuestKernel("r", "v", image, image, tmp_path, ()), image, None,
-                               ())
-    vm = VmSession(options, artifacts, PhaseClock())
-    try:
-        vm.write_guest_env(args, per_test_timeout)
-    finally:
-        shutil.rmtree(vm.workdir)
-    return tmp_path / "results" / "guest-env.sh"
+def test_the_guests_pytest_status_is_the_runs_status(fake_vm: FakeVm) -> None:
+    fake_vm.monkeypatch.setenv("FAKE_GUEST_RC", "1")
+    run = fake_vm.play("pass")
+    assert run.code == 1, run.err
+    assert "--- guest pytest output" in run.out and "FAKE TEST OUTPUT" in run.out
+    assert "Power down" not in run.out  # only the part between pytest's start and exit
+    assert fake_vm.leftovers() == []
 
 
-def _source(script: Path, probe_status: int, record: Path) -> list[str]:
-    """Source `script` as the guest init does, with `chroot` replaced by a recorder."""
-    shell = (f'chroot() {{ printf "%s\\n" "$@" > {record}; return {probe_status}; }}\n'
-             f'. {script}\necho "VGPU_BACKEND=$VGPU_BACKEND"\nprintf "arg:%s\\n" "$@"\n')
-    out = subprocess.run(["sh", "-c", shell], capture_output=True, text=True, check=True)
-    return out.stdout.splitlines()
+def test_a_failed_run_shown_on_the_console_does_not_repeat_its_output(fake_vm: FakeVm) -> None:
+    fake_vm.monkeypatch.setenv("FAKE_GUEST_RC", "2")
+    fake_vm.monkeypatch.setenv("FAKE_QEMU_SCENARIO", "pass")
+    code, _ = fake_vm.run(replace(fake_vm.options(), show_console=True))
+    assert code == 2
+    assert "--- guest pytest output" not in fake_vm.capsys.readouterr().out
 
 
-@pytest.mark.parametrize("plugin", [True, False], ids=["plugin", "no-plugin"])
-def test_the_guest_passes_a_per_test_timeout_only_with_the_plugin(
-        tmp_path: Path, plugin: bool) -> None:
-    script = _guest_env(tmp_path, ["-k", "smoke and not slow", "-x"], 300.0)
-    record = tmp_path / "probe-argv"
-    lines = _source(script, 0 if plugin else 1, record)
-    args = [line.removeprefix("arg:") for line in lines if line.startswith("arg:")]
-    assert "VGPU_BACKEND=ours" in lines
-    if plugin:
-        assert args == ["--timeout=300", "-k", "smoke and not slow", "-x"]
-        assert "vgpu-init: per-test timeout 300 s (pytest-timeout)" in lines
-    else:
-        assert args == ["-k", "smoke and not slow", "-x"]
-        assert any("no pytest-timeout in the guest root" in line for line in lines)
-    probe = record.read_text().splitlines()
-    assert probe[0] == GUEST_ROOT_MOUNT and "python3" in probe
+def test_kernel_trouble_is_listed_up_to_the_limit(tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    serial = tmp_path / "serial.log"
+    commands.print_kernel_trouble(serial)  # no log, nothing to say
+    serial.write_text("[ 0.1] Linux version 6.1\n" + "".join(
+        f"[ {n}.0] BUG: soft lockup - CPU#0 stuck for {n}s!\n" for n in range(25)))
+    commands.print_kernel_trouble(serial)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"vm: the guest kernel reported (25 lines, see {serial}):"
+    assert lines[1:] == [f"  [ {n}.0] BUG: soft lockup - CPU#0 stuck for {n}s!"
+                         for n in range(20)]
 
 
-def test_the_guest_probe_finds_the_plugin_only_where_it_is(tmp_path: Path) -> None:
-    """The probe's Python, run on the host with and without a pytest_timeout module."""
-    script = _guest_env(tmp_path, [], 120.0)
-    record = tmp_path / "probe-argv"
-    _source(script, 0, record)
-    probe = record.read_text().splitlines()
-    code = probe[probe.index("-c") + 1]
-    with_plugin, without = tmp_path / "with", tmp_path / "without"
-    with_plugin.mkdir()
-    without.mkdir()
-    (with_plugin / "pytest_timeout.py").write_text("raise SystemExit('must not be imported')\n")
-    for path, status in ((with_plugin, 0), (without, 1)):
-        done = subprocess.run([sys.executable, "-S", "-c", code], check=False,
-                              env={"PYTHONPATH": str(path)})
-        assert done.returncode == status, path
+def test_a_stale_exit_code_file_is_not_a_result(fake_vm: FakeVm) -> None:
+    results = fake_vm.root / "results"
+    results.mkdir()
+    (results / "exit-code").write_text("0\n")  # from an earlier run
+    run = fake_vm.play("no-exit-file")
+    assert run.code == EXIT_HARNESS_ERROR, run.err
+    assert "the guest wrote no" in run.err
 
 
-def test_no_per_test_timeout_leaves_the_arguments_alone(tmp_path: Path) -> None:
-    script = _guest_env(tmp_path, ["--size-mib=64"], 0.0)
-    assert "chroot" not in script.read_text()
-    lines = _source(script, 0, tmp_path / "probe-argv")
-    assert [line for line in lines if line.startswith("arg:")] == ["arg:--size-mib=64"]
+def test_a_backend_failing_at_disconnect_fails_a_passing_run(fake_vm: FakeVm) -> None:
+    run = fake_vm.play("pass", "exit-1-on-disconnect")
+    assert run.code == EXIT_HARNESS_ERROR, run.err
+    assert "back-end 0 (custom) exited with status 1 after QEMU disconnected" in run.err
+    assert "leaked 3 resources" in run.err
+
+
+def test_qemu_failing_at_shutdown_fails_a_passing_run(fake_vm: FakeVm) -> None:
+    fake_vm.monkeypatch.setenv("FAKE_QEMU_STATUS", "1")
+    run = fake_vm.play("pass")
+    assert run.code == EXIT_HARNESS_ERROR, run.err
+    assert "vm: ERROR: QEMU exited with status 1\n--- qemu.log ---" in run.err
+
+
+def _run_demo(fake_vm: FakeVm, screenshot: Path | None = None) -> int:
+    """Run the `demo` command against the fakes (they play the demo passing)."""
+    image = fake_vm.root / "vmlinux"
+    artifacts = GuestArtifacts(GuestKernel("6.1.0-0-amd64", "0", image, image, fake_vm.root, ()),
+                               fake_vm.root / "initrd", None, ())
+    fake_vm.monkeypatch.setattr(demo, "_prepare", lambda *args: artifacts)
+    fake_vm.monkeypatch.setenv("FAKE_QEMU_SCENARIO", "pass")
+    return demo.run_demo(replace(fake_vm.options(), mode="demo"), [], screenshot=screenshot)
+
+
+def test_the_demo_without_its_screenshot_is_a_harness_error(fake_vm: FakeVm) -> None:
+    assert _run_demo(fake_vm, fake_vm.root / "shot.png") == EXIT_HARNESS_ERROR
+    captured = fake_vm.capsys.readouterr()
+    assert "vm: demo PASSED" in captured.out and "the guest took no screenshot" in captured.err
+
+
+def test_a_demo_whose_qemu_fails_at_shutdown_is_a_harness_error(fake_vm: FakeVm) -> None:
+    fake_vm.monkeypatch.setenv("FAKE_QEMU_STATUS", "1")
+    assert _run_demo(fake_vm) == EXIT_HARNESS_ERROR
+    captured = fake_vm.capsys.readouterr()
+    assert "vm: demo PASSED" in captured.out and "QEMU exited with status 1" in captured.err
+
+
+def test_a_wrong_console_fails_console_check(fake_vm: FakeVm,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(commands, "CONSOLE_SETTLE_TIMEOUT", 0.0)
+    monkeypatch.setenv("FAKE_QEMU_SCENARIO", "console-fail")
+    code, _ = fake_vm.run(replace(fake_vm.options(), mode="console"))
+    err = fake_vm.capsys.readouterr().err
+    assert code == errors.EXIT_CONSOLE_CHECK_FAILED, err
+    assert "vm: console check FAILED after 1 screendump(s):" in err
+    assert "non-black pixels" not in err and "pattern: 16384 of 16384 pixels differ" in err
+    qemu_log = (fake_vm.root / "results" / "qemu.log").read_text()
+    assert "console-ready reply b'ok fail " in qemu_log
+    assert (fake_vm.root / "results" / "screendumps" / "console.png").exists()
+    assert fake_vm.leftovers() == []
+
+
+def test_a_guest_that_never_asks_for_the_console_check_fails_it(
+        fake_vm: FakeVm, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAKE_QEMU_SCENARIO", "console-silent")
+    code, _ = fake_vm.run(replace(fake_vm.options(), mode="console"))
+    assert code == EXIT_HARNESS_ERROR
+    assert "the guest never asked for the console check" in fake_vm.capsys.readouterr().err

@@ -42,10 +42,11 @@ class HugePageReservation:
                                    f"{free_huge_pages()} are free and vm.nr_hugepages cannot "
                                    f"be raised ({error}): run as root or reserve them") from None
             self.restore_to = before
-            if free_huge_pages() < self.needed:
+            found = free_huge_pages()
+            if found < self.needed:
                 self.release()
                 raise HarnessError(f"--host-hugetlb: the kernel found only "
-                                   f"{free_huge_pages()} of {self.needed} 2 MiB pages")
+                                   f"{found} of {self.needed} 2 MiB pages")
 
     def release(self) -> None:
         """Give back what was added to the pool (pages still in use stay until freed)."""

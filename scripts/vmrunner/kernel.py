@@ -126,12 +126,18 @@ def resolve_load_order(modules_root: Path, wanted: tuple[str, ...]) -> list[Path
     return order
 
 
+def _cached_abi(meta: Path) -> int:
+    """The ABI number N of a cached kernel-6.1.0-N-amd64-KEY/kernel.json (newest sorts last)."""
+    match = re.match(r"kernel-6\.1\.0-(\d+)-", meta.parent.name)
+    return int(match.group(1)) if match else -1
+
+
 def fetch_kernel(cache_dir: Path, recipe_key: str,
                  package: str | None = None) -> tuple[GuestKernel, bool]:
     """Download and unpack `package` (default: the newest) unless cached; True if fetched."""
     package = package or newest_kernel_package()
     if package is None:
-        cached = sorted(cache_dir.glob(f"kernel-*-{recipe_key}/kernel.json"))
+        cached = sorted(cache_dir.glob(f"kernel-*-{recipe_key}/kernel.json"), key=_cached_abi)
         if not cached:
             raise HarnessError("apt knows no linux-image-6.1.0-*-amd64 package and none is "
                                "cached: run scripts/setup-host.sh (it runs apt-get update)")
