@@ -19,7 +19,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
-from vmrunner import commands, demo
+from vmrunner import commands, demo, session
 from vmrunner.artifacts import GuestArtifacts
 from vmrunner.backend import REPO_ROOT, BackendSpec
 from vmrunner.control import GuestEvent
@@ -192,3 +192,14 @@ def test_the_demo_output_is_streamed_from_its_start_to_its_end(
                     b"matmul: ok\nvgpu-init: event pytest-exit rc=0\nreboot: Power down\n")
     asyncio.run(asyncio.wait_for(demo._stream_demo(log), 2))
     assert capsys.readouterr().out == "guest| saxpy: ok\nguest| matmul: ok\n"
+
+
+def test_host_facts_name_the_gpu_our_backend_picks(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    kfd = tmp_path / "kfd"
+    monkeypatch.setattr(session, "KFD_DEVICE", kfd)
+    ours = _session(tmp_path, backend=BackendSpec("ours", ("x",), None))
+    assert ours.host_facts() == {"backend": "ours", "host_gpu": "sim"}
+    kfd.touch()
+    assert ours.host_facts() == {"backend": "ours", "host_gpu": "kfd"}
+    assert _session(tmp_path).host_facts() == {"backend": "custom", "host_gpu": "unknown"}

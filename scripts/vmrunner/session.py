@@ -35,6 +35,7 @@ GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # a
 #: exits 0 when the guest root's python3 can load pytest-timeout (without importing pytest)
 TIMEOUT_PLUGIN_PROBE = ('import importlib.util, sys; '
                         'sys.exit(importlib.util.find_spec("pytest_timeout") is None)')
+KFD_DEVICE = Path("/dev/kfd")  # what our back-end's --gpu auto looks for
 LOG_LIMITS = {"qemu.log": 16 * 2**20, "serial.log": 64 * 2**20}  # runaway-output guard
 
 
@@ -157,7 +158,7 @@ class VmSession:
         simulated KFD); "unknown" for other back-ends and custom commands."""
         host_gpu = "unknown"
         if self.options.backend.name == "ours":
-            host_gpu = "kfd" if Path("/dev/kfd").exists() else "sim"
+            host_gpu = "kfd" if KFD_DEVICE.exists() else "sim"
         return {"backend": self.options.backend.name, "host_gpu": host_gpu}
 
     def _watch(self, process: ManagedProcess) -> None:
