@@ -238,12 +238,15 @@ def test_a_build_waits_for_the_cache_lock(fake: FakeBuilders,
         builder = threading.Thread(target=lambda: done.append(prepare_artifacts("none",
                                                                                 log=False)))
         builder.start()
-        time.sleep(0.2)
+        out, deadline = "", time.monotonic() + 10
+        while "waiting for another build" not in out and time.monotonic() < deadline:
+            time.sleep(0.01)
+            out += capsys.readouterr().out
+        assert "waiting for another build" in out
         assert builder.is_alive() and fake.kernel_keys == []  # nothing built under our lock
         fcntl.flock(lock, fcntl.LOCK_UN)
     builder.join(5)
     assert len(done) == 1 and done[0].built == ("kernel 6.1.0-99-amd64", "initramfs")
-    assert "waiting for another build" in capsys.readouterr().out
 
 
 def test_an_empty_cache_dir_variable_means_the_default(tmp_path: Path,
