@@ -97,7 +97,7 @@ def test_reports_what_differs_when_time_is_up(tmp_path: Path,
                        monkeypatch)
     assert reply.startswith("error shot: ") and "pixels differ" in reply
     assert reply.endswith(f"(after {dumps} screendumps, 0.05 s)")
-    assert dumps >= 1 and time.monotonic() - started < 1.0
+    assert dumps >= 1 and time.monotonic() - started < 5.0  # not the default 15 s
 
 
 def test_region_on_another_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
