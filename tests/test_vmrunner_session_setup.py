@@ -28,19 +28,24 @@ from vmrunner.kernel import GuestKernel
 from vmrunner.qemu import USERSPACE_GPU_PCI, Share
 from vmrunner.session import GUEST_ROOT_MOUNT, PhaseClock, SessionOptions, VmSession
 
+
+def _session(tmp_path: Path, **options: Any) -> VmSession:
+    """A session of a custom back-end (``options`` override), its work dir removed."""
+    settings = SessionOptions(mode="test", backend=BackendSpec("custom", ("x",), None),
+                              results_dir=tmp_path / "results")
+    image = tmp_path / "vmlinux"
+    artifacts = GuestArtifacts(GuestKernel("r", "v", image, image, tmp_path, ()),
+                               tmp_path / "initrd", tmp_path / "root.ext4", ())
+    vm = VmSession(replace(settings, **options), artifacts, PhaseClock())
+    shutil.rmtree(vm.workdir)
+    return vm
+
+
 # --- the per-test timeout the guest init decides on ------------------------------------
 
 def _guest_env(tmp_path: Path, args: list[str], per_test_timeout: float) -> Path:
-    options = SessionOptions(mode="test", backend=BackendSpec("ours", ("x",), None),
-                             results_dir=tmp_path / "results")
-    image = tmp_path / "vmlinux"
-    artifacts = GuestArtifacts(GuestKernel("r", "v", image, image, tmp_path, ()), image, None,
-                               ())
-    vm = VmSession(options, artifacts, PhaseClock())
-    try:
-        vm.write_guest_env(args, per_test_timeout)
-    finally:
-        shutil.rmtree(vm.workdir)
+    vm = _session(tmp_path, backend=BackendSpec("ours", ("x",), None))
+    vm.write_guest_env(args, per_test_timeout)
     return tmp_path / "results" / "guest-env.sh"
 
 
@@ -115,17 +120,6 @@ def test_sigterm_ends_a_run_with_status_143() -> None:
 
 
 # --- the session's pure parts -----------------------------------------------------------
-
-def _session(tmp_path: Path, **options: Any) -> VmSession:
-    settings = SessionOptions(mode="test", backend=BackendSpec("custom", ("x",), None),
-                              results_dir=tmp_path / "results")
-    image = tmp_path / "vmlinux"
-    artifacts = GuestArtifacts(GuestKernel("r", "v", image, image, tmp_path, ()),
-                               tmp_path / "initrd", tmp_path / "root.ext4", ())
-    vm = VmSession(replace(settings, **options), artifacts, PhaseClock())
-    shutil.rmtree(vm.workdir)
-    return vm
-
 
 def test_the_layout_follows_the_mode_root_and_gpus(tmp_path: Path) -> None:
     results = tmp_path / "results"
