@@ -27,10 +27,10 @@ from vmrunner.errors import HarnessError
 from vmrunner.junit import read_junit, summarize
 from vmrunner.processes import ManagedProcess, tail
 from vmrunner.qemu import CONTROL_PORT_NAME, Share, VmLayout, kernel_cmdline, qemu_command
-from vmrunner.screendump import Screendumper, parse_ppm
+from vmrunner.screendump import parse_ppm
 from vmrunner.session import VmSession
 
-from guest_tests.guest_helpers import ppm_bytes
+from tests.test_vmrunner_screencheck import FakeDumper
 
 GEOMETRY = {"xres": 640, "yres": 480, "stride": 2560, "bpp": 32, "rows": 30, "cols": 80,
             "x0": 352, "y0": 384}
@@ -376,25 +376,8 @@ def test_stop_ends_the_whole_process_group(tmp_path: Path) -> None:
         pytest.fail("the grandchild survived stop()")
 
 
-class ConsoleDumper(Screendumper):
-    """Shows the given screens in turn (the last one stays)."""
-
-    def __init__(self, directory: Path, screens: list[np.ndarray]) -> None:
-        self.directory = directory
-        self.screens = screens
-        self.dumps = 0
-
-    async def dump(self, path: Path, device: str = "gpu0", fmt: str = "ppm") -> Path:
-        if fmt == "png":
-            path.write_bytes(b"PNG of the last screen")
-            return path
-        self.dumps += 1
-        path.write_bytes(ppm_bytes(self.screens[min(self.dumps, len(self.screens)) - 1]))
-        return path
-
-
 def _judge(tmp_path: Path, screens: list[np.ndarray]) -> commands.ConsoleJudge:
-    dumper = ConsoleDumper(tmp_path, screens)
+    dumper = FakeDumper(tmp_path, screens)
     return commands.ConsoleJudge(cast(VmSession, SimpleNamespace(screendumper=dumper)),
                                  tmp_path / "out" / "console.png")
 

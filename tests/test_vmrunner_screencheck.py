@@ -56,7 +56,8 @@ def test_compare_region() -> None:
 
 
 class FakeDumper(Screendumper):
-    """Writes the given screens in turn, as QEMU's screendump would."""
+    """Writes the given screens in turn, as QEMU's screendump would (the last one stays);
+    a PNG dump (a screenshot to keep) is a placeholder and not counted."""
 
     def __init__(self, directory: Path, screens: list[np.ndarray]) -> None:
         self.directory = directory
@@ -65,6 +66,9 @@ class FakeDumper(Screendumper):
         self.devices: list[str] = []
 
     async def dump(self, path: Path, device: str = "gpu0", fmt: str = "ppm") -> Path:
+        if fmt == "png":
+            path.write_bytes(b"PNG of the last screen")
+            return path
         screen = self.screens[min(self.dumps, len(self.screens) - 1)]
         self.dumps += 1
         self.devices.append(device)
