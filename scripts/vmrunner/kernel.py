@@ -14,7 +14,9 @@ from pathlib import Path
 
 from .errors import HarnessError
 
-KERNEL_PACKAGE_RE = re.compile(r"^linux-image-6\.1\.0-(\d+)-amd64$")
+_RELEASE = r"6\.1\.0-(\d+)-amd64"  # Debian 12's kernel series; group 1 is the ABI
+KERNEL_PACKAGE_RE = re.compile(rf"^linux-image-{_RELEASE}$")
+_CACHED_KERNEL_RE = re.compile(rf"^kernel-{_RELEASE}-")  # its unpacked cache directory
 XZ_MAGIC = b"\xfd7zXZ\x00"
 ELF_MAGIC = b"\x7fELF"
 
@@ -128,7 +130,7 @@ def resolve_load_order(modules_root: Path, wanted: tuple[str, ...]) -> list[Path
 
 def _cached_abi(meta: Path) -> int:
     """The ABI number N of a cached kernel-6.1.0-N-amd64-KEY/kernel.json (newest sorts last)."""
-    match = re.match(r"kernel-6\.1\.0-(\d+)-", meta.parent.name)
+    match = _CACHED_KERNEL_RE.match(meta.parent.name)
     return int(match.group(1)) if match else -1
 
 
