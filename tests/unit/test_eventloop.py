@@ -11,7 +11,7 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 from typing import Any, TypeVar
 
@@ -322,24 +322,16 @@ def test_a_dropped_watch_does_not_keep_the_loop_busy(
     calls: list[str] = []
     fd = a.fileno()
 
-    def reader() -> None:
-        calls.append("r")
-        if how == "forget_fd":
-            loop.forget_fd(fd)
-        else:
-            loop.remove_reader(fd)
-
-    def writer() -> None:
-        calls.append("w")
-        if how == "forget_fd":
-            loop.forget_fd(fd)
-        else:
-            loop.remove_writer(fd)
+    def dropping(mark: str, remove: Callable[[int], None]) -> Callable[[], None]:
+        def callback() -> None:
+            calls.append(mark)
+            (loop.forget_fd if how == "forget_fd" else remove)(fd)
+        return callback
 
     if how != "remove_writer":
-        loop.add_reader(fd, reader)
+        loop.add_reader(fd, dropping("r", loop.remove_reader))
     if how != "remove_reader":
-        loop.add_writer(fd, writer)
+        loop.add_writer(fd, dropping("w", loop.remove_writer))
     run_for(loop, 0.1)
     if how == "forget_fd":
         assert calls in (["r"], ["w"])
