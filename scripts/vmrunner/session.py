@@ -25,6 +25,7 @@ from .processes import ManagedProcess, tail
 from .qemu import USERSPACE_GPU_PCI, Share, VmLayout, find_qemu, kernel_cmdline, qemu_command
 from .screencheck import ScreenChecker
 from .screendump import Screendumper, connect_qmp
+from .vmpause import VmPauser
 
 BACKEND_LISTEN_TIMEOUT = 30.0
 QMP_CONNECT_TIMEOUT = 30.0
@@ -235,6 +236,7 @@ class VmSession:
         self.screendumper = Screendumper(self.qmp, self.results / "screendumps")
         self.control.handlers["screendump"] = self.screendumper.handle_request
         self.control.handlers["screencheck"] = ScreenChecker(self.screendumper).handle_request
+        self.control.handlers["pause"] = VmPauser(self.qmp).handle_request
 
     def remaining(self, limit: float) -> float:
         """`limit` capped by what is left of the overall timeout."""
