@@ -83,6 +83,13 @@ class ControlChannel:
         reply, _, self._pending = self._pending.partition(b"\n")
         return reply.decode()
 
+    def pause_vm(self, seconds: float = 0.5) -> None:
+        """Have the host stop the VM (QMP ``stop``), wait ``seconds`` and continue it
+        (``cont``); returns once the VM runs again (scripts/vmrunner/vmpause.py)."""
+        reply = self.request(f"pause seconds={seconds:g}")
+        if not reply.startswith("ok paused="):
+            raise AssertionError(f"host pause failed: {reply}")
+
     def close(self) -> None:
         """Release the port (only one opener at a time is allowed)."""
         os.close(self.fd)

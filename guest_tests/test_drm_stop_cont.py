@@ -21,12 +21,6 @@ CYCLES = 2  # the second cycle replaces a display socket that itself replaced on
 pytestmark = pytest.mark.usefixtures("steady_console")
 
 
-def pause_vm(channel: ControlChannel, seconds: float = 0.5) -> None:
-    """Have the host stop the VM, wait ``seconds`` and continue it."""
-    reply = channel.request(f"pause seconds={seconds:g}")
-    assert reply.startswith("ok paused="), f"host pause failed: {reply}"
-
-
 def test_display_and_commands_survive_stop_cont(
         display: drm.Display, screendump: Screendumps, control_channel: ControlChannel,
         kernel_log: checks.KernelLog, vgpu_backend: str) -> None:
@@ -41,7 +35,7 @@ def test_display_and_commands_survive_stop_cont(
     checks.expect_screen(screendump, "stopcont-before", pictures[0])
     shown = 0
     for cycle in range(1, CYCLES + 1):
-        pause_vm(control_channel)
+        control_channel.pause_vm()
         checks.expect_screen(screendump, f"stopcont-{cycle}-resumed", pictures[shown])
 
         # damage flows on the new display socket

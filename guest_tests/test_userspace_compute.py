@@ -10,6 +10,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from guest_tests.guest_helpers import ControlChannel
 from guest_tests.userspace.compute import ComputeContext, dispatch
 from guest_tests.userspace.gpu import DeviceTimeout, VirtioGpu
 from guest_tests.userspace.pinned import PinnedBuffer
@@ -219,3 +220,23 @@ def test_a_reset_with_work_in_flight_drops_it_and_serves_again(
     assert gpu.command(Cmd.RESOURCE_UNREF, ResourceUnref(0xFE11CF)).name == \
         Resp.ERR_INVALID_RESOURCE_ID.name
     assert not gpu.userptrs  # the reset dropped every blob; the pool just frees the pages
+
+
+def test_work_in_flight_at_vm_stop_completes_after_cont(
+        gpu: VirtioGpu, pinned: BufferPool, compute: ComputeContext,
+        control_channel: ControlChannel) -> None:
+    """VM stop takes the rings back while compute work runs (the device finishes it and
+    answers first); after cont the fence arrives, the results are right and the ring
+    serves on from where it stopped."""
+    work, c, expected = _long_work(pinned, compute)
+    pending = compute.start(work)  # fenced: answered once the work is done
+    gpu.poll()
+    assert pending.written is None, "the work ended before the VM stopped: make it longer"
+    control_channel.pause_vm()
+    response = gpu.wait(pending)
+    assert response.name == Resp.OK_NODATA.name and response.fence_id == compute.last_fence_id
+    assert np.allclose(c.view(np.float32).reshape(expected.shape), expected, atol=1e-3)
+    header, _ = compute.results(len(work))
+    assert Status(header.status) is Status.OK and header.completed == len(work)
+    assert gpu.command(Cmd.RESOURCE_UNREF, ResourceUnref(0xFE11D0)).name == \
+        Resp.ERR_INVALID_RESOURCE_ID.name
