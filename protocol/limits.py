@@ -139,10 +139,12 @@ class Limits:
             value = getattr(self, f.name)
             if not isinstance(value, int | float) or not 0 < value < math.inf:
                 raise ValueError(f"limit {f.name} must be a positive, finite number, not {value!r}")
-        if self.max_backing_entries > (1 << 32) - 1 or self.max_userptr_entries > (1 << 32) - 1:
-            raise ValueError("entry limits must fit the 32-bit nr_entries field")
+        for name in ("max_backing_entries", "max_userptr_entries"):
+            if getattr(self, name) > (1 << 32) - 1:
+                raise ValueError(f"limit {name} must fit the 32-bit nr_entries field "
+                                 "(at most 4294967295)")
         if self.max_scanouts > 16:
-            raise ValueError("max_scanouts cannot exceed VIRTIO_GPU_MAX_SCANOUTS (16)")
+            raise ValueError("limit max_scanouts cannot exceed VIRTIO_GPU_MAX_SCANOUTS (16)")
 
 
 class CliLimit(NamedTuple):

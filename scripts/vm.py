@@ -23,7 +23,7 @@ from vmrunner.errors import (
     EXIT_TIMEOUT,
     HarnessError,
 )
-from vmrunner.qemu import USERSPACE_GPU_PCI
+from vmrunner.qemu import GPU_DEVICES, USERSPACE_GPU_PCI
 from vmrunner.rootfs import ROOT_KINDS
 from vmrunner.session import SessionOptions
 
@@ -105,6 +105,10 @@ def _add_vm_options(parser: argparse.ArgumentParser, timeout: float = DEFAULT_TI
     vm.add_argument("--host-hugetlb", action="store_true",
                     help="guest RAM on the host's 2 MiB huge pages (memory-backend-memfd,"
                          "hugetlb=on; vm.nr_hugepages is raised for the run as root)")
+    vm.add_argument("--gpu-device", choices=GPU_DEVICES, default=GPU_DEVICES[0],
+                    help="QEMU's device for the guest's GPU: the PCI display device, or "
+                         "the VGA-class one libvirt uses for a primary video device "
+                         "(default: %(default)s; a second GPU is always the PCI one)")
     vm.add_argument("--append", default="", metavar="ARGS",
                     help="extra guest kernel command line")
     vm.add_argument("--kernel-package", metavar="NAME",
@@ -194,7 +198,8 @@ def _options(args: argparse.Namespace, mode: str) -> SessionOptions:
         timeout=args.timeout, per_test_timeout=getattr(args, "per_test_timeout", 0.0),
         shutdown_timeout=args.shutdown_timeout,
         memory_mib=args.memory, smp=args.smp, hugepages=args.hugepages,
-        host_hugetlb=args.host_hugetlb, extra_cmdline=args.append, show_console=args.show_console)
+        host_hugetlb=args.host_hugetlb, gpu_device=args.gpu_device, extra_cmdline=args.append,
+        show_console=args.show_console)
 
 
 def main(argv: list[str]) -> int:

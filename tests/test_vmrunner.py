@@ -144,6 +144,9 @@ def test_qemu_command_places_devices_at_fixed_addresses(tmp_path: Path) -> None:
     assert "hugetlb" not in argv
     huge = " ".join(qemu_command(dataclasses.replace(layout, host_hugetlb=True)))
     assert "memory-backend-memfd,id=mem,size=2048M,share=on,hugetlb=on,hugetlbsize=2M" in huge
+    vga = qemu_command(dataclasses.replace(layout, gpu_device="vhost-user-vga"))
+    assert "vhost-user-vga,chardev=vgpu0,id=gpu0,addr=02.0" in vga
+    assert "vhost-user-gpu-pci,chardev=vgpu1,id=gpu1,addr=0a.0" in vga  # the userspace one
 
 
 def test_backend_spec_templates() -> None:

@@ -108,6 +108,15 @@ def test_test_has_the_userspace_gpu_unless_told_otherwise() -> None:
     assert not _options("console-check").second_gpu
 
 
+def test_the_gpu_device_option_reaches_the_session() -> None:
+    assert _options("test").gpu_device == "vhost-user-gpu-pci"
+    for command in ("test", "demo", "console-check"):
+        assert _options(command, "--gpu-device", "vhost-user-vga").gpu_device == \
+            "vhost-user-vga"
+    with pytest.raises(SystemExit):
+        _options("test", "--gpu-device", "virtio-gpu-pci")
+
+
 def test_time_limits_are_bounded_by_default() -> None:
     test = _options("test")
     assert test.timeout == vm.DEFAULT_TIMEOUT <= 900

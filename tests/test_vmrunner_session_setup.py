@@ -133,6 +133,9 @@ def test_the_layout_follows_the_mode_root_and_gpus(tmp_path: Path) -> None:
     console = _session(tmp_path, mode="console").layout()
     assert console.shares == () and console.root_image is None
     assert "vgpu.mode=console" in console.cmdline
+    assert console.gpu_device == "vhost-user-gpu-pci"
+    assert _session(tmp_path, gpu_device="vhost-user-vga").layout().gpu_device == \
+        "vhost-user-vga"
 
 
 def test_expect_stops_at_a_guest_error_and_skips_other_events(tmp_path: Path) -> None:

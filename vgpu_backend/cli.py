@@ -13,7 +13,13 @@ from collections.abc import Callable, Sequence
 from protocol.capsets import DEFAULT_COMPUTE_CAPSET, DEFAULT_USERPTR_CAPSET
 from protocol.limits import CliLimit, cli_fields
 from vgpu_backend import __version__
-from vgpu_backend.config import BackendConfig, ConfigError, build_config, listening_socket
+from vgpu_backend.config import (
+    BackendConfig,
+    ConfigError,
+    build_config,
+    check_socket_path,
+    listening_socket,
+)
 from vgpu_backend.device_state import UserptrProtocol
 from vgpu_backend.eventloop import EventLoop
 from vgpu_backend.runtime import Backend
@@ -66,28 +72,29 @@ def parser() -> argparse.ArgumentParser:
                           "feature bit 5 as RESOURCE_USERPTR; only for guests built from "
                           "the v3 series, never with Linux >= 7.2 where bit 5 is "
                           "BLOB_ALIGNMENT), off (the default with --no-blob)")
-    dev.add_argument("--userptr-capset-id", type=lambda v: int(v, 0),
+    dev.add_argument("--userptr-capset-id", type=_integer,
                      default=DEFAULT_USERPTR_CAPSET, metavar="ID",
                      help=f"capset id of the userptr capset, 10..63 (default "
                           f"{DEFAULT_USERPTR_CAPSET})")
-    dev.add_argument("--compute-capset-id", type=lambda v: int(v, 0),
+    dev.add_argument("--compute-capset-id", type=_integer,
                      default=DEFAULT_COMPUTE_CAPSET, metavar="ID",
                      help=f"capset id (= context type) of the compute capset, 10..63 "
                           f"(default {DEFAULT_COMPUTE_CAPSET})")
     gpu = p.add_argument_group("host GPU")
-    gpu.add_argument("--gpu", default="auto", choices=["auto", "kfd", "sim"],
+    gpu.add_argument("--gpu", choices=["auto", "kfd", "sim"],
                      help="auto: /dev/kfd if present, else the simulated KFD (default)")
-    gpu.add_argument("--gpu-ids", type=lambda v: [int(x, 0) for x in v.split(",")],
+    gpu.add_argument("--gpu-ids", type=_integer_list,
                      metavar="ID,...", help="KFD gpu_ids to map userptr buffers on "
                                             "(default: all)")
-    gpu.add_argument("--kfd-isolation", default="vm", choices=["vm", "context"],
+    gpu.add_argument("--kfd-isolation", choices=["vm", "context"],
                      help="vm: one KFD process for the VM (default); context: one "
                           "secondary KFD process per virtio-gpu context (KFD >= 1.19; "
                           "USERPTR blobs are refused in this mode, see README)")
-    gpu.add_argument("--userptr-host-path", default="auto",
+    gpu.add_argument("--userptr-host-path",
                      choices=["auto", "batch", "alias", "per-range"],
                      help="how scattered ranges become one GPU buffer (default auto: "
-                          "batch if the kernel supports it, else alias)")
+                          "batch if the kernel supports it, else alias, and per-range "
+                          "for what alias cannot map, such as hugetlb guest RAM)")
     gpu.add_argument("--sim-gpus", type=int, metavar="N",
                      help="number of simulated GPUs (default 1)")
     gpu.add_argument("--sim-kfd-minor", type=int, metavar="N",
@@ -105,6 +112,20 @@ def parser() -> argparse.ArgumentParser:
         lim.add_argument(f"--{limit.option}", dest=limit.name, type=_option_type(limit),
                          metavar=limit.metavar, help=limit.help)
     return p
+
+
+def _integer(text: str) -> int:
+    """A decimal or 0x-prefixed integer."""
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not an integer (decimal or 0x...): {text!r}") from None
+
+
+def _integer_list(text: str) -> list[int]:
+    """Comma-separated integers."""
+    return [_integer(item) for item in text.split(",")]
 
 
 def _option_type(limit: CliLimit) -> Callable[[str], int | float]:
@@ -139,28 +160,44 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run(config: BackendConfig) -> int:
     """Serve one front-end connection, then exit 0 (1: start-up failure; 70: something
-    was still allocated at the end, see the log)."""
+    was still allocated at the end, see the log).  SIGTERM and SIGINT stop it cleanly
+    from here on, also while the host GPU opens."""
     loop = EventLoop()
+    for signum in (signal.SIGTERM, signal.SIGINT):  # also before loop.run() starts
+        signal.signal(signum, lambda *_: loop.shutdown())
     try:
+        if config.socket_path is not None:  # a bad path fails before the host GPU opens;
+            check_socket_path(config.socket_path)  # the socket appears once all is ready
         backend = Backend(loop, config)
     except ConfigError as err:
         log.error("%s", err)
         loop.close()
         return 1
-    for signum in (signal.SIGTERM, signal.SIGINT):  # also before loop.run() starts
-        signal.signal(signum, lambda *_: loop.shutdown())
     try:
-        if config.fd is not None:
-            backend.serve(socket.socket(fileno=config.fd))
-        elif config.socket_path is not None:
-            try:
-                listener = listening_socket(config.socket_path)
-            except ConfigError as err:
-                log.error("%s", err)
-                return 1
-            backend.listen(listener)
+        sock = _front_end_socket(config)
+    except ConfigError as err:
+        log.error("%s", err)
+        backend.close()
+        loop.close()
+        return 1
+    try:
+        if config.socket_path is not None:
+            backend.listen(sock, owned_path=config.socket_path)
+        elif sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            backend.listen(sock)  # an inherited listening socket: not ours to remove
+        else:
+            backend.serve(sock)  # an inherited connected socket (libvirt)
         loop.run()
     finally:
         backend.close()
         loop.close()
     return EXIT_LEAK if backend.leaks else 0
+
+
+def _front_end_socket(config: BackendConfig) -> socket.socket:
+    """The socket to QEMU: listening on ``--socket-path``, or the one ``--fd`` names."""
+    if config.socket_path is not None:
+        return listening_socket(config.socket_path)
+    if config.fd is None:  # build_config requires one of them
+        raise ConfigError("no --socket-path or --fd")
+    return socket.socket(fileno=config.fd)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import errno as errno_module
 import os
+import re
 import socket
 import stat
 from dataclasses import dataclass, field, replace
@@ -67,6 +68,65 @@ def _sim_fault(spec: str) -> dict[str, Any]:
     return fault
 
 
+#: the host-GPU options, and their argparse destinations (None or empty: not given)
+_HOST_GPU_OPTIONS = {"--gpu": "gpu", "--gpu-ids": "gpu_ids", "--kfd-isolation": "kfd_isolation",
+                     "--userptr-host-path": "userptr_host_path", "--sim-gpus": "sim_gpus",
+                     "--sim-kfd-minor": "sim_kfd_minor", "--sim-fault": "sim_fault",
+                     "--sim-pre-batch": "sim_pre_batch"}
+#: how HostGpuOptions and the simulator name what the options set
+_HOST_GPU_NAMES = {"sim gpu_count": "--sim-gpus", "sim kfd_minor": "--sim-kfd-minor",
+                   "gpu_ids": "--gpu-ids", "userptr_path": "--userptr-host-path",
+                   "isolation": "--kfd-isolation", "sim options": "--sim-* options",
+                   "gpu": "--gpu"}
+
+
+def _with_option_names(message: str, names: dict[str, str]) -> str:
+    """``message`` with internal field names replaced by the options that set them."""
+    pattern = "|".join(re.escape(name) for name in sorted(names, key=len, reverse=True))
+    return re.sub(rf"(?<![\w-])({pattern})(?![\w-])", lambda m: names[m.group(1)], message)
+
+
+def _host_gpu_options(args: argparse.Namespace, max_per_range_ranges: int) -> dict[str, Any]:
+    """The keywords of ``hostgpu.factory.HostGpuOptions``, checked by building it now
+    (what only the kernel can tell is checked when the host GPU opens)."""
+    host_gpu: dict[str, Any] = {"gpu": args.gpu or "auto", "gpu_ids": args.gpu_ids,
+                                "isolation": args.kfd_isolation or "vm",
+                                "userptr_path": args.userptr_host_path or "auto",
+                                "max_per_range_ranges": max_per_range_ranges}
+    sim: dict[str, Any] = {}
+    if args.sim_gpus is not None:
+        sim["gpu_count"] = args.sim_gpus
+    if args.sim_kfd_minor is not None:
+        sim["kfd_minor"] = args.sim_kfd_minor
+    if args.sim_pre_batch:
+        sim["batch_userptr"] = False
+    faults = [_sim_fault(spec) for spec in args.sim_fault]
+    if faults:
+        host_gpu["sim_faults"] = faults
+    if (sim or faults) and args.gpu == "kfd":
+        raise ConfigError("--sim-* options need --gpu sim (or auto without /dev/kfd)")
+    if sim:
+        host_gpu["sim"] = sim
+    from vgpu_backend.hostgpu.factory import host_gpu_options
+    try:
+        host_gpu_options(host_gpu)
+    except ValueError as err:
+        raise ConfigError(_with_option_names(str(err), _HOST_GPU_NAMES)) from None
+    return host_gpu
+
+
+def _check_inherited_socket(fd: int) -> None:
+    """``--fd`` must be a unix stream socket (connected, or listening)."""
+    sock = socket.socket(fileno=fd)
+    try:
+        family, kind = sock.family, sock.type
+    finally:
+        sock.detach()  # the fd stays open for the back-end
+    if family != socket.AF_UNIX or kind != socket.SOCK_STREAM:
+        raise ConfigError(f"--fd {fd}: not a unix stream socket "
+                          f"({getattr(family, 'name', family)}, {getattr(kind, 'name', kind)})")
+
+
 def build_config(args: argparse.Namespace) -> BackendConfig:
     """Validate parsed arguments into a :class:`BackendConfig`."""
     if (args.socket_path is None) == (args.fd is None):
@@ -78,12 +138,14 @@ def build_config(args: argparse.Namespace) -> BackendConfig:
             raise ConfigError(f"--fd {args.fd}: {err}") from None
         if not stat.S_ISSOCK(mode):
             raise ConfigError(f"--fd {args.fd} is not a socket")
+        _check_inherited_socket(args.fd)
     overrides = {limit.name: getattr(args, limit.name) for limit in cli_fields()
                  if getattr(args, limit.name) is not None}
     try:
         limits = Limits(**overrides)
     except ValueError as err:
-        raise ConfigError(str(err)) from None
+        raise ConfigError(_with_option_names(str(err), {
+            f"limit {limit.name}": f"--{limit.option}" for limit in cli_fields()})) from None
     protocol = UserptrProtocol(args.userptr_protocol or ("v5" if args.blob else "off"))
     if protocol is not UserptrProtocol.OFF and not args.blob:
         raise ConfigError(f"--userptr-protocol {protocol.value}: USERPTR blobs need blob "
@@ -102,24 +164,13 @@ def build_config(args: argparse.Namespace) -> BackendConfig:
         edid=args.edid, blob=args.blob, userptr_protocol=protocol,
         userptr_capset_id=args.userptr_capset_id, compute=args.compute,
         compute_capset_id=args.compute_capset_id)
-    host_gpu: dict[str, Any] = {"gpu": args.gpu, "gpu_ids": args.gpu_ids,
-                                "isolation": args.kfd_isolation,
-                                "userptr_path": args.userptr_host_path,
-                                "max_per_range_ranges": limits.max_per_range_ranges}
-    sim: dict[str, Any] = {}
-    if args.sim_gpus is not None:
-        sim["gpu_count"] = args.sim_gpus
-    if args.sim_kfd_minor is not None:
-        sim["kfd_minor"] = args.sim_kfd_minor
-    if args.sim_pre_batch:
-        sim["batch_userptr"] = False
-    faults = [_sim_fault(spec) for spec in args.sim_fault]
-    if faults:
-        host_gpu["sim_faults"] = faults
-    if (sim or faults) and args.gpu == "kfd":
-        raise ConfigError("--sim-* options need --gpu sim (or auto without /dev/kfd)")
-    if sim:
-        host_gpu["sim"] = sim
+    host_gpu = _host_gpu_options(args, limits.max_per_range_ranges)
+    if protocol is UserptrProtocol.OFF and not args.compute:
+        given = [option for option, dest in _HOST_GPU_OPTIONS.items()
+                 if getattr(args, dest) not in (None, [], False)]
+        if given:
+            raise ConfigError(f"{', '.join(given)}: no host GPU is used (USERPTR is off "
+                              "and compute is off)")
     return BackendConfig(args.socket_path, args.fd, args.log_level, device, limits, host_gpu)
 
 
@@ -128,18 +179,61 @@ def with_limits(config: BackendConfig, **overrides: Any) -> BackendConfig:
     return replace(config, limits=replace(config.limits, **overrides))
 
 
-def listening_socket(path: str) -> socket.socket:
-    """A unix stream socket listening on ``path`` (a stale socket file is replaced)."""
+def check_socket_path(path: str) -> bool:
+    """Whether a socket file is at ``path`` that nothing listens on any more (left by a
+    back-end that is gone: :func:`listening_socket` replaces it).
+
+    :raise ConfigError: the directory is missing, or something other than a socket is
+        there, or something listens on it (e.g. another back-end).
+    """
+    directory = os.path.dirname(path) or "."
+    if not os.path.isdir(directory):
+        raise ConfigError(f"--socket-path {path}: no directory {directory}")
     try:
-        if stat.S_ISSOCK(os.stat(path).st_mode):
-            os.unlink(path)
+        mode = os.stat(path).st_mode
     except FileNotFoundError:
-        pass
+        return False
+    except OSError as err:
+        raise ConfigError(f"--socket-path {path}: {err.strerror}") from None
+    if not stat.S_ISSOCK(mode):
+        raise ConfigError(f"--socket-path {path}: exists and is not a socket")
+    listening = _listening_unix_paths()
+    if path in listening or os.path.abspath(path) in listening:
+        raise ConfigError(f"--socket-path {path}: in use (a process listens on it, "
+                          "e.g. another back-end)")
+    return True
+
+
+def listening_socket(path: str) -> socket.socket:
+    """A unix stream socket listening on ``path`` (see :func:`check_socket_path`)."""
+    if check_socket_path(path):
+        os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(path)
         sock.listen(1)
     except OSError as err:
         sock.close()
-        raise ConfigError(f"--socket-path {path}: {err}") from None
+        raise ConfigError(f"--socket-path {path}: {err.strerror}") from None
     return sock
+
+
+def _listening_unix_paths() -> set[str]:
+    """The paths listening unix sockets of this network namespace are bound to, as they
+    were bound (``/proc/net/unix``; a probe connection would be taken for QEMU by a
+    back-end that waits for it)."""
+    try:
+        with open("/proc/net/unix", encoding="utf-8", errors="replace") as table:
+            lines = table.read().splitlines()[1:]
+    except OSError:
+        return set()
+    paths = set()
+    for line in lines:  # Num RefCount Protocol Flags Type St Inode Path
+        fields = line.split(None, 7)
+        if len(fields) == 8 and int(fields[3], 16) & _SO_ACCEPTCON:
+            paths.add(fields[7])
+    return paths
+
+
+#: ``__SO_ACCEPTCON`` in /proc/net/unix's Flags: the socket listens
+_SO_ACCEPTCON = 1 << 16

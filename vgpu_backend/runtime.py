@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -25,15 +26,9 @@ def open_host_gpu(config: BackendConfig) -> HostGpu | None:
     """The host GPU the configuration asks for (None when nothing needs one)."""
     if config.device.userptr_protocol is UserptrProtocol.OFF and not config.device.compute:
         return None
-    from vgpu_backend.hostgpu.factory import HostGpuOptions, create_host_gpu
-    from vgpu_backend.hostgpu.sim_config import SimFault, SimKfdConfig
-    options = dict(config.host_gpu)
-    if "sim" in options:
-        options["sim"] = SimKfdConfig(**options["sim"])
-    if "sim_faults" in options:
-        options["sim_faults"] = tuple(SimFault(**f) for f in options["sim_faults"])
+    from vgpu_backend.hostgpu.factory import create_host_gpu, host_gpu_options
     try:
-        return create_host_gpu(HostGpuOptions(**options))
+        return create_host_gpu(host_gpu_options(config.host_gpu))
     except (HostGpuError, ValueError) as err:
         raise ConfigError(f"host GPU: {err}") from err
 
@@ -67,6 +62,7 @@ class Backend:
                                       self.host_gpu)
         self.session: VhostUserSession | None = None
         self._listener: socket.socket | None = None
+        self._owned: tuple[str, int, int] | None = None  # path, st_dev, st_ino
         self._fds_with_gpu = open_fds()
         gpu = self.host_gpu.info() if self.host_gpu is not None else None
         log.info("vgpu-backend %s: offering virtio features %#x, protocol features %#x; "
@@ -76,12 +72,32 @@ class Backend:
                  f"{gpu.backend} ({gpu.userptr_path.value} path, GPUs "
                  f"{', '.join(hex(g) for g in gpu.gpu_ids)})" if gpu else "none")
 
-    def listen(self, listener: socket.socket) -> None:
-        """Accept one connection on ``listener``, then stop listening."""
+    def listen(self, listener: socket.socket, owned_path: str | None = None) -> None:
+        """Accept one connection on ``listener``, then stop listening.  ``owned_path``:
+        the socket file this back-end created, removed when listening stops (unless
+        something else has replaced it meanwhile)."""
         self._listener = listener
+        self._owned = None
+        if owned_path is not None:
+            st = os.stat(owned_path)
+            self._owned = (owned_path, st.st_dev, st.st_ino)
         listener.setblocking(False)
         log.info("listening on %s", listener.getsockname())
         self.loop.add_reader(listener.fileno(), self._accept)
+
+    def _stop_listening(self) -> None:
+        if self._listener is None:
+            return
+        self.loop.forget_fd(self._listener.fileno())
+        self._listener.close()
+        self._listener = None
+        if self._owned is not None:
+            path, dev, ino = self._owned
+            self._owned = None
+            with contextlib.suppress(OSError):
+                st = os.stat(path)
+                if (st.st_dev, st.st_ino) == (dev, ino):
+                    os.unlink(path)
 
     def _accept(self) -> None:
         if self._listener is None:
@@ -90,9 +106,7 @@ class Backend:
             conn, _ = self._listener.accept()
         except BlockingIOError:
             return
-        self.loop.forget_fd(self._listener.fileno())
-        self._listener.close()
-        self._listener = None
+        self._stop_listening()
         log.info("front-end connected")
         self.serve(conn)
 
@@ -104,10 +118,7 @@ class Backend:
     def close(self) -> None:
         """Free everything (session, guest memory, host GPU) and check that nothing is
         left: no host GPU mapping, no guest memory, no fd beyond those at start-up."""
-        if self._listener is not None:
-            self.loop.forget_fd(self._listener.fileno())
-            self._listener.close()
-            self._listener = None
+        self._stop_listening()
         if self.session is not None:
             self.session.close()
         else:

@@ -20,6 +20,9 @@ MIN_QEMU_VERSION = (8, 0)
 QEMU_VERSION_RE = re.compile(r"QEMU emulator version (\d+)\.(\d+)(?:\.(\d+))?")
 CONTROL_PORT_NAME = "org.vgpu.control"
 GPU_IDS = ("gpu0", "gpu1")
+#: QEMU's vhost-user GPU front-ends: the PCI display device, and the VGA-class one
+#: (what libvirt creates for a primary video device); both speak the same vhost-user
+GPU_DEVICES = ("vhost-user-gpu-pci", "vhost-user-vga")
 GPU_SLOTS = ("02.0", "0a.0")
 DRM_GPU_PCI = "0000:00:02.0"
 USERSPACE_GPU_PCI = "0000:00:0a.0"
@@ -54,6 +57,8 @@ class VmLayout:
     smp: int = 1
     #: guest RAM on the host's 2 MiB huge pages (recommended for compute)
     host_hugetlb: bool = False
+    #: QEMU's device for the guest's own GPU (gpu0); a second GPU is always the PCI one
+    gpu_device: str = "vhost-user-gpu-pci"
 
 
 def kernel_cmdline(mode: str, root: str, userspace_pci: str | None, hugepages: int,
@@ -122,8 +127,8 @@ def qemu_command(layout: VmLayout, qemu: str = QEMU_BINARY) -> list[str]:
     ]
     for index, socket in enumerate(layout.gpu_sockets):
         argv += ["-chardev", f"socket,id=vgpu{index},path={socket}",
-                 "-device", f"vhost-user-gpu-pci,chardev=vgpu{index},id={GPU_IDS[index]},"
-                            f"addr={GPU_SLOTS[index]}"]
+                 "-device", f"{layout.gpu_device if index == 0 else GPU_DEVICES[0]},"
+                            f"chardev=vgpu{index},id={GPU_IDS[index]},addr={GPU_SLOTS[index]}"]
     for share in layout.shares:
         options = f"local,id=fs-{share.tag},path={share.path},security_model=none"
         if share.readonly:

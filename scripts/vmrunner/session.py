@@ -58,6 +58,7 @@ class SessionOptions:
     smp: int = 1
     hugepages: int = 64
     host_hugetlb: bool = False
+    gpu_device: str = "vhost-user-gpu-pci"
     extra_cmdline: str = ""
     show_console: bool = False
 
@@ -128,7 +129,8 @@ class VmSession:
             control_socket=self.control.socket_path, qmp_socket=self.workdir / "qmp.sock",
             serial_log=self.serial_log, shares=shares,
             root_image=self.artifacts.root_image if opts.mode in ("test", "demo") else None,
-            memory_mib=opts.memory_mib, smp=opts.smp, host_hugetlb=opts.host_hugetlb)
+            memory_mib=opts.memory_mib, smp=opts.smp, host_hugetlb=opts.host_hugetlb,
+            gpu_device=opts.gpu_device)
 
     def write_guest_env(self, args: list[str], per_test_timeout: float = 0.0) -> None:
         """What the guest init sources from the results share: the back-end's name and

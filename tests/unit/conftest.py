@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 
 import pytest
@@ -43,3 +44,12 @@ def ring(ram: GuestRam) -> Iterator[DriverRing]:
     ring = DriverRing(ram, NUM, 0x1000)
     yield ring
     ring.close()
+
+
+@pytest.fixture
+def signals() -> Iterator[None]:
+    """Restore the SIGTERM and SIGINT handlers run() installs."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)

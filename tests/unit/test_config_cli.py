@@ -109,8 +109,32 @@ def test_fd_must_be_a_socket(connected_fd: int) -> None:
     (["--socket-path", "s", "--sim-fault", "MAP_MEMORY_TO_GPU:ENOSUCHERRNO"], "unknown errno"),
     (["--socket-path", "s", "--sim-fault", "MAP_MEMORY_TO_GPU:errorcode"], "unknown errno"),
     (["--socket-path", "s", "--sim-fault", "MAP_MEMORY_TO_GPU:EIO:two"], "are numbers"),
-    (["--socket-path", "s", "--max-backing-entries", "0"], "max_backing_entries"),
-    (["--socket-path", "s", "--display-timeout", "-1"], "display_reply_timeout"),
+    (["--socket-path", "s", "--max-backing-entries", "0"],
+     "^--max-backing-entries must be a positive"),
+    (["--socket-path", "s", "--max-userptr-entries", str(1 << 32)],
+     "^--max-userptr-entries must fit the 32-bit nr_entries field"),
+    (["--socket-path", "s", "--display-timeout", "-1"], "^--display-timeout must be"),
+    (["--socket-path", "s", "--sim-gpus", "0"], "^--sim-gpus must be 1..64, not 0"),
+    (["--socket-path", "s", "--sim-kfd-minor", "-1"], "^--sim-kfd-minor must be"),
+    (["--socket-path", "s", "--sim-fault", "FOO:EINTR"], "unknown ioctl 'FOO'"),
+    (["--socket-path", "s", "--sim-fault", "MAP_MEMORY_TO_GPU:EINTR:0"], "count must be"),
+    (["--socket-path", "s", "--sim-fault", "MAP_MEMORY_TO_GPU:EINTR:1:0:1"],
+     "fault on device 1: the simulated kernel has 1 GPU"),
+    (["--socket-path", "s", "--sim-gpus", "2", "--sim-fault",
+      "MAP_MEMORY_TO_GPU:EINTR:1:0:-1"], "fault on device -1"),
+    (["--socket-path", "s", "--kfd-isolation", "context", "--userptr-host-path", "batch"],
+     "^--userptr-host-path 'batch' with --kfd-isolation 'context'"),
+    (["--socket-path", "s", "--gpu-ids", "0"], "^--gpu-ids must be non-zero .* not 0x0$"),
+    (["--socket-path", "s", "--gpu-ids", "0x5a3c,0x5a3c"],
+     "^--gpu-ids lists a GPU twice: 0x5a3c, 0x5a3c$"),
+    (["--socket-path", "s", "--no-blob", "--no-compute", "--gpu", "kfd"],
+     "^--gpu: no host GPU is used"),
+    (["--socket-path", "s", "--userptr-protocol", "off", "--no-compute", "--gpu-ids", "1",
+      "--kfd-isolation", "vm", "--sim-pre-batch"],
+     "^--gpu-ids, --kfd-isolation, --sim-pre-batch: no host GPU is used"),
+    (["--socket-path", "s", "--no-blob", "--no-compute", "--userptr-host-path", "alias",
+      "--sim-gpus", "2", "--sim-kfd-minor", "19", "--sim-fault", "MAP_MEMORY_TO_GPU:EIO"],
+     "^--userptr-host-path, --sim-gpus, --sim-kfd-minor, --sim-fault: no host GPU"),
 ])
 def test_bad_combinations_are_refused(argv: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -160,11 +184,11 @@ def test_host_gpu_options_are_passed_on() -> None:
     number)."""
     config = config_from(
         "--socket-path", "s", "--gpu", "sim", "--gpu-ids", "0x5a3c,0x6b4d",
-        "--kfd-isolation", "context", "--userptr-host-path", "alias", "--sim-gpus", "2",
+        "--kfd-isolation", "vm", "--userptr-host-path", "alias", "--sim-gpus", "2",
         "--sim-kfd-minor", "18", "--sim-pre-batch", "--sim-fault", "MAP_MEMORY_TO_GPU:EINTR",
         "--sim-fault", "UNMAP_MEMORY_FROM_GPU:EIO:2:3:1")
     assert config.host_gpu == {
-        "gpu": "sim", "gpu_ids": [0x5A3C, 0x6B4D], "isolation": "context",
+        "gpu": "sim", "gpu_ids": [0x5A3C, 0x6B4D], "isolation": "vm",
         "userptr_path": "alias", "max_per_range_ranges": DEFAULT_LIMITS.max_per_range_ranges,
         "sim": {"gpu_count": 2, "kfd_minor": 18, "batch_userptr": False},
         "sim_faults": [{"ioctl": "MAP_MEMORY_TO_GPU", "errno": errno.EINTR},
@@ -283,8 +307,9 @@ def test_a_sigterm_before_the_loop_runs_still_ends_the_back_end(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, signum: signal.Signals) -> None:
     """SIGTERM (or SIGINT) between installing the handlers and starting the loop (the
     start-up window) is not lost: the back-end shuts down instead of serving on."""
-    def signalled_while_starting(self: Backend, listener: socket.socket) -> None:
-        real_listen(self, listener)
+    def signalled_while_starting(self: Backend, listener: socket.socket,
+                                 owned_path: str | None = None) -> None:
+        real_listen(self, listener, owned_path)
         signal.raise_signal(signum)
 
     real_listen = Backend.listen

@@ -13,7 +13,7 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Final
+from typing import Any, Final
 
 from protocol.limits import DEFAULT_LIMITS
 from vgpu_backend.hostgpu.base import HostGpu, HostGpuError
@@ -23,7 +23,7 @@ from vgpu_backend.hostgpu.sim_kfd import SimTransport
 from vgpu_backend.hostgpu.transport import KfdTransport, OsTransport
 
 __all__ = ["GPU_CHOICES", "ISOLATION_CHOICES", "PATH_CHOICES", "HostGpuOptions",
-           "create_host_gpu"]
+           "create_host_gpu", "host_gpu_options"]
 
 log = logging.getLogger(__name__)
 
@@ -70,17 +70,38 @@ class HostGpuOptions:
         if self.gpu_ids is not None:
             if not self.gpu_ids:
                 raise ValueError("gpu_ids is empty; leave it unset to use every GPU")
+            listed = ", ".join(hex(g) for g in self.gpu_ids)
             if any(not 0 < g < 1 << 32 for g in self.gpu_ids):
                 raise ValueError(f"gpu_ids must be non-zero 32-bit KFD gpu_ids (node 0 is "
-                                 f"the CPU), not {self.gpu_ids}")
+                                 f"the CPU), not {listed}")
             if len(set(self.gpu_ids)) != len(self.gpu_ids):
-                raise ValueError(f"gpu_ids lists a GPU twice: {self.gpu_ids}")
+                raise ValueError(f"gpu_ids lists a GPU twice: {listed}")
         if self.isolation == "context" and self.userptr_path != "auto":
             raise ValueError(f"userptr_path {self.userptr_path!r} with isolation 'context': "
                              "USERPTR is unavailable on secondary KFD processes, so no "
                              "userptr path applies")
         if self.gpu == "kfd" and (self.sim != SimKfdConfig() or self.sim_faults):
             raise ValueError("sim options were given with gpu 'kfd'")
+        for fault in self.sim_faults:
+            if fault.device_index is not None and \
+                    not 0 <= fault.device_index < self.sim.gpu_count:
+                raise ValueError(f"a {fault.ioctl} fault on device {fault.device_index}: "
+                                 f"the simulated kernel has {self.sim.gpu_count} GPU(s)")
+
+
+def host_gpu_options(keywords: dict[str, Any]) -> HostGpuOptions:
+    """:class:`HostGpuOptions` from plain keywords (``sim`` and ``sim_faults`` as dicts
+    of :class:`SimKfdConfig` and :class:`SimFault` keywords, as the configuration keeps
+    them: a SimFault counts down as it fires, so each host GPU gets new ones).
+
+    :raise ValueError: the options contradict each other or are out of range.
+    """
+    options = dict(keywords)
+    if "sim" in options:
+        options["sim"] = SimKfdConfig(**options["sim"])
+    if "sim_faults" in options:
+        options["sim_faults"] = tuple(SimFault(**f) for f in options["sim_faults"])
+    return HostGpuOptions(**options)
 
 
 def _transport(options: HostGpuOptions) -> KfdTransport:
