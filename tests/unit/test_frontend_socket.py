@@ -51,31 +51,6 @@ def test_a_directory_is_not_a_socket(tmp_path: Path) -> None:
     assert tmp_path.is_dir()
 
 
-def test_the_socket_file_goes_once_qemu_connects(tmp_path: Path) -> None:
-    """Only one front-end is served: the file goes with the listener, so a launcher
-    waiting for it cannot mistake it for a back-end that is still waiting."""
-    path = tmp_path / "vgpu.sock"
-    loop = EventLoop()
-    backend = Backend(loop, build_config(parser().parse_args(
-        ["--socket-path", str(path), "--no-blob", "--no-compute"])))
-    client = socket.socket(socket.AF_UNIX)
-    try:
-        backend.listen(listening_socket(str(path)), owned_path=str(path))
-        assert path.is_socket()
-        client.connect(str(path))
-        backend._accept()
-        assert backend.session is not None
-        assert not path.exists(), "the socket file outlived the accept"
-        client.close()
-        with deadline(10.0):
-            loop.run()  # returns when the front-end disconnects
-        backend.close()
-        assert backend.leaks == []
-    finally:
-        client.close()
-        loop.close()
-
-
 @pytest.mark.parametrize("replaced", [False, True])
 def test_the_socket_file_goes_when_the_back_end_stops_unless_replaced(
         tmp_path: Path, replaced: bool) -> None:

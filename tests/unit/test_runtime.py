@@ -14,7 +14,7 @@ import pytest
 
 from tests.unit.hang_guard import deadline
 from vgpu_backend.cli import EXIT_LEAK, main, parser
-from vgpu_backend.config import BackendConfig, build_config
+from vgpu_backend.config import BackendConfig, build_config, listening_socket
 from vgpu_backend.eventloop import EventLoop
 from vgpu_backend.guest_memory import GuestMemory
 from vgpu_backend.runtime import Backend, open_fds, open_host_gpu
@@ -165,14 +165,14 @@ def test_a_host_gpu_that_keeps_its_fds_is_a_leak(backend: Backend,
 
 
 def test_one_connection_is_accepted_then_listening_stops(tmp_path: Path) -> None:
-    """The first front-end is served; the listener is closed right after the accept."""
+    """The first front-end is served; the listener is closed right after the accept,
+    and its socket file goes with it (a launcher waiting for the file cannot mistake
+    it for a back-end that still waits)."""
     loop = EventLoop()
     backend = Backend(loop, config_from("--gpu", "sim"))
     path = str(tmp_path / "vgpu.sock")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
-    listener.listen(1)
-    backend.listen(listener)
+    listener = listening_socket(path)
+    backend.listen(listener, owned_path=path)
     client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     client.connect(path)
     fd = listener.fileno()
@@ -180,6 +180,7 @@ def test_one_connection_is_accepted_then_listening_stops(tmp_path: Path) -> None
         backend._accept()
         assert backend.session is not None and listener.fileno() == -1
         assert fd not in loop._readers  # the watch went with the listener
+        assert not os.path.exists(path), "the socket file outlived the accept"
         backend._accept()  # a late wake-up: nothing happens
         client.close()
         with deadline(10.0):
