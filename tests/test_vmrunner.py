@@ -298,7 +298,7 @@ def test_qemu_command_boots_the_layout_it_is_given(tmp_path: Path) -> None:
     pairs = _argv_pairs(argv)
     assert argv[0] == "/opt/qemu" and "-no-reboot" in argv
     for pair in [("-kernel", str(tmp_path / "vmlinux")), ("-initrd", str(tmp_path / "initrd")),
-                 ("-smp", "2"), ("-m", "1536M"), ("-numa", "node,memdev=mem"),
+                 ("-smp", "2"), ("-m", "1536M,slots=2,maxmem=2560M"), ("-numa", "node,memdev=mem"),
                  ("-append", "console=ttyS0 panic=-1 quiet loglevel=4 hugepages=32 "
                              "vgpu.mode=test vgpu.root=image"),
                  ("-chardev", f"file,id=serial0,path={tmp_path / 'serial.log'}"),

@@ -20,6 +20,9 @@ MIN_QEMU_VERSION = (8, 0)
 QEMU_VERSION_RE = re.compile(r"QEMU emulator version (\d+)\.(\d+)(?:\.(\d+))?")
 CONTROL_PORT_NAME = "org.vgpu.control"
 GPU_IDS = ("gpu0", "gpu1")
+#: DIMM slots and the room above the boot RAM for the guest's memory hotplug requests
+HOTPLUG_SLOTS = 2
+HOTPLUG_MAX_MIB = 1024
 #: QEMU's vhost-user GPU front-ends: the PCI display device, and the VGA-class one
 #: (what libvirt creates for a primary video device); both speak the same vhost-user
 GPU_DEVICES = ("vhost-user-gpu-pci", "vhost-user-vga")
@@ -111,7 +114,7 @@ def qemu_command(layout: VmLayout, qemu: str = QEMU_BINARY) -> list[str]:
     memory = f"{layout.memory_mib}M"
     argv = [
         qemu, "-machine", "q35,accel=tcg", "-cpu", "max", "-smp", str(layout.smp),
-        "-m", memory,
+        "-m", f"{memory},slots={HOTPLUG_SLOTS},maxmem={layout.memory_mib + HOTPLUG_MAX_MIB}M",
         "-object", f"memory-backend-memfd,id=mem,size={memory},share=on" + (
             ",hugetlb=on,hugetlbsize=2M" if layout.host_hugetlb else ""),
         "-numa", "node,memdev=mem",

@@ -21,6 +21,7 @@ from .backend import REPO_ROOT, BackendSpec, start_backend
 from .control import ControlServer, GuestEvent
 from .errors import HarnessError, HarnessTimeout
 from .hugepages import HugePageReservation
+from .memhotplug import MemoryHotplug
 from .processes import ManagedProcess, tail
 from .qemu import USERSPACE_GPU_PCI, Share, VmLayout, find_qemu, kernel_cmdline, qemu_command
 from .screencheck import ScreenChecker
@@ -239,6 +240,9 @@ class VmSession:
         self.control.handlers["screendump"] = self.screendumper.handle_request
         self.control.handlers["screencheck"] = ScreenChecker(self.screendumper).handle_request
         self.control.handlers["pause"] = VmPauser(self.qmp).handle_request
+        hotplug = MemoryHotplug(self.qmp)
+        self.control.handlers["hotplug-memory"] = hotplug.plug
+        self.control.handlers["unplug-memory"] = hotplug.unplug
 
     def remaining(self, limit: float) -> float:
         """`limit` capped by what is left of the overall timeout."""

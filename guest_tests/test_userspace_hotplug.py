@@ -1,0 +1,106 @@
+"""Guest memory that appears and goes while the VM runs (a pc-dimm, ACPI hotplug).
+
+QEMU hands the new memory to the back-end as ADD_MEM_REG, and takes it back with
+REM_MEM_REG, while the rings are live.  A USERPTR buffer placed in the new memory is
+read by the host GPU byte for byte; after the memory is gone the device serves on.
+The host runner plugs and unplugs the DIMM when the guest asks
+(scripts/vmrunner/memhotplug.py).
+"""
+
+from __future__ import annotations
+
+import errno
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from guest_tests.guest_helpers import ControlChannel
+from guest_tests.userspace.compute import ComputeContext, dispatch
+from guest_tests.userspace.gpu import VirtioGpu
+from guest_tests.userspace.pinned import PinnedBuffer
+from protocol.compute import Kernel, Status, buffer_arg, u64_arg
+from protocol.virtio_gpu import ResourceUnref
+from protocol.virtio_gpu_codes import Cmd, Resp
+
+MEMORY = Path("/sys/devices/system/memory")
+DIMM_MIB = 256
+BUFFER_BYTES = 16 << 20
+
+
+def memory_blocks(addr: int, size: int) -> list[Path]:
+    """The sysfs memory blocks of ``[addr, addr + size)``."""
+    block = int((MEMORY / "block_size_bytes").read_text(), 16)
+    return [MEMORY / f"memory{index}" for index in range(addr // block, (addr + size) // block)]
+
+
+def set_state(blocks: list[Path], state: str, timeout: float = 20.0) -> None:
+    """Online (``online_movable``) or offline every block, retrying while busy."""
+    deadline = time.monotonic() + timeout
+    for block in blocks:
+        while True:
+            current = (block / "state").read_text().strip()
+            if current == ("offline" if state == "offline" else "online"):
+                break
+            try:
+                (block / "state").write_text(state)
+            except OSError as error:
+                if error.errno not in (errno.EBUSY, errno.EAGAIN) or \
+                        time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+
+def plug(channel: ControlChannel) -> tuple[str, int, int]:
+    """Ask the host for a DIMM; its id, guest-physical address and size, once the guest
+    kernel has added its memory blocks."""
+    reply = channel.request(f"hotplug-memory size={DIMM_MIB}")
+    assert reply.startswith("ok "), f"host hotplug failed: {reply}"
+    fields = dict(word.split("=", 1) for word in reply.split()[1:])
+    dimm, addr, size = fields["id"], int(fields["addr"], 16), int(fields["size"])
+    deadline = time.monotonic() + 20
+    while not all(block.exists() for block in memory_blocks(addr, size)):
+        assert time.monotonic() < deadline, "the guest kernel did not add the DIMM's memory"
+        time.sleep(0.1)
+    return dimm, addr, size
+
+
+def test_a_userptr_buffer_in_hotplugged_memory(
+        gpu: VirtioGpu, compute: ComputeContext, control_channel: ControlChannel) -> None:
+    if not MEMORY.exists():
+        pytest.skip("the guest kernel has no memory hotplug (/sys/devices/system/memory)")
+    dimm, addr, size = plug(control_channel)
+    blocks = memory_blocks(addr, size)
+    try:
+        set_state(blocks, "online_movable")
+        # user pages come from the highest zone first: the DIMM's ZONE_MOVABLE
+        with PinnedBuffer(BUFFER_BYTES) as buffer:
+            inside = np.count_nonzero((buffer.phys >= addr) & (buffer.phys < addr + size))
+            assert inside == buffer.phys.shape[0], \
+                f"only {inside} of {buffer.phys.shape[0]} pages landed in the DIMM"
+            buffer.data[:] = np.random.default_rng(21).integers(0, 256, buffer.size,
+                                                                dtype=np.uint8)
+            blob = compute.register(buffer)
+            (va,) = compute.map(blob)
+            result = compute.run([dispatch(Kernel.CHECKSUM_CRC32, buffer_arg(va),
+                                           u64_arg(buffer.size), cmd_id=1)])
+            assert result.status is Status.OK, result.header
+            assert result.value(0) == zlib.crc32(buffer.data.tobytes())
+            gpu.unref(blob.resource_id)
+    finally:
+        set_state(blocks, "offline")
+        reply = control_channel.request(f"unplug-memory id={dimm}")
+    assert reply == "ok", f"host unplug failed: {reply}"
+    # the device serves on without the region, on the memory it had before
+    assert gpu.command(Cmd.RESOURCE_UNREF, ResourceUnref(0xFE11D1)).name == \
+        Resp.ERR_INVALID_RESOURCE_ID.name
+    with PinnedBuffer(1 << 20) as buffer:
+        buffer.data[:] = 7
+        blob = compute.register(buffer)
+        (va,) = compute.map(blob)
+        result = compute.run([dispatch(Kernel.CHECKSUM_CRC32, buffer_arg(va),
+                                       u64_arg(buffer.size), cmd_id=1)])
+        assert result.value(0) == zlib.crc32(buffer.data.tobytes())
+        gpu.unref(blob.resource_id)
