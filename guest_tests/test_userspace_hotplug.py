@@ -104,3 +104,32 @@ def test_a_userptr_buffer_in_hotplugged_memory(
                                        u64_arg(buffer.size), cmd_id=1)])
         assert result.value(0) == zlib.crc32(buffer.data.tobytes())
         gpu.unref(blob.resource_id)
+
+
+def test_a_userptr_blob_whose_memory_is_unplugged_is_torn_down(
+        gpu: VirtioGpu, compute: ComputeContext, control_channel: ControlChannel) -> None:
+    """A guest that lets its memory go from under a live blob (a kernel pin would keep
+    it; userspace's mlock lets offlining migrate the pages): at REM_MEM_REG the device
+    drops the host mapping, and the old GPU address faults instead of reading memory
+    the host may have reused."""
+    if not MEMORY.exists():
+        pytest.skip("the guest kernel has no memory hotplug (/sys/devices/system/memory)")
+    dimm, addr, size = plug(control_channel)
+    blocks = memory_blocks(addr, size)
+    set_state(blocks, "online_movable")
+    with PinnedBuffer(1 << 20) as buffer:
+        try:
+            assert np.all((buffer.phys >= addr) & (buffer.phys < addr + size))
+            blob = compute.register(buffer)
+            (va,) = compute.map(blob)
+            first = compute.run([dispatch(Kernel.CHECKSUM_CRC32, buffer_arg(va),
+                                          u64_arg(buffer.size), cmd_id=1)])
+            assert first.status is Status.OK
+        finally:
+            set_state(blocks, "offline")  # migrates the locked pages out of the DIMM
+            reply = control_channel.request(f"unplug-memory id={dimm}")
+        assert reply == "ok", f"host unplug failed: {reply}"
+        late = compute.run([dispatch(Kernel.CHECKSUM_CRC32, buffer_arg(va),
+                                     u64_arg(buffer.size), cmd_id=1)])
+        assert late.status is Status.FAULT and late.header.fault_address == va
+        assert gpu.unref(blob.resource_id).name == Resp.OK_NODATA.name
