@@ -228,7 +228,8 @@ def test_work_in_flight_at_vm_stop_completes_after_cont(
     """VM stop takes the rings back while compute work runs (the device finishes it and
     answers first); after cont the fence arrives, the results are right and the ring
     serves on from where it stopped."""
-    work, c, expected = _long_work(pinned, compute)
+    # seconds of host work: far longer than the pause request takes to reach QMP
+    work, c, expected = _long_work(pinned, compute, repeat=240)
     pending = compute.start(work)  # fenced: answered once the work is done
     gpu.poll()
     assert pending.written is None, "the work ended before the VM stopped: make it longer"

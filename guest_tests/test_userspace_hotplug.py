@@ -36,21 +36,31 @@ def memory_blocks(addr: int, size: int) -> list[Path]:
     return [MEMORY / f"memory{index}" for index in range(addr // block, (addr + size) // block)]
 
 
-def set_state(blocks: list[Path], state: str, timeout: float = 20.0) -> None:
-    """Online (``online_movable``) or offline every block, retrying while busy."""
+def offline(blocks: list[Path], timeout: float = 20.0) -> None:
+    """Offline every block (its pages migrate away), retrying while busy."""
     deadline = time.monotonic() + timeout
     for block in blocks:
-        while True:
-            current = (block / "state").read_text().strip()
-            if current == ("offline" if state == "offline" else "online"):
-                break
+        while (block / "state").read_text().strip() != "offline":
             try:
-                (block / "state").write_text(state)
+                (block / "state").write_text("offline")
             except OSError as error:
                 if error.errno not in (errno.EBUSY, errno.EAGAIN) or \
                         time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)
+
+
+def online_movable(blocks: list[Path]) -> None:
+    """Online every block into ZONE_MOVABLE (offlining it first if the kernel onlined
+    it into another zone by itself)."""
+    for block in blocks:
+        state = (block / "state").read_text().strip()
+        if state == "online" and (block / "valid_zones").read_text().strip() == "Movable":
+            continue
+        if state == "online":
+            offline([block])
+        (block / "state").write_text("online_movable")
+        assert (block / "valid_zones").read_text().strip() == "Movable"
 
 
 def plug(channel: ControlChannel) -> tuple[str, int, int]:
@@ -74,23 +84,25 @@ def test_a_userptr_buffer_in_hotplugged_memory(
     dimm, addr, size = plug(control_channel)
     blocks = memory_blocks(addr, size)
     try:
-        set_state(blocks, "online_movable")
-        # user pages come from the highest zone first: the DIMM's ZONE_MOVABLE
-        with PinnedBuffer(BUFFER_BYTES) as buffer:
-            inside = np.count_nonzero((buffer.phys >= addr) & (buffer.phys < addr + size))
-            assert inside == buffer.phys.shape[0], \
-                f"only {inside} of {buffer.phys.shape[0]} pages landed in the DIMM"
-            buffer.data[:] = np.random.default_rng(21).integers(0, 256, buffer.size,
-                                                                dtype=np.uint8)
-            blob = compute.register(buffer)
-            (va,) = compute.map(blob)
-            result = compute.run([dispatch(Kernel.CHECKSUM_CRC32, buffer_arg(va),
-                                           u64_arg(buffer.size), cmd_id=1)])
-            assert result.status is Status.OK, result.header
-            assert result.value(0) == zlib.crc32(buffer.data.tobytes())
-            gpu.unref(blob.resource_id)
+        try:
+            online_movable(blocks)
+            # user pages come from the highest zone first: the DIMM's ZONE_MOVABLE
+            with PinnedBuffer(BUFFER_BYTES) as buffer:
+                inside = np.count_nonzero((buffer.phys >= addr) & (buffer.phys < addr + size))
+                assert inside == buffer.phys.shape[0], \
+                    f"only {inside} of {buffer.phys.shape[0]} pages landed in the DIMM"
+                buffer.data[:] = np.random.default_rng(21).integers(0, 256, buffer.size,
+                                                                    dtype=np.uint8)
+                blob = compute.register(buffer)
+                (va,) = compute.map(blob)
+                result = compute.run([dispatch(Kernel.CHECKSUM_CRC32, buffer_arg(va),
+                                               u64_arg(buffer.size), cmd_id=1)])
+                assert result.status is Status.OK, result.header
+                assert result.value(0) == zlib.crc32(buffer.data.tobytes())
+                gpu.unref(blob.resource_id)
+        finally:
+            offline(blocks)
     finally:
-        set_state(blocks, "offline")
         reply = control_channel.request(f"unplug-memory id={dimm}")
     assert reply == "ok", f"host unplug failed: {reply}"
     # the device serves on without the region, on the memory it had before
@@ -116,17 +128,23 @@ def test_a_userptr_blob_whose_memory_is_unplugged_is_torn_down(
         pytest.skip("the guest kernel has no memory hotplug (/sys/devices/system/memory)")
     dimm, addr, size = plug(control_channel)
     blocks = memory_blocks(addr, size)
-    set_state(blocks, "online_movable")
+    try:
+        online_movable(blocks)
+    except BaseException:
+        control_channel.request(f"unplug-memory id={dimm}")
+        raise
     with PinnedBuffer(1 << 20) as buffer:
         try:
-            assert np.all((buffer.phys >= addr) & (buffer.phys < addr + size))
-            blob = compute.register(buffer)
-            (va,) = compute.map(blob)
-            first = compute.run([dispatch(Kernel.CHECKSUM_CRC32, buffer_arg(va),
-                                          u64_arg(buffer.size), cmd_id=1)])
-            assert first.status is Status.OK
+            try:
+                assert np.all((buffer.phys >= addr) & (buffer.phys < addr + size))
+                blob = compute.register(buffer)
+                (va,) = compute.map(blob)
+                first = compute.run([dispatch(Kernel.CHECKSUM_CRC32, buffer_arg(va),
+                                              u64_arg(buffer.size), cmd_id=1)])
+                assert first.status is Status.OK
+            finally:
+                offline(blocks)  # migrates the locked pages out of the DIMM
         finally:
-            set_state(blocks, "offline")  # migrates the locked pages out of the DIMM
             reply = control_channel.request(f"unplug-memory id={dimm}")
         assert reply == "ok", f"host unplug failed: {reply}"
         late = compute.run([dispatch(Kernel.CHECKSUM_CRC32, buffer_arg(va),

@@ -40,8 +40,12 @@ if [ -e "$SOCK" ] && listening "$SOCK"; then
 fi
 # shellcheck disable=SC2086  # BACKEND_CMD may be a command with arguments
 $BACKEND_CMD --socket-path "$SOCK" &
-BACKEND=$!
-trap 'kill "$BACKEND" 2>/dev/null || true' EXIT
+BACKEND=$! QEMU=
+stop_all() {
+    [ -z "$QEMU" ] || kill "$QEMU" 2>/dev/null || true
+    kill "$BACKEND" 2>/dev/null || true
+}
+trap stop_all EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 waited=0
@@ -67,6 +71,10 @@ done
 #  -vga none                                        no default VGA besides it (QEMU adds
 #                                                   one for a GPU that is not VGA-class)
 #  accel=tcg                                        KVM works too where it works
+# QEMU runs in the background so that a signal to this script stops QEMU and the
+# back-end at once (sh runs traps only between commands); it keeps the terminal as its
+# stdin (fd 3: a background command's own stdin would be /dev/null).
+exec 3<&0
 qemu-system-x86_64 \
     -machine q35,accel="${VGPU_ACCEL:-tcg}" -cpu max -m "$RAM" \
     -object memory-backend-memfd,id=mem,size="$RAM",share=on -numa node,memdev=mem \
@@ -74,7 +82,14 @@ qemu-system-x86_64 \
     -device vhost-user-gpu-pci,chardev=vgpu -vga none \
     -display "${VGPU_DISPLAY:-none}" -serial mon:stdio \
     -kernel "$KERNEL" -initrd "$INITRD" -append "console=ttyS0" \
-    "$@"
+    "$@" <&3 3<&- &
+QEMU=$!
+status=0
+wait "$QEMU" || status=$?
+QEMU=
+if [ "$status" -ne 0 ] || listening "$SOCK"; then
+    exit "$status"  # QEMU failed or never connected: stop_all ends the back-end
+fi
 # the back-end exits by itself once QEMU has gone: wait for its leak-check verdict
 trap - EXIT
 wait "$BACKEND"

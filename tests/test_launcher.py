@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -20,11 +21,13 @@ SCRIPT = REPO / "qemu" / "run-qemu.sh"
 BACKEND = f"{sys.executable} -m vgpu_backend --no-blob --no-compute --log-level warning"
 
 FAKE_QEMU = f"""#!{sys.executable}
-import json, os, socket, sys
+import json, os, socket, sys, time
 argv = sys.argv[1:]
 chardev = dict(kv.split("=", 1) for kv in argv[argv.index("-chardev") + 1].split(",")
                if "=" in kv)
-result = {{"argv": argv, "connected": False}}
+result = {{"argv": argv, "connected": False, "pid": os.getpid()}}
+if os.environ.get("FAKE_QEMU_STDIN"):
+    result["stdin"] = sys.stdin.read()
 try:
     if os.environ.get("FAKE_QEMU_CONNECT", "1") != "1":
         raise OSError("told not to connect")
@@ -34,8 +37,10 @@ try:
     client.close()
 except OSError as error:
     result["connected"] = str(error)
-with open(os.environ["FAKE_QEMU_RECORD"], "w") as out:
+with open(os.environ["FAKE_QEMU_RECORD"] + ".tmp", "w") as out:
     json.dump(result, out)
+os.rename(os.environ["FAKE_QEMU_RECORD"] + ".tmp", os.environ["FAKE_QEMU_RECORD"])
+time.sleep(float(os.environ.get("FAKE_QEMU_SLEEP", "0")))
 sys.exit(int(os.environ.get("FAKE_QEMU_EXIT", "0")))
 """
 
@@ -67,21 +72,34 @@ class Launch:
                     "PYTHONPATH": os.pathsep.join(
                         [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
 
-    def run(self, **env: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["sh", str(SCRIPT), "vmlinux", "initrd.img", "-name", "t"],
-                              env={**self.env, **env}, cwd=self.tmp, capture_output=True,
-                              text=True, timeout=60, check=False)
+    def argv(self) -> list[str]:
+        return ["sh", str(SCRIPT), "vmlinux", "initrd.img", "-name", "t"]
+
+    def run(self, stdin: str = "", **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.argv(), env={**self.env, **env}, cwd=self.tmp,
+                              input=stdin, capture_output=True, text=True, timeout=60,
+                              check=False)
 
     def qemu(self) -> dict[str, Any]:
         result: dict[str, Any] = json.loads(self.record.read_text())
         return result
 
     def backend_gone(self) -> bool:
+        return _gone(int(self.pid_file.read_text()))
+
+
+def _gone(pid: int, timeout: float = 10.0) -> bool:
+    """The process ``pid`` ends within ``timeout`` (a zombie counts as ended)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
         try:
-            os.kill(int(self.pid_file.read_text()), 0)
-        except ProcessLookupError:
+            with open(f"/proc/{pid}/stat") as stat:
+                if stat.read().rpartition(")")[2].split()[0] == "Z":
+                    return True
+        except FileNotFoundError:
             return True
-        return False
+        time.sleep(0.05)
+    return False
 
 
 def test_qemu_connects_to_a_listening_back_end(tmp_path: Path) -> None:
@@ -142,11 +160,46 @@ def test_a_qemu_that_fails_to_start_does_not_leave_the_back_end_waiting(
     done = launch.run(FAKE_QEMU_EXIT="1", FAKE_QEMU_CONNECT="0")
     assert done.returncode == 1
     assert launch.qemu()["connected"] == "told not to connect"
-    deadline = time.monotonic() + 10
-    while not launch.backend_gone() and time.monotonic() < deadline:
-        time.sleep(0.05)
     assert launch.backend_gone()
     assert not launch.sock.exists()  # its SIGTERM handler removed the file
+
+
+def test_a_qemu_that_exits_without_connecting_stops_the_back_end(tmp_path: Path) -> None:
+    """``run-qemu.sh K I -version``: QEMU exits 0 without a connection."""
+    launch = Launch(tmp_path)
+    done = launch.run(FAKE_QEMU_CONNECT="0")
+    assert done.returncode == 0, done.stderr
+    assert launch.backend_gone() and not launch.sock.exists()
+
+
+def test_qemu_keeps_the_terminal_as_its_stdin(tmp_path: Path) -> None:
+    """-serial mon:stdio: a background command's stdin would be /dev/null."""
+    launch = Launch(tmp_path)
+    done = launch.run(stdin="typed into the console\n", FAKE_QEMU_STDIN="1")
+    assert done.returncode == 0, done.stderr
+    assert launch.qemu()["stdin"] == "typed into the console\n"
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_to_the_script_stops_qemu_and_the_back_end(
+        tmp_path: Path, signum: signal.Signals, status: int) -> None:
+    launch = Launch(tmp_path)
+    script = subprocess.Popen(launch.argv(), env={**launch.env, "FAKE_QEMU_SLEEP": "60"},
+                              cwd=tmp_path, stdin=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not launch.record.exists():
+            assert time.monotonic() < deadline and script.poll() is None, "QEMU never ran"
+            time.sleep(0.05)
+        script.send_signal(signum)
+        assert script.wait(timeout=10) == status
+    finally:
+        script.kill()
+        script.wait()
+        assert script.stderr is not None
+        script.stderr.close()
+    assert _gone(launch.qemu()["pid"]) and launch.backend_gone()
 
 
 def test_the_libvirt_snippet_is_well_formed_and_asks_for_what_the_back_end_needs() -> None:

@@ -109,6 +109,26 @@ def test_a_refused_dimm_gives_its_memory_back() -> None:
     assert machine.backends == {}
 
 
+def test_a_dimm_added_but_not_listed_can_still_be_unplugged() -> None:
+    machine = FakeMachine()
+    hotplug = MemoryHotplug(cast(QMPClient, machine), poll_interval=0.001)
+
+    async def run() -> tuple[str, str]:
+        real = machine.execute
+
+        async def lookup_fails(command: str, arguments: dict[str, Any] | None = None) -> Any:
+            if command == "query-memory-devices" and not machine.leaving:
+                raise TimeoutError()
+            return await real(command, arguments)
+
+        machine.execute = lookup_fails  # type: ignore[method-assign]
+        return await hotplug.plug("size=128"), await hotplug.unplug("id=dimm1")
+
+    plugged, unplugged = asyncio.run(run())
+    assert plugged == "error dimm1 was added but cannot be found: TimeoutError()"
+    assert unplugged == "ok" and machine.dimms == {} and machine.backends == {}
+
+
 def test_a_dimm_the_guest_keeps_is_reported_and_kept() -> None:
     machine = FakeMachine(eject_polls=None)
     hotplug = MemoryHotplug(cast(QMPClient, machine), poll_interval=0.001,

@@ -19,10 +19,10 @@ class FakeVm:
     """QMP stop/cont/query-status on a run state; a command can be made to fail, and
     ``stop`` or ``cont`` can be made to leave the state as it was."""
 
-    def __init__(self, fail: str = "", inert: str = "") -> None:
+    def __init__(self, fail: str = "", inert: str = "", lost: str = "") -> None:
         self.running = True
         self.commands: list[str] = []
-        self.fail, self.inert = fail, inert
+        self.fail, self.inert, self.lost = fail, inert, lost
 
     async def execute(self, command: str) -> Any:
         self.commands.append(command)
@@ -32,6 +32,8 @@ class FakeVm:
             return {"running": self.running, "status": "running" if self.running else "paused"}
         if command != self.inert:
             self.running = command == "cont"
+        if command == self.lost:
+            raise TimeoutError()  # it took effect; the reply did not come
         return {}
 
 
@@ -63,7 +65,14 @@ def test_bad_requests_touch_nothing(args: str) -> None:
 def test_a_refused_stop_is_answered() -> None:
     vm = FakeVm(fail="stop")
     assert ask(vm, "seconds=0") == "error stop failed: RuntimeError('stop refused')"
-    assert vm.commands == ["stop"]
+    assert vm.commands == ["stop", "query-status"] and vm.running
+
+
+def test_a_stop_whose_reply_is_lost_is_undone() -> None:
+    """The guest would stay frozen (and never time out its request) otherwise."""
+    vm = FakeVm(lost="stop")
+    assert ask(vm, "seconds=0") == "error stop failed: TimeoutError()"
+    assert vm.commands == ["stop", "query-status", "cont"] and vm.running
 
 
 @pytest.mark.parametrize("fail, inert, expected", [

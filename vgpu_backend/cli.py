@@ -47,7 +47,8 @@ def parser() -> argparse.ArgumentParser:
     conn.add_argument("--socket-path", metavar="PATH",
                       help="listen on this unix socket for one QEMU connection")
     conn.add_argument("--fd", type=int, metavar="FD",
-                      help="serve an already connected socket inherited as FD (libvirt)")
+                      help="serve a unix socket inherited as FD: a connected one "
+                           "(libvirt), or a listening one (one connection is accepted)")
     p.add_argument("--print-capabilities", action="store_true",
                    help="print the back-end capabilities as JSON and exit")
     p.add_argument("--log-level", default="info",
@@ -198,6 +199,5 @@ def _front_end_socket(config: BackendConfig) -> socket.socket:
     """The socket to QEMU: listening on ``--socket-path``, or the one ``--fd`` names."""
     if config.socket_path is not None:
         return listening_socket(config.socket_path)
-    if config.fd is None:  # build_config requires one of them
-        raise ConfigError("no --socket-path or --fd")
+    assert config.fd is not None  # build_config requires one of them
     return socket.socket(fileno=config.fd)

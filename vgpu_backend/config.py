@@ -65,6 +65,11 @@ def _sim_fault(spec: str) -> dict[str, Any]:
     fault: dict[str, Any] = {"ioctl": parts[0], "errno": code}
     for key, value in zip(("count", "after", "device_index"), numbers, strict=False):
         fault[key] = value
+    from vgpu_backend.hostgpu.sim_config import SimFault
+    try:
+        SimFault(**fault)
+    except ValueError as err:
+        raise ConfigError(f"--sim-fault {spec!r}: {err}") from None
     return fault
 
 
@@ -77,7 +82,7 @@ _HOST_GPU_OPTIONS = {"--gpu": "gpu", "--gpu-ids": "gpu_ids", "--kfd-isolation": 
 _HOST_GPU_NAMES = {"sim gpu_count": "--sim-gpus", "sim kfd_minor": "--sim-kfd-minor",
                    "gpu_ids": "--gpu-ids", "userptr_path": "--userptr-host-path",
                    "isolation": "--kfd-isolation", "sim options": "--sim-* options",
-                   "gpu": "--gpu"}
+                   "sim_faults": "--sim-fault", "gpu": "--gpu"}
 
 
 def _with_option_names(message: str, names: dict[str, str]) -> str:
@@ -164,13 +169,14 @@ def build_config(args: argparse.Namespace) -> BackendConfig:
         edid=args.edid, blob=args.blob, userptr_protocol=protocol,
         userptr_capset_id=args.userptr_capset_id, compute=args.compute,
         compute_capset_id=args.compute_capset_id)
-    host_gpu = _host_gpu_options(args, limits.max_per_range_ranges)
     if protocol is UserptrProtocol.OFF and not args.compute:
         given = [option for option, dest in _HOST_GPU_OPTIONS.items()
-                 if getattr(args, dest) not in (None, [], False)]
+                 if getattr(args, dest) is not None and getattr(args, dest) is not False
+                 and getattr(args, dest) != []]
         if given:
             raise ConfigError(f"{', '.join(given)}: no host GPU is used (USERPTR is off "
                               "and compute is off)")
+    host_gpu = _host_gpu_options(args, limits.max_per_range_ranges)
     return BackendConfig(args.socket_path, args.fd, args.log_level, device, limits, host_gpu)
 
 
@@ -194,14 +200,29 @@ def check_socket_path(path: str) -> bool:
     except FileNotFoundError:
         return False
     except OSError as err:
-        raise ConfigError(f"--socket-path {path}: {err.strerror}") from None
+        raise ConfigError(f"--socket-path {path}: {err.strerror or err}") from None
     if not stat.S_ISSOCK(mode):
         raise ConfigError(f"--socket-path {path}: exists and is not a socket")
-    listening = _listening_unix_paths()
-    if path in listening or os.path.abspath(path) in listening:
+    if _someone_listens_on(path):
         raise ConfigError(f"--socket-path {path}: in use (a process listens on it, "
                           "e.g. another back-end)")
     return True
+
+
+def _someone_listens_on(path: str) -> bool:
+    """A listening unix socket is bound to the file at ``path`` (compared by file
+    identity: the same file may be reached by other names, e.g. /var/run and /run)."""
+    target = os.stat(path)
+    for bound in _listening_unix_paths():
+        if bound.startswith("@"):  # abstract: no file
+            continue
+        try:
+            other = os.stat(bound)
+        except OSError:  # gone, or relative to another process's directory
+            continue
+        if (other.st_dev, other.st_ino) == (target.st_dev, target.st_ino):
+            return True
+    return False
 
 
 def listening_socket(path: str) -> socket.socket:
@@ -214,7 +235,7 @@ def listening_socket(path: str) -> socket.socket:
         sock.listen(1)
     except OSError as err:
         sock.close()
-        raise ConfigError(f"--socket-path {path}: {err.strerror}") from None
+        raise ConfigError(f"--socket-path {path}: {err.strerror or err}") from None
     return sock
 
 

@@ -16,19 +16,17 @@ Requests (control channel):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
-import re
 import time
 from typing import Any
 
 from qemu.qmp import QMPClient
 
 from .control import parse_fields
-from .qemu import HOTPLUG_MAX_MIB, HOTPLUG_SLOTS
+from .qemu import HOTPLUG_MAX_MIB, HOTPLUG_SLOTS, QMP_TIMEOUT
 
-QMP_TIMEOUT = 30.0
 UNPLUG_TIMEOUT = 30.0
-_DIMM_ID = re.compile(r"^dimm\d+$")
 
 
 class MemoryHotplug:
@@ -69,19 +67,23 @@ class MemoryHotplug:
                 await self._execute("device_add", {"driver": "pc-dimm", "id": dimm,
                                                    "memdev": backend})
             except Exception:
-                await self._execute("object-del", {"id": backend})
+                with contextlib.suppress(Exception):  # in use if device_add took effect
+                    await self._execute("object-del", {"id": backend})
                 raise
-            data = (await self._dimms())[dimm]
         except Exception as error:  # QMP errors and timeouts go back to the guest
             return f"error hotplug failed: {error!r}"
-        self.plugged[dimm] = mib << 20
+        self.plugged[dimm] = mib << 20  # from here on, unplug-memory can remove it
+        try:
+            data = (await self._dimms())[dimm]
+        except Exception as error:
+            return f"error {dimm} was added but cannot be found: {error!r}"
         return f"ok id={dimm} addr={data['addr']:#x} size={data['size']}"
 
     async def unplug(self, args: str) -> str:
         """Ask QEMU to remove the DIMM, wait until the guest has ejected it, drop its
         memory backend."""
         dimm = parse_fields(args).get("id", "")
-        if not _DIMM_ID.match(dimm) or dimm not in self.plugged:
+        if dimm not in self.plugged:
             return f"error no plugged DIMM {dimm!r}"
         try:
             await self._execute("device_del", {"id": dimm})

@@ -23,6 +23,8 @@ GPU_IDS = ("gpu0", "gpu1")
 #: DIMM slots and the room above the boot RAM for the guest's memory hotplug requests
 HOTPLUG_SLOTS = 2
 HOTPLUG_MAX_MIB = 1024
+#: how long the runner waits for QEMU to answer one QMP command
+QMP_TIMEOUT = 30.0
 #: QEMU's vhost-user GPU front-ends: the PCI display device, and the VGA-class one
 #: (what libvirt creates for a primary video device); both speak the same vhost-user
 GPU_DEVICES = ("vhost-user-gpu-pci", "vhost-user-vga")

@@ -14,6 +14,7 @@ again: ``ok paused=S`` (seconds the VM was stopped) or ``error ...``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from typing import Any
@@ -21,9 +22,9 @@ from typing import Any
 from qemu.qmp import QMPClient
 
 from .control import parse_fields
+from .qemu import QMP_TIMEOUT
 
 MAX_PAUSE = 10.0
-QMP_TIMEOUT = 30.0
 
 
 class VmPauser:
@@ -51,6 +52,9 @@ class VmPauser:
         try:
             await self._execute("stop")
         except Exception as error:  # QMP errors and timeouts go back to the guest
+            if await self._maybe_stopped():  # a lost reply: the VM may have stopped
+                with contextlib.suppress(Exception):
+                    await self._execute("cont")
             return f"error stop failed: {error!r}"
         stopped = time.monotonic()
         problem = await self._hold(seconds)
@@ -65,6 +69,13 @@ class VmPauser:
         except Exception as error:
             problem = f"error query-status after cont failed: {error!r}"
         return problem or f"ok paused={paused:.2f}"
+
+    async def _maybe_stopped(self) -> bool:
+        """After a failed ``stop``: not known to be running."""
+        try:
+            return not await self._running()
+        except Exception:
+            return True
 
     async def _hold(self, seconds: float) -> str:
         """Check that the VM stopped, then wait; what went wrong, or ""."""

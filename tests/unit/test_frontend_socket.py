@@ -45,6 +45,25 @@ def test_a_path_something_listens_on_is_refused_and_kept(tmp_path: Path) -> None
         first.close()
 
 
+def test_a_socket_in_use_is_recognised_under_another_name(tmp_path: Path) -> None:
+    """The same file through a symlinked directory (as /var/run and /run)."""
+    real = tmp_path / "run"
+    real.mkdir()
+    (tmp_path / "var-run").symlink_to(real)
+    first = listening_socket(str(real / "vgpu.sock"))
+    try:
+        with pytest.raises(ConfigError, match="in use"):
+            listening_socket(str(tmp_path / "var-run" / "vgpu.sock"))
+        assert (real / "vgpu.sock").is_socket()
+    finally:
+        first.close()
+
+
+def test_a_path_too_long_for_a_unix_socket_says_so(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="AF_UNIX path too long"):
+        listening_socket(str(tmp_path / ("x" * 120)))
+
+
 def test_a_directory_is_not_a_socket(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="exists and is not a socket"):
         listening_socket(str(tmp_path))

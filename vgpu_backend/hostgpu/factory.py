@@ -72,7 +72,7 @@ class HostGpuOptions:
                 raise ValueError("gpu_ids is empty; leave it unset to use every GPU")
             listed = ", ".join(hex(g) for g in self.gpu_ids)
             if any(not 0 < g < 1 << 32 for g in self.gpu_ids):
-                raise ValueError(f"gpu_ids must be non-zero 32-bit KFD gpu_ids (node 0 is "
+                raise ValueError(f"gpu_ids must be non-zero 32-bit KFD GPU ids (node 0 is "
                                  f"the CPU), not {listed}")
             if len(set(self.gpu_ids)) != len(self.gpu_ids):
                 raise ValueError(f"gpu_ids lists a GPU twice: {listed}")
@@ -85,7 +85,8 @@ class HostGpuOptions:
         for fault in self.sim_faults:
             if fault.device_index is not None and \
                     not 0 <= fault.device_index < self.sim.gpu_count:
-                raise ValueError(f"a {fault.ioctl} fault on device {fault.device_index}: "
+                raise ValueError(f"sim_faults: a {fault.ioctl} fault on device "
+                                 f"{fault.device_index}: "
                                  f"the simulated kernel has {self.sim.gpu_count} GPU(s)")
 
 
