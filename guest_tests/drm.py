@@ -511,19 +511,34 @@ class Output:
 
 def find_output(card: Card) -> Output:
     """The first connected connector that has modes (virtio-gpu scanout 0)."""
+    for output in all_outputs(card):
+        if output.connector.connection == CONNECTED:
+            return output
+    raise LookupError(f"{card.path} has no connected connector with modes")
+
+
+def all_outputs(card: Card) -> list[Output]:
+    """Every connector that has modes, in connector order (virtio-gpu: scanout order),
+    connected or not (QEMU enables only head 0 without a UI, but every head displays),
+    each with its own CRTC."""
     resources = card.resources()
+    outputs, taken = [], set()
     for connector_id in resources.connectors:
         connector = card.connector(connector_id)
-        if connector.connection != CONNECTED or not connector.modes:
+        if not connector.modes:
             continue
         preferred = [m for m in connector.modes if m.preferred] or [connector.modes[0]]
         encoder = card.encoder(connector.encoder_id or connector.encoders[0])
         crtc_id = encoder.crtc_id
-        if not crtc_id:
-            first = (encoder.possible_crtcs & -encoder.possible_crtcs).bit_length() - 1
-            crtc_id = resources.crtcs[first]
-        return Output(connector, crtc_id, preferred[0])
-    raise LookupError(f"{card.path} has no connected connector with modes")
+        if not crtc_id or crtc_id in taken:
+            free = [crtc for index, crtc in enumerate(resources.crtcs)
+                    if encoder.possible_crtcs >> index & 1 and crtc not in taken]
+            if not free:
+                continue
+            crtc_id = free[0]
+        taken.add(crtc_id)
+        outputs.append(Output(connector, crtc_id, preferred[0]))
+    return outputs
 
 
 class Display:

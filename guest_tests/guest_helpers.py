@@ -114,8 +114,9 @@ class Screendumps:
         self.channel = channel
         self.directory = results_dir / "screendumps"
 
-    def _take(self, name: str, device: str, fmt: str) -> Path:
-        reply = self.channel.request(f"screendump {name} device={device} format={fmt}")
+    def _take(self, name: str, device: str, fmt: str, head: int = 0) -> Path:
+        reply = self.channel.request(
+            f"screendump {name} device={device} head={head} format={fmt}")
         status, _, detail = reply.partition(" ")
         if status != "ok":
             raise RuntimeError(f"host screendump failed: {detail}")
@@ -129,16 +130,16 @@ class Screendumps:
         """Save the display as RESULTS/screendumps/NAME.png for people to look at."""
         return self._take(name, device, "png")
 
-    def check(self, name: str, expected: Image, *, device: str = "gpu0", x: int = 0,
-              y: int = 0, whole: bool = True, timeout: float = 15.0) -> int:
-        """Have the host check, pixel for pixel, that the display shows ``expected`` at
-        (x, y) (the whole display when ``whole``), screendumping until it does or
-        ``timeout`` passes; the number of screendumps it took, or AssertionError with
-        the host's account of what differs."""
+    def check(self, name: str, expected: Image, *, device: str = "gpu0", head: int = 0,
+              x: int = 0, y: int = 0, whole: bool = True, timeout: float = 15.0) -> int:
+        """Have the host check, pixel for pixel, that output ``head`` of the display
+        shows ``expected`` at (x, y) (the whole display when ``whole``), screendumping
+        until it does or ``timeout`` passes; the number of screendumps it took, or
+        AssertionError with the host's account of what differs."""
         (self.directory / f"{name}.expected.ppm").write_bytes(ppm_bytes(expected))
         reply = self.channel.request(
-            f"screencheck {name} device={device} x={x} y={y} whole={int(whole)} "
-            f"timeout={timeout:g}", timeout=timeout + 60)
+            f"screencheck {name} device={device} head={head} x={x} y={y} "
+            f"whole={int(whole)} timeout={timeout:g}", timeout=timeout + 60)
         status, _, detail = reply.partition(" ")
         if status != "ok":
             raise AssertionError(f"host pixel check: {detail}")

@@ -109,6 +109,9 @@ def _add_vm_options(parser: argparse.ArgumentParser, timeout: float = DEFAULT_TI
                     help="QEMU's device for the guest's GPU: the PCI display device, or "
                          "the VGA-class one libvirt uses for a primary video device "
                          "(default: %(default)s; a second GPU is always the PCI one)")
+    vm.add_argument("--heads", type=int, choices=range(1, 17), default=1, metavar="N",
+                    help="outputs of the guest's GPU: QEMU's max_outputs, and our "
+                         "back-end's --max-outputs (default: %(default)s)")
     vm.add_argument("--append", default="", metavar="ARGS",
                     help="extra guest kernel command line")
     vm.add_argument("--kernel-package", metavar="NAME",
@@ -198,7 +201,8 @@ def _options(args: argparse.Namespace, mode: str) -> SessionOptions:
         timeout=args.timeout, per_test_timeout=getattr(args, "per_test_timeout", 0.0),
         shutdown_timeout=args.shutdown_timeout,
         memory_mib=args.memory, smp=args.smp, hugepages=args.hugepages,
-        host_hugetlb=args.host_hugetlb, gpu_device=args.gpu_device, extra_cmdline=args.append,
+        host_hugetlb=args.host_hugetlb, gpu_device=args.gpu_device, heads=args.heads,
+        extra_cmdline=args.append,
         show_console=args.show_console)
 
 

@@ -144,9 +144,16 @@ def test_qemu_command_places_devices_at_fixed_addresses(tmp_path: Path) -> None:
     assert "hugetlb" not in argv
     huge = " ".join(qemu_command(dataclasses.replace(layout, host_hugetlb=True)))
     assert "memory-backend-memfd,id=mem,size=2048M,share=on,hugetlb=on,hugetlbsize=2M" in huge
-    vga = qemu_command(dataclasses.replace(layout, gpu_device="vhost-user-vga"))
-    assert "vhost-user-vga,chardev=vgpu0,id=gpu0,addr=02.0" in vga
+    vga = qemu_command(dataclasses.replace(layout, gpu_device="vhost-user-vga", heads=2))
+    assert "vhost-user-vga,chardev=vgpu0,id=gpu0,addr=02.0,max_outputs=2" in vga
     assert "vhost-user-gpu-pci,chardev=vgpu1,id=gpu1,addr=0a.0" in vga  # the userspace one
+
+
+def test_only_our_back_end_is_told_the_heads() -> None:
+    """QEMU's C back-end takes its outputs from QEMU; ours needs --max-outputs."""
+    assert backend_spec("ours", None).argv(Path("/s"), heads=2)[-2:] == ["--max-outputs", "2"]
+    assert "--max-outputs" not in backend_spec("ours", None).argv(Path("/s"))
+    assert "--max-outputs" not in backend_spec("reference", None).argv(Path("/s"), heads=2)
 
 
 def test_backend_spec_templates() -> None:

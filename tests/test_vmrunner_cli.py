@@ -117,6 +117,14 @@ def test_the_gpu_device_option_reaches_the_session() -> None:
         _options("test", "--gpu-device", "virtio-gpu-pci")
 
 
+def test_the_heads_option_reaches_the_session() -> None:
+    assert _options("test").heads == 1
+    assert _options("console-check", "--heads", "2").heads == 2
+    for bad in ("0", "17"):
+        with pytest.raises(SystemExit):
+            _options("test", "--heads", bad)
+
+
 def test_time_limits_are_bounded_by_default() -> None:
     test = _options("test")
     assert test.timeout == vm.DEFAULT_TIMEOUT <= 900

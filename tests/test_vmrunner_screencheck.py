@@ -65,13 +65,14 @@ class FakeDumper(Screendumper):
         self.dumps = 0
         self.devices: list[str] = []
 
-    async def dump(self, path: Path, device: str = "gpu0", fmt: str = "ppm") -> Path:
+    async def dump(self, path: Path, device: str = "gpu0", fmt: str = "ppm",
+                   head: int = 0) -> Path:
         if fmt == "png":
             path.write_bytes(b"PNG of the last screen")
             return path
         screen = self.screens[min(self.dumps, len(self.screens) - 1)]
         self.dumps += 1
-        self.devices.append(device)
+        self.devices.append(device if not head else f"{device}.{head}")
         path.write_bytes(ppm_bytes(screen))
         return path
 
@@ -116,13 +117,14 @@ def test_the_check_dumps_the_device_the_guest_named(tmp_path: Path) -> None:
     checker = ScreenChecker(dumper)
     assert asyncio.run(checker.handle_request("shot device=gpu1")) == "ok shot.ppm attempts=1"
     assert asyncio.run(checker.handle_request("shot")) == "ok shot.ppm attempts=1"
-    assert dumper.devices == ["gpu1", "gpu0"]
+    assert asyncio.run(checker.handle_request("shot head=1")) == "ok shot.ppm attempts=1"
+    assert dumper.devices == ["gpu1", "gpu0", "gpu0.1"]
 
 
 @pytest.mark.parametrize("args", ["../etc device=gpu0", "shot device=gpu7", "shot x=a",
                                   "missing", "shot timeout=nan", "shot timeout=-1",
                                   "shot x=-20 whole=0", "shot x=3",
-                                  "shot timeout=121"])
+                                  "shot timeout=121", "shot head=16", "shot head=one"])
 def test_bad_requests_are_answered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                    args: str) -> None:
     reply, dumps = ask(tmp_path, [SCREEN], SCREEN, args, monkeypatch)
@@ -149,14 +151,18 @@ def test_screendump_requests_become_qmp_screendumps(tmp_path: Path) -> None:
     assert dumper.directory.is_dir()
     assert asyncio.run(dumper.handle_request("boot")) == "ok boot.ppm"
     assert asyncio.run(dumper.handle_request("demo device=gpu1 format=png")) == "ok demo.png"
+    assert asyncio.run(dumper.handle_request("side head=1")) == "ok side.ppm"
     assert qmp.commands == [
         ("screendump", {"filename": str(tmp_path / "screendumps" / "boot.ppm"),
                         "device": "gpu0", "format": "ppm"}),
         ("screendump", {"filename": str(tmp_path / "screendumps" / "demo.png"),
-                        "device": "gpu1", "format": "png"})]
+                        "device": "gpu1", "format": "png"}),
+        ("screendump", {"filename": str(tmp_path / "screendumps" / "side.ppm"),
+                        "device": "gpu0", "format": "ppm", "head": 1})]
 
 
-@pytest.mark.parametrize("args", ["", "../boot", "boot device=gpu2", "boot format=jpeg"])
+@pytest.mark.parametrize("args", ["", "../boot", "boot device=gpu2", "boot format=jpeg",
+                                  "boot head=16", "boot head=-1", "boot head=x"])
 def test_bad_screendump_requests_are_refused(tmp_path: Path, args: str) -> None:
     qmp = FakeQmp()
     reply = asyncio.run(Screendumper(cast(QMPClient, qmp), tmp_path).handle_request(args))

@@ -196,7 +196,8 @@ def test_host_facts_name_the_gpu_our_backend_picks(tmp_path: Path,
     kfd = tmp_path / "kfd"
     monkeypatch.setattr(session, "KFD_DEVICE", kfd)
     ours = _session(tmp_path, backend=BackendSpec("ours", ("x",), None))
-    assert ours.host_facts() == {"backend": "ours", "host_gpu": "sim"}
+    assert ours.host_facts() == {"backend": "ours", "host_gpu": "sim", "heads": "1"}
     kfd.touch()
-    assert ours.host_facts() == {"backend": "ours", "host_gpu": "kfd"}
-    assert _session(tmp_path).host_facts() == {"backend": "custom", "host_gpu": "unknown"}
+    assert ours.host_facts() == {"backend": "ours", "host_gpu": "kfd", "heads": "1"}
+    assert _session(tmp_path, heads=2).host_facts() == {
+        "backend": "custom", "host_gpu": "unknown", "heads": "2"}

@@ -36,9 +36,13 @@ class BackendSpec:
     template: tuple[str, ...]
     cwd: Path | None
 
-    def argv(self, socket: Path) -> list[str]:
-        """The command for one device listening on `socket`."""
-        return [arg.replace(SOCKET_PLACEHOLDER, str(socket)) for arg in self.template]
+    def argv(self, socket: Path, heads: int = 1) -> list[str]:
+        """The command for one device listening on `socket`, with `heads` outputs (our
+        back-end is told; the others take what QEMU's device says)."""
+        argv = [arg.replace(SOCKET_PLACEHOLDER, str(socket)) for arg in self.template]
+        if heads > 1 and self.name == "ours":
+            argv += ["--max-outputs", str(heads)]  # must match QEMU's max_outputs
+        return argv
 
 
 def backend_spec(preset: str | None, command: str | None) -> BackendSpec:
@@ -73,11 +77,11 @@ def is_listening(socket: Path) -> bool:
 
 
 async def start_backend(spec: BackendSpec, index: int, socket: Path, log_path: Path,
-                        timeout: float) -> ManagedProcess:
+                        timeout: float, heads: int = 1) -> ManagedProcess:
     """Start one back-end and wait until it listens on `socket`."""
     socket.unlink(missing_ok=True)
-    process = ManagedProcess(f"back-end {index} ({spec.name})", spec.argv(socket), log_path,
-                             cwd=spec.cwd)
+    process = ManagedProcess(f"back-end {index} ({spec.name})", spec.argv(socket, heads),
+                             log_path, cwd=spec.cwd)
     try:
         await process.spawn()
     except OSError as error:

@@ -64,6 +64,8 @@ class VmLayout:
     host_hugetlb: bool = False
     #: QEMU's device for the guest's own GPU (gpu0); a second GPU is always the PCI one
     gpu_device: str = "vhost-user-gpu-pci"
+    #: outputs (heads) of gpu0: its max_outputs property
+    heads: int = 1
 
 
 def kernel_cmdline(mode: str, root: str, userspace_pci: str | None, hugepages: int,
@@ -133,7 +135,9 @@ def qemu_command(layout: VmLayout, qemu: str = QEMU_BINARY) -> list[str]:
     for index, socket in enumerate(layout.gpu_sockets):
         argv += ["-chardev", f"socket,id=vgpu{index},path={socket}",
                  "-device", f"{layout.gpu_device if index == 0 else GPU_DEVICES[0]},"
-                            f"chardev=vgpu{index},id={GPU_IDS[index]},addr={GPU_SLOTS[index]}"]
+                            f"chardev=vgpu{index},id={GPU_IDS[index]},addr={GPU_SLOTS[index]}"
+                            + (f",max_outputs={layout.heads}"
+                               if index == 0 and layout.heads > 1 else "")]
     for share in layout.shares:
         options = f"local,id=fs-{share.tag},path={share.path},security_model=none"
         if share.readonly:

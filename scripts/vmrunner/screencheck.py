@@ -1,8 +1,8 @@
 """Host-side pixel checks of the guest's display: the guest says what must be on screen,
 the host takes QMP screendumps and compares them pixel for pixel.
 
-Request (control channel): ``screencheck NAME [device=gpu0] [x=0] [y=0] [timeout=15]
-[whole=1]``.  The guest first writes the expected picture as a binary PPM to
+Request (control channel): ``screencheck NAME [device=gpu0] [head=0] [x=0] [y=0]
+[timeout=15] [whole=1]``.  The guest first writes the expected picture as a binary PPM to
 ``RESULTS/screendumps/NAME.expected.ppm`` (the results share).  The host screendumps
 until the display shows it at (x, y) -- the whole display must equal it when ``whole``
 -- or the time is up (the display lags the guest's writes), and answers
@@ -19,7 +19,7 @@ import numpy as np
 
 from .control import parse_fields
 from .qemu import GPU_IDS
-from .screendump import SCREENDUMP_NAME_RE, Screendumper, parse_ppm
+from .screendump import MAX_HEADS, SCREENDUMP_NAME_RE, Screendumper, parse_head, parse_ppm
 
 MAX_TIMEOUT = 120.0
 POLL_INTERVAL = 0.5
@@ -60,9 +60,9 @@ class ScreenChecker:
         fields = parse_fields(args)
         if not SCREENDUMP_NAME_RE.match(name):
             return f"error bad screencheck name {name!r}"
-        device = fields.get("device", GPU_IDS[0])
-        if device not in GPU_IDS:
-            return f"error device must be one of {GPU_IDS}"
+        device, head = fields.get("device", GPU_IDS[0]), parse_head(fields)
+        if device not in GPU_IDS or head is None:
+            return f"error device must be one of {GPU_IDS}, head 0..{MAX_HEADS - 1}"
         try:
             x, y = int(fields.get("x", "0")), int(fields.get("y", "0"))
             timeout = float(fields.get("timeout", "15"))
@@ -79,7 +79,7 @@ class ScreenChecker:
         while True:
             path = self.dumper.directory / f"{name}.ppm"
             try:
-                await self.dumper.dump(path, device)
+                await self.dumper.dump(path, device, head=head)
                 image = parse_ppm(path.read_bytes())
             except Exception as error:  # QMP errors and timeouts go back to the guest
                 return f"error {name}: screendump failed: {error}"

@@ -18,6 +18,16 @@ from .qemu import GPU_IDS
 SCREENDUMP_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,100}$")
 SCREENDUMP_FORMATS = ("ppm", "png")
 SCREENDUMP_TIMEOUT = 30.0
+MAX_HEADS = 16  # VIRTIO_GPU_MAX_SCANOUTS
+
+
+def parse_head(fields: dict[str, str]) -> int | None:
+    """The ``head=N`` of a request (0 when absent), or None when it is not 0..15."""
+    try:
+        head = int(fields.get("head", "0"))
+    except ValueError:
+        return None
+    return head if 0 <= head < MAX_HEADS else None
 PPM_HEADER_RE = re.compile(rb"^P6\s+(\d+)\s+(\d+)\s+(\d+)\s")
 
 
@@ -64,28 +74,36 @@ class Screendumper:
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
 
-    async def dump(self, path: Path, device: str = GPU_IDS[0], fmt: str = "ppm") -> Path:
-        """Write the current picture of `device` to `path` (QEMU writes the file)."""
+    async def dump(self, path: Path, device: str = GPU_IDS[0], fmt: str = "ppm",
+                   head: int = 0) -> Path:
+        """Write the current picture of `device`'s output `head` to `path` (QEMU writes
+        the file)."""
+        arguments: dict[str, object] = {"filename": str(path), "device": device, "format": fmt}
+        if head:
+            arguments["head"] = head
         try:
-            await asyncio.wait_for(self.qmp.execute("screendump", {
-                "filename": str(path), "device": device, "format": fmt}), SCREENDUMP_TIMEOUT)
+            await asyncio.wait_for(self.qmp.execute("screendump", arguments),
+                                   SCREENDUMP_TIMEOUT)
         except TimeoutError as error:
             raise HarnessTimeout(f"QMP screendump took over {SCREENDUMP_TIMEOUT:.0f} s") \
                 from error
         return path
 
     async def handle_request(self, args: str) -> str:
-        """`screendump NAME [device=gpu0] [format=ppm|png]` -> `ok FILE` (relative to dir)."""
+        """`screendump NAME [device=gpu0] [head=0] [format=ppm|png]` -> `ok FILE`
+        (relative to dir)."""
         name = (args.split(maxsplit=1) or [""])[0]
         fields = parse_fields(args)
         device, fmt = fields.get("device", GPU_IDS[0]), fields.get("format", "ppm")
         if not SCREENDUMP_NAME_RE.match(name):
             return f"error bad screendump name {name!r}"
-        if device not in GPU_IDS or fmt not in SCREENDUMP_FORMATS:
-            return f"error device must be one of {GPU_IDS}, format one of {SCREENDUMP_FORMATS}"
+        head = parse_head(fields)
+        if device not in GPU_IDS or fmt not in SCREENDUMP_FORMATS or head is None:
+            return (f"error device must be one of {GPU_IDS}, head 0..{MAX_HEADS - 1}, "
+                    f"format one of {SCREENDUMP_FORMATS}")
         path = self.directory / f"{name}.{fmt}"
         try:
-            await self.dump(path, device, fmt)
+            await self.dump(path, device, fmt, head)
         except Exception as error:  # QMP errors and timeouts go back to the guest
             return f"error screendump failed: {error}"
         return f"ok {path.name}"

@@ -60,6 +60,7 @@ class SessionOptions:
     hugepages: int = 64
     host_hugetlb: bool = False
     gpu_device: str = "vhost-user-gpu-pci"
+    heads: int = 1
     extra_cmdline: str = ""
     show_console: bool = False
 
@@ -131,7 +132,7 @@ class VmSession:
             serial_log=self.serial_log, shares=shares,
             root_image=self.artifacts.root_image if opts.mode in ("test", "demo") else None,
             memory_mib=opts.memory_mib, smp=opts.smp, host_hugetlb=opts.host_hugetlb,
-            gpu_device=opts.gpu_device)
+            gpu_device=opts.gpu_device, heads=opts.heads)
 
     def write_guest_env(self, args: list[str], per_test_timeout: float = 0.0) -> None:
         """What the guest init sources from the results share: the back-end's name and
@@ -159,11 +160,13 @@ class VmSession:
     def host_facts(self) -> dict[str, str]:
         """What the guest tests may expect of the host side: for our back-end with its
         defaults, the host GPU it picks (``--gpu auto``: /dev/kfd if present, else the
-        simulated KFD); "unknown" for other back-ends and custom commands."""
+        simulated KFD); "unknown" for other back-ends and custom commands; and the
+        outputs of the guest's GPU (``heads``)."""
         host_gpu = "unknown"
         if self.options.backend.name == "ours":
             host_gpu = "kfd" if KFD_DEVICE.exists() else "sim"
-        return {"backend": self.options.backend.name, "host_gpu": host_gpu}
+        return {"backend": self.options.backend.name, "host_gpu": host_gpu,
+                "heads": str(self.options.heads)}
 
     def _watch(self, process: ManagedProcess) -> None:
         async def report_exit() -> None:
@@ -200,7 +203,8 @@ class VmSession:
     async def start_backends(self) -> None:
         """Start one back-end per GPU and wait until each listens on its socket."""
         starts = [start_backend(self.options.backend, index, socket,
-                                self.results / f"backend-{index}.log", BACKEND_LISTEN_TIMEOUT)
+                                self.results / f"backend-{index}.log", BACKEND_LISTEN_TIMEOUT,
+                                heads=self.options.heads if index == 0 else 1)
                   for index, socket in enumerate(self.layout().gpu_sockets)]
         results = await asyncio.gather(*starts, return_exceptions=True)
         for result in results:
