@@ -171,8 +171,8 @@ def build_config(args: argparse.Namespace) -> BackendConfig:
         compute_capset_id=args.compute_capset_id)
     if protocol is UserptrProtocol.OFF and not args.compute:
         given = [option for option, dest in _HOST_GPU_OPTIONS.items()
-                 if getattr(args, dest) is not None and getattr(args, dest) is not False
-                 and getattr(args, dest) != []]
+                 if (value := getattr(args, dest)) is not None and value is not False
+                 and value != []]
         if given:
             raise ConfigError(f"{', '.join(given)}: no host GPU is used (USERPTR is off "
                               "and compute is off)")
@@ -196,23 +196,22 @@ def check_socket_path(path: str) -> bool:
     if not os.path.isdir(directory):
         raise ConfigError(f"--socket-path {path}: no directory {directory}")
     try:
-        mode = os.stat(path).st_mode
+        target = os.stat(path)
     except FileNotFoundError:
         return False
     except OSError as err:
         raise ConfigError(f"--socket-path {path}: {err.strerror or err}") from None
-    if not stat.S_ISSOCK(mode):
+    if not stat.S_ISSOCK(target.st_mode):
         raise ConfigError(f"--socket-path {path}: exists and is not a socket")
-    if _someone_listens_on(path):
+    if _someone_listens_on(target):
         raise ConfigError(f"--socket-path {path}: in use (a process listens on it, "
                           "e.g. another back-end)")
     return True
 
 
-def _someone_listens_on(path: str) -> bool:
-    """A listening unix socket is bound to the file at ``path`` (compared by file
+def _someone_listens_on(target: os.stat_result) -> bool:
+    """A listening unix socket is bound to the socket file ``target`` (compared by file
     identity: the same file may be reached by other names, e.g. /var/run and /run)."""
-    target = os.stat(path)
     for bound in _listening_unix_paths():
         if bound.startswith("@"):  # abstract: no file
             continue
