@@ -24,7 +24,8 @@ class FakeVm:
         self.commands: list[str] = []
         self.fail, self.inert, self.lost = fail, inert, lost
 
-    async def execute(self, command: str) -> Any:
+    async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        assert arguments is None  # stop, cont and query-status take none
         self.commands.append(command)
         if command == self.fail:
             raise RuntimeError(f"{command} refused")
@@ -94,12 +95,13 @@ def test_a_failed_status_after_cont_is_answered() -> None:
     calls = 0
     execute = vm.execute
 
-    async def status_fails_second_time(command: str) -> Any:
+    async def status_fails_second_time(command: str,
+                                       arguments: dict[str, Any] | None = None) -> Any:
         nonlocal calls
         calls += command == "query-status"
         if calls == 2:
             raise RuntimeError("monitor gone")
-        return await execute(command)
+        return await execute(command, arguments)
 
     vm.execute = status_fails_second_time  # type: ignore[method-assign]
     assert ask(vm, "seconds=0") == ("error query-status after cont failed: "

@@ -24,7 +24,7 @@ from typing import Any
 from qemu.qmp import QMPClient
 
 from .control import parse_fields
-from .qemu import HOTPLUG_MAX_MIB, HOTPLUG_SLOTS, QMP_TIMEOUT
+from .qemu import HOTPLUG_MAX_MIB, HOTPLUG_SLOTS, qmp_execute
 
 UNPLUG_TIMEOUT = 30.0
 
@@ -39,11 +39,8 @@ class MemoryHotplug:
         self._numbers = itertools.count(1)
         self.plugged: dict[str, int] = {}  # DIMM id -> bytes
 
-    async def _execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
-        return await asyncio.wait_for(self.qmp.execute(command, arguments), QMP_TIMEOUT)
-
     async def _dimms(self) -> dict[str, dict[str, Any]]:
-        devices = await self._execute("query-memory-devices")
+        devices = await qmp_execute(self.qmp, "query-memory-devices")
         return {d["data"]["id"]: d["data"] for d in devices if d.get("type") == "dimm"}
 
     async def plug(self, args: str) -> str:
@@ -60,15 +57,15 @@ class MemoryHotplug:
         number = next(self._numbers)
         dimm, backend = f"dimm{number}", f"hotmem{number}"
         try:
-            await self._execute("object-add", {
+            await qmp_execute(self.qmp, "object-add", {
                 "qom-type": "memory-backend-memfd", "id": backend, "size": mib << 20,
                 "share": True})
             try:
-                await self._execute("device_add", {"driver": "pc-dimm", "id": dimm,
+                await qmp_execute(self.qmp, "device_add", {"driver": "pc-dimm", "id": dimm,
                                                    "memdev": backend})
             except Exception:
                 with contextlib.suppress(Exception):  # in use if device_add took effect
-                    await self._execute("object-del", {"id": backend})
+                    await qmp_execute(self.qmp, "object-del", {"id": backend})
                 raise
         except Exception as error:  # QMP errors and timeouts go back to the guest
             return f"error hotplug failed: {error!r}"
@@ -86,14 +83,14 @@ class MemoryHotplug:
         if dimm not in self.plugged:
             return f"error no plugged DIMM {dimm!r}"
         try:
-            await self._execute("device_del", {"id": dimm})
+            await qmp_execute(self.qmp, "device_del", {"id": dimm})
             deadline = time.monotonic() + self.unplug_timeout
             while dimm in await self._dimms():
                 if time.monotonic() > deadline:
                     return (f"error {dimm} still present after {self.unplug_timeout:g} s "
                             "(did the guest offline its memory?)")
                 await asyncio.sleep(self.poll_interval)
-            await self._execute("object-del", {"id": dimm.replace("dimm", "hotmem")})
+            await qmp_execute(self.qmp, "object-del", {"id": dimm.replace("dimm", "hotmem")})
         except Exception as error:
             return f"error unplug failed: {error!r}"
         del self.plugged[dimm]

@@ -1,4 +1,5 @@
-"""The QEMU 10 command line: TCG q35 guest, vhost-user-gpu device(s), shares, control port.
+"""The QEMU 10 command line: TCG q35 guest, vhost-user-gpu device(s), shares, control port
+(and one QMP command with the runner's time limit).
 
 Every PCI function sits at a fixed address on pcie.0, so the guest sees the same layout
 on every run: the DRM GPU at 00:02.0, the userspace-driver GPU (--second-gpu) at 00:0a.0.
@@ -6,13 +7,18 @@ on every run: the DRM GPU at 00:02.0, the userspace-driver GPU (--second-gpu) at
 
 from __future__ import annotations
 
+import asyncio
 import re
 import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .errors import HarnessError
+
+if TYPE_CHECKING:
+    from qemu.qmp import QMPClient
 
 QEMU_BINARY = "qemu-system-x86_64"
 #: older QEMU (Debian 12's 7.2) refuses vhost-user devices without KVM
@@ -25,6 +31,12 @@ HOTPLUG_SLOTS = 2
 HOTPLUG_MAX_MIB = 1024
 #: how long the runner waits for QEMU to answer one QMP command
 QMP_TIMEOUT = 30.0
+
+
+async def qmp_execute(qmp: QMPClient, command: str,
+                      arguments: dict[str, Any] | None = None) -> Any:
+    """QEMU's answer to one QMP command (TimeoutError after QMP_TIMEOUT)."""
+    return await asyncio.wait_for(qmp.execute(command, arguments), QMP_TIMEOUT)
 #: QEMU's vhost-user GPU front-ends: the PCI display device, and the VGA-class one
 #: (what libvirt creates for a primary video device); both speak the same vhost-user
 GPU_DEVICES = ("vhost-user-gpu-pci", "vhost-user-vga")

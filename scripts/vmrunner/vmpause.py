@@ -17,12 +17,11 @@ import asyncio
 import contextlib
 import math
 import time
-from typing import Any
 
 from qemu.qmp import QMPClient
 
 from .control import parse_fields
-from .qemu import QMP_TIMEOUT
+from .qemu import qmp_execute
 
 MAX_PAUSE = 10.0
 
@@ -33,11 +32,8 @@ class VmPauser:
     def __init__(self, qmp: QMPClient) -> None:
         self.qmp = qmp
 
-    async def _execute(self, command: str) -> Any:
-        return await asyncio.wait_for(self.qmp.execute(command), QMP_TIMEOUT)
-
     async def _running(self) -> bool:
-        status = await self._execute("query-status")
+        status = await qmp_execute(self.qmp, "query-status")
         return bool(status["running"])
 
     async def handle_request(self, args: str) -> str:
@@ -50,16 +46,16 @@ class VmPauser:
         if not (math.isfinite(seconds) and 0 <= seconds <= MAX_PAUSE):
             return f"error pause seconds must be within 0-{MAX_PAUSE:g}"
         try:
-            await self._execute("stop")
+            await qmp_execute(self.qmp, "stop")
         except Exception as error:  # QMP errors and timeouts go back to the guest
             if await self._maybe_stopped():  # a lost reply: the VM may have stopped
                 with contextlib.suppress(Exception):
-                    await self._execute("cont")
+                    await qmp_execute(self.qmp, "cont")
             return f"error stop failed: {error!r}"
         stopped = time.monotonic()
         problem = await self._hold(seconds)
         try:
-            await self._execute("cont")
+            await qmp_execute(self.qmp, "cont")
         except Exception as error:
             return f"error cont failed (the VM stays stopped): {error!r}"
         paused = time.monotonic() - stopped
