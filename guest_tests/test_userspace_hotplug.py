@@ -12,13 +12,15 @@ from __future__ import annotations
 import errno
 import time
 import zlib
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from guest_tests.guest_helpers import ControlChannel
-from guest_tests.userspace.compute import ComputeContext, dispatch
+from guest_tests.userspace.compute import ComputeContext, RunResult, dispatch
 from guest_tests.userspace.gpu import VirtioGpu
 from guest_tests.userspace.pinned import PinnedBuffer
 from protocol.compute import Kernel, Status, buffer_arg, u64_arg
@@ -77,34 +79,48 @@ def plug(channel: ControlChannel) -> tuple[str, int, int]:
     return dimm, addr, size
 
 
-def test_a_userptr_buffer_in_hotplugged_memory(
-        gpu: VirtioGpu, compute: ComputeContext, control_channel: ControlChannel) -> None:
+@contextmanager
+def hotplugged_dimm(channel: ControlChannel) -> Iterator[tuple[int, int]]:
+    """A DIMM's (address, size), plugged and onlined into ZONE_MOVABLE for the block;
+    then offlined (its pages migrate away) and unplugged, also when the block fails."""
     if not MEMORY.exists():
         pytest.skip("the guest kernel has no memory hotplug (/sys/devices/system/memory)")
-    dimm, addr, size = plug(control_channel)
+    dimm, addr, size = plug(channel)
     blocks = memory_blocks(addr, size)
     try:
         try:
             online_movable(blocks)
-            # user pages come from the highest zone first: the DIMM's ZONE_MOVABLE
-            with PinnedBuffer(BUFFER_BYTES) as buffer:
-                inside = np.count_nonzero((buffer.phys >= addr) & (buffer.phys < addr + size))
-                assert inside == buffer.phys.shape[0], \
-                    f"only {inside} of {buffer.phys.shape[0]} pages landed in the DIMM"
-                buffer.data[:] = np.random.default_rng(21).integers(0, 256, buffer.size,
-                                                                    dtype=np.uint8)
-                blob = compute.register(buffer)
-                (va,) = compute.map(blob)
-                result = compute.run([dispatch(Kernel.CHECKSUM_CRC32, buffer_arg(va),
-                                               u64_arg(buffer.size), cmd_id=1)])
-                assert result.status is Status.OK, result.header
-                assert result.value(0) == zlib.crc32(buffer.data.tobytes())
-                gpu.unref(blob.resource_id)
+            yield addr, size
         finally:
             offline(blocks)
     finally:
-        reply = control_channel.request(f"unplug-memory id={dimm}")
+        reply = channel.request(f"unplug-memory id={dimm}")
     assert reply == "ok", f"host unplug failed: {reply}"
+
+
+def gpu_crc(compute: ComputeContext, va: int, size: int) -> RunResult:
+    """The host GPU's CRC-32 of ``size`` bytes at GPU address ``va``."""
+    return compute.run([dispatch(Kernel.CHECKSUM_CRC32, buffer_arg(va), u64_arg(size),
+                                 cmd_id=1)])
+
+
+def test_a_userptr_buffer_in_hotplugged_memory(
+        gpu: VirtioGpu, compute: ComputeContext, control_channel: ControlChannel) -> None:
+    # pinned after the DIMM is online: user pages come from the highest zone first, the
+    # DIMM's ZONE_MOVABLE; the buffer goes before the DIMM is offlined
+    with hotplugged_dimm(control_channel) as (addr, size), \
+            PinnedBuffer(BUFFER_BYTES) as buffer:
+        inside = np.count_nonzero((buffer.phys >= addr) & (buffer.phys < addr + size))
+        assert inside == buffer.phys.shape[0], \
+            f"only {inside} of {buffer.phys.shape[0]} pages landed in the DIMM"
+        buffer.data[:] = np.random.default_rng(21).integers(0, 256, buffer.size,
+                                                            dtype=np.uint8)
+        blob = compute.register(buffer)
+        (va,) = compute.map(blob)
+        result = gpu_crc(compute, va, buffer.size)
+        assert result.status is Status.OK, result.header
+        assert result.value(0) == zlib.crc32(buffer.data.tobytes())
+        gpu.unref(blob.resource_id)
     # the device serves on without the region, on the memory it had before
     assert gpu.command(Cmd.RESOURCE_UNREF, ResourceUnref(0xFE11D1)).name == \
         Resp.ERR_INVALID_RESOURCE_ID.name
@@ -112,9 +128,7 @@ def test_a_userptr_buffer_in_hotplugged_memory(
         buffer.data[:] = 7
         blob = compute.register(buffer)
         (va,) = compute.map(blob)
-        result = compute.run([dispatch(Kernel.CHECKSUM_CRC32, buffer_arg(va),
-                                       u64_arg(buffer.size), cmd_id=1)])
-        assert result.value(0) == zlib.crc32(buffer.data.tobytes())
+        assert gpu_crc(compute, va, buffer.size).value(0) == zlib.crc32(buffer.data.tobytes())
         gpu.unref(blob.resource_id)
 
 
@@ -124,30 +138,13 @@ def test_a_userptr_blob_whose_memory_is_unplugged_is_torn_down(
     it; userspace's mlock lets offlining migrate the pages): at REM_MEM_REG the device
     drops the host mapping, and the old GPU address faults instead of reading memory
     the host may have reused."""
-    if not MEMORY.exists():
-        pytest.skip("the guest kernel has no memory hotplug (/sys/devices/system/memory)")
-    dimm, addr, size = plug(control_channel)
-    blocks = memory_blocks(addr, size)
-    try:
-        online_movable(blocks)
-    except BaseException:
-        control_channel.request(f"unplug-memory id={dimm}")
-        raise
-    with PinnedBuffer(1 << 20) as buffer:
-        try:
-            try:
-                assert np.all((buffer.phys >= addr) & (buffer.phys < addr + size))
-                blob = compute.register(buffer)
-                (va,) = compute.map(blob)
-                first = compute.run([dispatch(Kernel.CHECKSUM_CRC32, buffer_arg(va),
-                                              u64_arg(buffer.size), cmd_id=1)])
-                assert first.status is Status.OK
-            finally:
-                offline(blocks)  # migrates the locked pages out of the DIMM
-        finally:
-            reply = control_channel.request(f"unplug-memory id={dimm}")
-        assert reply == "ok", f"host unplug failed: {reply}"
-        late = compute.run([dispatch(Kernel.CHECKSUM_CRC32, buffer_arg(va),
-                                     u64_arg(buffer.size), cmd_id=1)])
+    with ExitStack() as outliving_the_dimm:
+        with hotplugged_dimm(control_channel) as (addr, size):
+            buffer = outliving_the_dimm.enter_context(PinnedBuffer(1 << 20))
+            assert np.all((buffer.phys >= addr) & (buffer.phys < addr + size))
+            blob = compute.register(buffer)
+            (va,) = compute.map(blob)
+            assert gpu_crc(compute, va, buffer.size).status is Status.OK
+        late = gpu_crc(compute, va, buffer.size)  # the locked pages migrated away
         assert late.status is Status.FAULT and late.header.fault_address == va
         assert gpu.unref(blob.resource_id).name == Resp.OK_NODATA.name
