@@ -8,6 +8,11 @@ or scheduler in the measurement (those dominate ``bench_2d.py`` on a loaded mach
 The device is configured as ``vgpu-backend`` configures it from the same options
 (default: every feature on, the simulated host GPU).
 
+In the same run it splits that cost: the command handlers alone (called straight
+with the decoded commands), and a bare loop over the same ring and commands that does
+only the work with no checks, no error handling and no layers -- the floor of CPython
+for these bytes, not a device.
+
     python3 scripts/bench_device.py [--batches 2000] [-- BACKEND-OPTIONS...]
 """
 
@@ -25,7 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from protocol.vhost_user import MemRegion
-from protocol.virtio_gpu import CtrlHdr, ResourceCreate2d, ResourceUnref
+from protocol.virtio_gpu import CTRL_HDR_SIZE, CtrlHdr, ResourceCreate2d, ResourceUnref
 from protocol.virtio_gpu_codes import Cmd, Format, Resp
 from protocol.virtqueue import DescFlag
 from protocol.wire import encode
@@ -35,12 +40,14 @@ from vgpu_backend.device import VirtioGpuDevice
 from vgpu_backend.eventloop import EventLoop
 from vgpu_backend.guest_memory import GuestMemory
 from vgpu_backend.runtime import open_host_gpu
+from vgpu_backend.virtqueue import DescriptorChain
 
 RAM = 64 << 20
 QSIZE = 256
 DESC, AVAIL, USED = 0x10000, 0x11000, 0x12000  # guest-physical ring addresses
 TABLES, CMDS = 0x20000, 0x40000
 UADDR = 0x7F00_0000_0000
+BATCH = 64
 
 
 def build(batch: list[bytes], config: BackendConfig
@@ -95,11 +102,11 @@ def main() -> int:
     times = []
     for n in range(args.batches + 50):
         # republish the same 64 heads (the ring index wraps; the table stays in place)
-        for i in range(64):
+        for i in range(BATCH):
             slot = (queue.last_avail + i) % QSIZE
             ram[AVAIL + 4 + 2 * slot:AVAIL + 6 + 2 * slot] = np.frombuffer(
                 struct.pack("<H", i), np.uint8)
-        avail_idx[0] = (queue.last_avail + 64) & 0xFFFF
+        avail_idx[0] = (queue.last_avail + BATCH) & 0xFFFF
         start = time.perf_counter()
         device.process(0)
         if n >= 50:
@@ -108,14 +115,87 @@ def main() -> int:
     if resp != Resp.OK_NODATA or device.internal_errors:
         raise SystemExit(f"unexpected response {resp:#x}")
     per_batch = float(np.median(times))
+    handlers = time_handlers(device, batch, args.batches)
+    bare = time_bare_loop(memory, args.batches)
     print(f"in-process CREATE_2D+UNREF, 64 per batch: {per_batch * 1e6:.1f} us per batch, "
-          f"{per_batch / 64 * 1e6:.2f} us per command, {64 / per_batch:,.0f} commands/s")
+          f"{per_batch / BATCH * 1e6:.2f} us per command, {BATCH / per_batch:,.0f} commands/s")
+    print(f"  command handlers alone:       {handlers / BATCH * 1e6:.2f} us per command")
+    print(f"  queue path (the rest):        {(per_batch - handlers) / BATCH * 1e6:.2f} us "
+          "per command (pop, decode, answer, push)")
+    print(f"  bare loop, no checks (floor): {bare / BATCH * 1e6:.2f} us per command "
+          f"({per_batch / bare:.1f}x less than the device)")
     device.close()
     memory.clear()
     if device.state.host_gpu is not None:
         device.state.host_gpu.close()
     loop.close()
     return 0
+
+
+def time_handlers(device: VirtioGpuDevice, batch: list[bytes], batches: int) -> float:
+    """Median seconds for the device's own handlers to run ``batch`` (decoded header
+    in hand, no ring): what the commands cost without the queue path."""
+    table = device.commands_2d.handlers()
+    chain = DescriptorChain(0)
+    work = []
+    for command in batch:
+        hdr = CtrlHdr._make(struct.unpack_from("<IIQIB3s", command))
+        work.append((table[hdr.type], hdr, command))
+    times = []
+    for n in range(batches + 50):
+        start = time.perf_counter()
+        for handler, hdr, command in work:
+            handler(hdr, command, chain)
+        if n >= 50:
+            times.append(time.perf_counter() - start)
+    answers = {getattr(handler(hdr, command, chain), "resp", None)
+               for handler, hdr, command in work}
+    if answers != {Resp.OK_NODATA}:
+        raise SystemExit(f"handlers: unexpected answers {answers}")
+    return float(np.median(times))
+
+
+def time_bare_loop(memory: GuestMemory, batches: int) -> float:
+    """Median seconds for the least Python that does this batch's work on the same
+    rings: read each head's INDIRECT pair and command, create or drop a 64x64 image in
+    a dict, write the response and the used entry.  No checks of any kind."""
+    view = memory.regions[0].view
+    ram = memory.regions[0].array
+    unpack_desc, unpack_pair = struct.Struct("<QIH").unpack_from, \
+        struct.Struct("<QIHHQIHH").unpack_from
+    hdr, create = struct.Struct("<IIQIB3s"), struct.Struct("<IIII").unpack_from
+    unref = struct.Struct("<I").unpack_from
+    used_elem, heads = struct.Struct("<II").pack_into, struct.Struct(f"<{BATCH}H")
+    images: dict[int, np.ndarray] = {}
+    resp_ok, resp_bad = int(Resp.OK_NODATA), int(Resp.ERR_INVALID_RESOURCE_ID)
+    heads.pack_into(view, AVAIL + 4, *range(BATCH))  # descriptor i holds command i
+
+    def batch() -> None:
+        for used, head in enumerate(heads.unpack_from(view, AVAIL + 4)):
+            table = unpack_desc(view, DESC + 16 * head)[0]
+            cmd_at, cmd_len, _, _, resp_at, _, _, _ = unpack_pair(view, table)
+            data = view[cmd_at:cmd_at + min(cmd_len, 128)].tobytes()
+            if hdr.unpack_from(data)[0] == Cmd.RESOURCE_CREATE_2D:
+                rid, _fmt, width, height = create(data, CTRL_HDR_SIZE)
+                images[rid] = np.zeros((height, width * 4), np.uint8)
+                resp = resp_ok
+            else:
+                resp = resp_ok if images.pop(unref(data, CTRL_HDR_SIZE)[0], None) \
+                    is not None else resp_bad
+            hdr.pack_into(view, resp_at, resp, 0, 0, 0, 0, b"")
+            used_elem(view, USED + 4 + 8 * used, head, CTRL_HDR_SIZE)
+        struct.pack_into("<H", view, USED + 2, BATCH)
+
+    times = []
+    for n in range(batches + 50):
+        start = time.perf_counter()
+        batch()
+        if n >= 50:
+            times.append(time.perf_counter() - start)
+    resp = int.from_bytes(bytes(ram[CMDS + 128 + 256:CMDS + 132 + 256]), "little")
+    if resp != Resp.OK_NODATA or images:
+        raise SystemExit(f"bare loop: unexpected response {resp:#x}")
+    return float(np.median(times))
 
 
 if __name__ == "__main__":
