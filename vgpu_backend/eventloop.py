@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 Callback = Callable[[], None]
 _READABLE = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR | select.EPOLLRDHUP
 _WRITABLE = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
+_MIN_PURGE = 64  # below this many timers, cancelled ones wait to reach the top
 
 
 @dataclass(order=True, slots=True)
@@ -50,6 +51,7 @@ class EventLoop:
         self._readers: dict[int, Callback] = {}
         self._writers: dict[int, Callback] = {}
         self._timers: list[TimerHandle] = []
+        self._purge_at = _MIN_PURGE  # heap size at which cancelled timers are dropped
         self._seq = itertools.count()
         self._calls: deque[Callback] = deque()
         self._calls_lock = threading.Lock()
@@ -106,9 +108,20 @@ class EventLoop:
 
     def call_later(self, delay: float, callback: Callback) -> TimerHandle:
         """Run ``callback`` on the loop after ``delay`` seconds."""
+        if len(self._timers) >= self._purge_at:
+            self._purge_cancelled()
         handle = TimerHandle(time.monotonic() + delay, next(self._seq), callback)
         heapq.heappush(self._timers, handle)
         return handle
+
+    def _purge_cancelled(self) -> None:
+        """Drop cancelled timers from the heap.  They would leave only when they come
+        to the top: a display request answered at once keeps its 2 s timer there, so
+        a guest asking in a loop would pile up thousands.  Purging each time the heap
+        doubles keeps it under twice the live timers, at amortised O(1) per timer."""
+        self._timers = [t for t in self._timers if t.callback is not None]
+        heapq.heapify(self._timers)
+        self._purge_at = max(_MIN_PURGE, 2 * len(self._timers))
 
     def call_soon_threadsafe(self, callback: Callback) -> None:
         """Run ``callback`` on the loop thread; callable from any thread."""

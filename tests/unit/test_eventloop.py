@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import os
 import select
 import signal
@@ -429,6 +430,39 @@ def test_cancelled_timers_do_not_wake_the_loop(loop: EventLoop, polls: CountingE
     loop.run()
     assert fired == [1.0]
     assert polls.polls <= 2
+
+
+def timer_handles() -> int:
+    """Live TimerHandle objects."""
+    gc.collect()
+    return sum(isinstance(o, eventloop.TimerHandle) for o in gc.get_objects())
+
+
+def test_cancelled_timers_are_not_kept_until_due(loop: EventLoop) -> None:
+    """A display request answered at once cancels its 2 s timer: ten thousand of them
+    in a row (a guest asking in a loop) leave fewer than twice the live timers plus
+    the minimum heap behind, not ten thousand handles."""
+    before = timer_handles()
+    live = [loop.call_later(60, lambda: None) for _ in range(10)]
+    for _ in range(10_000):
+        loop.call_later(2.0, lambda: None).cancel()
+    assert timer_handles() - before <= 2 * len(live) + eventloop._MIN_PURGE
+
+
+def test_live_timers_survive_purges_in_order(loop: EventLoop,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Timers set among thousands of cancelled ones (purged several times meanwhile)
+    all run, in the order of their deadlines."""
+    monkeypatch.setattr(eventloop, "time", SimpleNamespace(monotonic=lambda: 1000.0))
+    order: list[int] = []
+    for i in range(50):
+        loop.call_later((50 - i) * 1e-3, functools.partial(order.append, 50 - i))
+        for _ in range(100):
+            loop.call_later(1e-3 * i, lambda: order.append(-1)).cancel()
+    monkeypatch.setattr(eventloop, "time", SimpleNamespace(monotonic=lambda: 1001.0))
+    loop.call_later(0, loop.stop)
+    run_for(loop, 1.0)
+    assert order == list(range(1, 51))
 
 
 def test_an_overdue_timer_runs_at_once(loop: EventLoop) -> None:
