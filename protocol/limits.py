@@ -133,6 +133,11 @@ class Limits:
         "display-timeout", unit="seconds")
     display_queue_bytes: int = _limit(
         64 * MiB, "display output queued before frame updates are coalesced", unit="bytes")
+    # --- logging ---------------------------------------------------------------------
+    log_rate: int = _limit(
+        20, "log lines a second one line of code may write, on average, after a burst of "
+        "5 s worth (a guest repeating a bad command); the rest are counted, not written; "
+        "--log-level debug writes all", "log-rate")
 
     def __post_init__(self) -> None:
         for f in fields(self):

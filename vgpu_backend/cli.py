@@ -22,6 +22,7 @@ from vgpu_backend.config import (
 )
 from vgpu_backend.device_state import UserptrProtocol
 from vgpu_backend.eventloop import EventLoop
+from vgpu_backend.log_limit import RepeatLimiter
 from vgpu_backend.runtime import Backend
 
 __all__ = ["CAPABILITIES", "main", "parser"]
@@ -139,9 +140,19 @@ def _option_type(limit: CliLimit) -> Callable[[str], int | float]:
     return parse
 
 
-def _configure_logging(level: str) -> None:
+def _configure_logging(level: str, rate: int) -> RepeatLimiter | None:
+    """Log to stderr at ``level``; below debug, each line of code at most ``rate``
+    lines a second (see :mod:`vgpu_backend.log_limit`)."""
+    root = logging.getLogger()
+    before = list(root.handlers)
     logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ours = [h for h in root.handlers if h not in before]  # none if logging was set up
+    if level.lower() == "debug" or not ours:
+        return None
+    limiter = RepeatLimiter(rate)
+    ours[0].addFilter(limiter)
+    return limiter
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -155,8 +166,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"vgpu-backend: {err}", file=sys.stderr)
         return 2
-    _configure_logging(config.log_level)
-    return run(config)
+    limiter = _configure_logging(config.log_level, config.limits.log_rate)
+    try:
+        return run(config)
+    finally:
+        if limiter is not None:
+            limiter.report(log)
 
 
 def run(config: BackendConfig) -> int:

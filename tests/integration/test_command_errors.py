@@ -6,6 +6,9 @@ clean exit, and most cases follow the bad command with a good one.
 
 from __future__ import annotations
 
+import re
+import time
+
 import pytest
 
 from protocol.display import DisplayReq
@@ -291,3 +294,30 @@ def test_capset_unknown_id(session: Session) -> None:
     resp = session.gpu.get_capset(0xFFFF, 0, 24 + 64)
     assert resp.type >= Resp.ERR_UNSPEC, resp.type_name
     still_serving(session)
+
+
+# --- a guest repeating errors -------------------------------------------------------------
+
+
+def test_a_flood_of_bad_commands_is_answered_but_not_all_logged(session: Session) -> None:
+    """3,200 unknown commands: each answered ERR_UNSPEC, but the log gets only the
+    burst of each line of code (--log-rate 20: 100 lines) plus counts of the rest;
+    the total dropped is named when the back-end exits."""
+    flood, batch = 3200, 32
+    started = time.monotonic()
+    for _ in range(flood // batch):
+        answers = session.gpu.submit([session.gpu.prepare(cmds.ctrl_header(0x0999))
+                                      for _ in range(batch)])
+        assert {a.type for a in answers} == {Resp.ERR_UNSPEC}
+    refills = 20 * (time.monotonic() - started)
+    still_serving(session)
+    session.close()
+    stderr = session.backend.stderr
+    logged = stderr.count("guest error: command 0x999")
+    assert 100 <= logged <= 100 + refills + 1, stderr[-2000:]
+    counted = sum(int(n) for n in re.findall(r"\[(\d+) more like this suppressed\]", stderr))
+    at_exit = re.search(r"lines suppressed by --log-rate: (\d+) x 'guest error: %s: %s' "
+                        r"\(vgpu_backend\.device:\d+\)",
+                        stderr)
+    assert at_exit is not None, stderr[-2000:]
+    assert logged + counted + int(at_exit.group(1)) == flood

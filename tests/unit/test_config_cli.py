@@ -34,6 +34,7 @@ from vgpu_backend.config import (
     with_limits,
 )
 from vgpu_backend.device_state import UserptrProtocol
+from vgpu_backend.log_limit import RepeatLimiter
 from vgpu_backend.runtime import Backend, open_host_gpu
 
 
@@ -332,27 +333,64 @@ def test_a_sigterm_before_the_loop_runs_still_ends_the_back_end(
 
 
 
-def test_the_log_level_option_sets_the_level(monkeypatch: pytest.MonkeyPatch) -> None:
-    """main() configures logging with --log-level before running."""
-    levels: list[str] = []
-    monkeypatch.setattr(cli, "_configure_logging", levels.append)
+def test_the_log_options_set_level_and_rate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """main() configures logging with --log-level and --log-rate before running."""
+    calls: list[tuple[str, int]] = []
+    monkeypatch.setattr(cli, "_configure_logging",
+                        lambda level, rate: calls.append((level, rate)))
     monkeypatch.setattr(cli, "run", lambda config: 0)
-    assert main(["--socket-path", "s", "--log-level", "warning"]) == 0
+    assert main(["--socket-path", "s", "--log-level", "warning", "--log-rate", "3"]) == 0
     assert main(["--socket-path", "s"]) == 0
-    assert levels == ["warning", "info"]
+    assert calls == [("warning", 3), ("info", 20)]
 
 
-@pytest.mark.parametrize("level", ["debug", "error"])
+@pytest.mark.parametrize("level", ["debug", "info", "error"])
 def test_logging_goes_to_stderr_at_the_chosen_level(monkeypatch: pytest.MonkeyPatch,
                                                     level: str) -> None:
-    """The root logger gets the level and one stderr handler (stdout stays clean)."""
+    """The root logger gets the level and one stderr handler (stdout stays clean),
+    rate-limited per line of code except at debug."""
     root = logging.getLogger()
     monkeypatch.setattr(root, "handlers", [])
     monkeypatch.setattr(root, "level", root.level)
-    cli._configure_logging(level)
+    limiter = cli._configure_logging(level, 7)
     [handler] = root.handlers
     assert root.level == getattr(logging, level.upper())
     assert isinstance(handler, logging.StreamHandler) and handler.stream is sys.stderr
+    if level == "debug":
+        assert limiter is None and handler.filters == []
+    else:
+        assert isinstance(limiter, RepeatLimiter) and handler.filters == [limiter]
+        assert limiter.rate == 7
+
+
+def test_logging_set_up_by_the_host_program_is_left_alone(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With handlers already on the root logger (main() called in process), nothing is
+    added to them."""
+    root = logging.getLogger()
+    theirs = logging.NullHandler()
+    monkeypatch.setattr(root, "handlers", [theirs])
+    monkeypatch.setattr(root, "level", root.level)
+    assert cli._configure_logging("info", 7) is None
+    assert root.handlers == [theirs] and theirs.filters == []
+
+
+def test_suppressed_lines_are_reported_when_main_returns(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """main() has the limiter name what it still holds back once run() returns."""
+    limiter = RepeatLimiter(1, clock=lambda: 0.0)  # a burst of 5, never refilled
+    monkeypatch.setattr(cli, "_configure_logging", lambda level, rate: limiter)
+
+    def run(config: object) -> int:
+        for _ in range(10):
+            limiter.filter(logging.makeLogRecord({"msg": "again %d", "args": (1,),
+                                                  "name": "x", "lineno": 3}))
+        return 0
+
+    monkeypatch.setattr(cli, "run", run)
+    with caplog.at_level(logging.INFO, logger="vgpu_backend"):
+        assert main(["--socket-path", "s"]) == 0
+    assert "5 x 'again %d' (x:3)" in caplog.text
 
 
 def test_a_failed_bind_closes_its_socket(tmp_path: Path) -> None:
