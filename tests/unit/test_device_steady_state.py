@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import socket
 import struct
 import tracemalloc
 from collections import Counter, deque
@@ -50,8 +51,10 @@ from protocol.virtio_gpu import (
 from protocol.virtio_gpu_codes import BlobFlag, BlobMem, Cmd, CtrlFlag, Format, Resp
 from protocol.wire import decode, encode, layout
 from tests.unit.device_harness import BACKING_BASE, DeviceHarness, command, mem_entries, peer_of
+from tests.unit.display_peer import DisplayPeer
 from tests.unit.loop_runner import run_until
 from vgpu_backend.device_state import DeviceOptions
+from vgpu_backend.display import DisplayState
 from vgpu_backend.hostgpu.factory import HostGpuOptions, create_host_gpu
 
 WARM_UP = 30
@@ -190,6 +193,14 @@ class Census:
         return cls(Counter(f"{type(o).__module__}.{type(o).__qualname__}" for o in live),
                    sum(len(o) for o in live if isinstance(o, (dict, list, set, deque))))
 
+    def assert_no_growth_since(self, before: Census, rounds: int) -> None:
+        """No object type and no table entries grew by half a round's worth."""
+        kept = {kind: count - before.objects[kind] for kind, count in self.objects.items()
+                if count - before.objects[kind] >= rounds // 2}
+        assert not kept, f"objects kept per round: {kept}"
+        assert self.elements - before.elements < rounds // 2, \
+            f"{self.elements - before.elements} more table entries after {rounds} rounds"
+
 
 def traced_heap() -> int:
     """Bytes allocated since tracing started and still live, after a full collection."""
@@ -206,13 +217,45 @@ def test_many_rounds_leave_no_object_or_table_entry_behind(device: DeviceHarness
     before = Census.take()
     for n in range(WARM_UP, WARM_UP + ROUNDS):
         one_round(device, n)
-    after = Census.take(before, before.objects)
-    kept = {kind: count - before.objects[kind] for kind, count in after.objects.items()
-            if count - before.objects[kind] >= ROUNDS // 2}
-    assert not kept, f"objects kept per round: {kept}"
-    assert after.elements - before.elements < ROUNDS // 2, \
-        f"{after.elements - before.elements} more table entries after {ROUNDS} rounds"
+    Census.take(before, before.objects).assert_no_growth_since(before, ROUNDS)
     assert len(device.device.state.resources) == 0
+
+
+def hung_up(sock: socket.socket) -> bool:
+    """The other end of ``sock`` closed (and everything it sent was read)."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+
+
+def replace_display(h: DeviceHarness) -> None:
+    """GPU_SET_SOCKET with a new socket (QEMU after VM stop/cont): the device takes it
+    up and hangs up the old one itself."""
+    ours, theirs = socket.socketpair()
+    old, h.peer = h.peer, DisplayPeer(h.loop, theirs)
+    h.device.attach_display(ours.detach())
+    assert old is not None
+    run_until(h.loop, lambda: hung_up(old.sock))
+    old.close()
+    run_until(h.loop, lambda: h.device.state.scanouts.display is not None
+              and h.device.state.scanouts.display.state is DisplayState.READY)
+
+
+@pytest.mark.usefixtures("quiet_logs")
+def test_display_sockets_replaced_every_round_leave_nothing_behind(
+        device: DeviceHarness) -> None:
+    """A new display socket before each round (as many VM stop/cont cycles): the old
+    channels, their readers and their backlogs all go."""
+    rounds = ROUNDS // 2
+    for n in range(WARM_UP):
+        replace_display(device)
+        one_round(device, n)
+    before = Census.take()
+    for n in range(WARM_UP, WARM_UP + rounds):
+        replace_display(device)
+        one_round(device, n)
+    Census.take(before, before.objects).assert_no_growth_since(before, rounds)
 
 
 @pytest.mark.usefixtures("quiet_logs")
