@@ -1,6 +1,6 @@
 """Log lines a guest can repeat at will are rate-limited per call site.
 
-Every bad command is logged, and a guest can send a few hundred thousand a second: the
+Every bad command is logged, and a guest can send tens of thousands a second: the
 log (QEMU's or libvirt's file, the journal) would fill the host's disk.  As the kernel's
 ``printk_ratelimited``, each call site (file and line) gets a token bucket: a burst of
 ``5 * rate`` lines, then ``rate`` a second on average.  Lines over the limit are counted,
