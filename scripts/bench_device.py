@@ -169,6 +169,9 @@ def time_bare_loop(memory: GuestMemory, batches: int) -> float:
     images: dict[int, np.ndarray] = {}
     resp_ok, resp_bad = int(Resp.OK_NODATA), int(Resp.ERR_INVALID_RESOURCE_ID)
     heads.pack_into(view, AVAIL + 4, *range(BATCH))  # descriptor i holds command i
+    for i in range(BATCH):  # what the device wrote: the check below must see ours
+        view[CMDS + 256 * i + 128:CMDS + 256 * i + 128 + CTRL_HDR_SIZE] = bytes(CTRL_HDR_SIZE)
+    view[USED:USED + 4 + 8 * BATCH] = bytes(4 + 8 * BATCH)
 
     def batch() -> None:
         for used, head in enumerate(heads.unpack_from(view, AVAIL + 4)):
@@ -192,9 +195,12 @@ def time_bare_loop(memory: GuestMemory, batches: int) -> float:
         batch()
         if n >= 50:
             times.append(time.perf_counter() - start)
-    resp = int.from_bytes(bytes(ram[CMDS + 128 + 256:CMDS + 132 + 256]), "little")
-    if resp != Resp.OK_NODATA or images:
-        raise SystemExit(f"bare loop: unexpected response {resp:#x}")
+    answers = {int.from_bytes(bytes(ram[CMDS + 256 * i + 128:CMDS + 256 * i + 132]), "little")
+               for i in range(BATCH)}
+    used = struct.unpack_from(f"<2H{2 * BATCH}I", view, USED)
+    if answers != {resp_ok} or images or used[1] != BATCH or \
+            used[2::2] != tuple(range(BATCH)) or set(used[3::2]) != {CTRL_HDR_SIZE}:
+        raise SystemExit(f"bare loop: answers {answers}, used ring {used[:6]}...")
     return float(np.median(times))
 
 

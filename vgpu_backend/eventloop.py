@@ -117,8 +117,9 @@ class EventLoop:
     def _purge_cancelled(self) -> None:
         """Drop cancelled timers from the heap.  They would leave only when they come
         to the top: a display request answered at once keeps its 2 s timer there, so
-        a guest asking in a loop would pile up thousands.  Purging each time the heap
-        doubles keeps it under twice the live timers, at amortised O(1) per timer."""
+        a guest asking in a loop would pile up thousands.  The next purge comes when
+        the heap has doubled since this one (at least 64), so it stays under twice
+        the timers live at the last purge (or 64), at amortised O(1) per timer."""
         self._timers = [t for t in self._timers if t.callback is not None]
         heapq.heapify(self._timers)
         self._purge_at = max(_MIN_PURGE, 2 * len(self._timers))

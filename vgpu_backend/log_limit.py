@@ -3,9 +3,12 @@
 Every bad command is logged, and a guest can send tens of thousands a second: the
 log (QEMU's or libvirt's file, the journal) would fill the host's disk.  As the kernel's
 ``printk_ratelimited``, each call site (file and line) gets a token bucket: a burst of
-``5 * rate`` lines, then ``rate`` a second on average.  Lines over the limit are counted,
-not formatted; the next line that passes says how many of its kind were dropped, and
-:meth:`RepeatLimiter.report` names the ones still pending at exit.
+``5 * rate`` lines, then ``rate`` a second on average.  Lines over the limit are counted
+and not written; the next line from the same site says how many were dropped, and
+:meth:`RepeatLimiter.report` names the ones still pending at exit, at the level of the
+most severe.  One site may log different messages (all guest errors come from one
+line): a flood of one kind also holds back the others from that site, which is why
+the counts say "from here", not "like this".
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["BURST_SECONDS", "RepeatLimiter"]
+__all__ = ["BURST_SECONDS", "MAX_RATE", "RepeatLimiter"]
 
 #: a call site may write this many seconds' worth of lines at once
 BURST_SECONDS = 5
+#: a higher rate is no limit at all (and keeps the arithmetic in floats)
+MAX_RATE = 1_000_000
 
 
 @dataclass(slots=True)
@@ -28,7 +33,9 @@ class _Bucket:
     at: float
     where: str  # logger name and line, for the report
     suppressed: int = 0
-    last: str = ""  # the format string of the last line dropped
+    level: int = 0  # the most severe level dropped
+    last: str = ""  # the last message dropped (formatted: a record's arguments may hold
+    # a guest error whose traceback holds views of guest memory, which could not be unmapped)
 
 
 class RepeatLimiter(logging.Filter):
@@ -37,41 +44,53 @@ class RepeatLimiter(logging.Filter):
 
     def __init__(self, rate: int, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
-        self.rate = rate
-        self.burst = float(BURST_SECONDS * rate)
+        self.rate = min(rate, MAX_RATE)
+        self.burst = float(BURST_SECONDS * self.rate)
         self._clock = clock
         self._buckets: dict[tuple[str, int], _Bucket] = {}
         self._lock = threading.Lock()
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Pass the record, or count it as suppressed.  A record that passes after
-        some of its site's were dropped gets their number appended."""
-        now = self._clock()
+        some from its site were dropped gets their number appended."""
         with self._lock:
+            now = self._clock()
             bucket = self._buckets.get(site := (record.pathname, record.lineno))
             if bucket is None:
                 bucket = self._buckets[site] = _Bucket(self.burst, now,
                                                        f"{record.name}:{record.lineno}")
-            bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.at) * self.rate)
+            elapsed = max(0.0, now - bucket.at)
+            bucket.tokens = min(self.burst, bucket.tokens + elapsed * self.rate)
             bucket.at = now
             if bucket.tokens < 1:
                 bucket.suppressed += 1
-                bucket.last = str(record.msg)
+                bucket.level = max(bucket.level, record.levelno)
+                bucket.last = _message(record)
                 return False
             bucket.tokens -= 1
-            dropped, bucket.suppressed = bucket.suppressed, 0
+            dropped, bucket.suppressed, bucket.level = bucket.suppressed, 0, 0
+            bucket.last = ""
         if dropped:
-            record.msg = f"{record.getMessage()} [{dropped} more like this suppressed]"
+            record.msg = f"{record.getMessage()} [{dropped} more from here suppressed]"
             record.args = None
         return True
 
     def report(self, logger: logging.Logger) -> None:
-        """Log in one line, for each call site with lines dropped since its last one
-        passed, how many and of which kind (at exit: nothing goes without a trace)."""
+        """Log in one line, at the most severe level dropped, each call site with lines
+        dropped since its last one passed: how many, and the last of them (at exit:
+        nothing goes without a trace)."""
         with self._lock:
-            pending = [f"{b.suppressed} x {b.last!r} ({b.where})"
-                       for b in self._buckets.values() if b.suppressed]
-            for bucket in self._buckets.values():
-                bucket.suppressed = 0
-        if pending:
-            logger.info("log: lines suppressed by --log-rate: %s", "; ".join(pending))
+            pending = [b for b in self._buckets.values() if b.suppressed]
+            lines = [f"{b.suppressed} from {b.where} (last: {b.last!r})" for b in pending]
+            level = max((b.level for b in pending), default=logging.INFO)
+            for bucket in pending:
+                bucket.suppressed, bucket.level, bucket.last = 0, 0, ""
+        if lines:
+            logger.log(level, "log: lines suppressed by --log-rate: %s", "; ".join(lines))
+
+
+def _message(record: logging.LogRecord) -> str:
+    try:
+        return record.getMessage()
+    except (TypeError, ValueError):  # a bad format: what logging would have shown
+        return str(record.msg)

@@ -301,8 +301,9 @@ def test_capset_unknown_id(session: Session) -> None:
 
 def test_a_flood_of_bad_commands_is_answered_but_not_all_logged(session: Session) -> None:
     """3,200 unknown commands: each answered ERR_UNSPEC, but the log gets only the
-    burst of each line of code (--log-rate 20: 100 lines) plus counts of the rest;
-    the total dropped is named when the back-end exits."""
+    burst of the line of code (--log-rate 20: 100 lines) and ~20 a second after it,
+    which carry the counts of the rest; what is pending is named when the back-end
+    exits."""
     flood, batch = 3200, 32
     started = time.monotonic()
     for _ in range(flood // batch):
@@ -313,11 +314,11 @@ def test_a_flood_of_bad_commands_is_answered_but_not_all_logged(session: Session
     still_serving(session)
     session.close()
     stderr = session.backend.stderr
-    logged = stderr.count("guest error: command 0x999")
+    logged = stderr.count("vgpu_backend.device: guest error: command 0x999")
     assert 100 <= logged <= 100 + refills + 1, stderr[-2000:]
-    counted = sum(int(n) for n in re.findall(r"\[(\d+) more like this suppressed\]", stderr))
-    at_exit = re.search(r"lines suppressed by --log-rate: (\d+) x 'guest error: %s: %s' "
-                        r"\(vgpu_backend\.device:\d+\)",
-                        stderr)
-    assert at_exit is not None, stderr[-2000:]
-    assert logged + counted + int(at_exit.group(1)) == flood
+    counted = sum(int(n) for n in re.findall(r"\[(\d+) more from here suppressed\]", stderr))
+    # the last command may have come with a fresh token: then nothing is pending at exit
+    at_exit = re.search(r"lines suppressed by --log-rate: (\d+) from vgpu_backend\.device:\d+ "
+                        r"\(last: 'guest error: command 0x999: ", stderr)
+    assert logged + counted + (int(at_exit.group(1)) if at_exit else 0) == flood, \
+        stderr[-2000:]

@@ -384,13 +384,14 @@ def test_suppressed_lines_are_reported_when_main_returns(
     def run(config: object) -> int:
         for _ in range(10):
             limiter.filter(logging.makeLogRecord({"msg": "again %d", "args": (1,),
-                                                  "name": "x", "lineno": 3}))
+                                                  "name": "x", "lineno": 3,
+                                                  "levelno": logging.INFO}))
         return 0
 
     monkeypatch.setattr(cli, "run", run)
     with caplog.at_level(logging.INFO, logger="vgpu_backend"):
         assert main(["--socket-path", "s"]) == 0
-    assert "5 x 'again %d' (x:3)" in caplog.text
+    assert "5 from x:3 (last: 'again 1')" in caplog.text
 
 
 def test_a_failed_bind_closes_its_socket(tmp_path: Path) -> None:
