@@ -27,6 +27,9 @@ Callback = Callable[[], None]
 _READABLE = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR | select.EPOLLRDHUP
 _WRITABLE = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
 _MIN_PURGE = 64  # below this many timers, cancelled ones wait to reach the top
+#: the longest single poll: epoll takes at most 2^31-1 ms (~24.8 days), and an operator
+#: may give a timeout of years (--display-timeout 1e9)
+_MAX_SLEEP = 3600.0
 
 
 @dataclass(order=True, slots=True)
@@ -162,8 +165,8 @@ class EventLoop:
             timeout = -1.0
             while self._timers and self._timers[0].callback is None:
                 heapq.heappop(self._timers)
-            if self._timers:
-                timeout = max(0.0, self._timers[0].when - time.monotonic())
+            if self._timers:  # a far-off timer is looked at again within the hour
+                timeout = min(_MAX_SLEEP, max(0.0, self._timers[0].when - time.monotonic()))
             for fd, events in self._epoll.poll(timeout):
                 # errors and hang-ups are reported to the reader, which sees EOF or an error
                 if events & _READABLE and (reader := self._readers.get(fd)):

@@ -465,6 +465,18 @@ def test_live_timers_survive_purges_in_order(loop: EventLoop,
     assert order == list(range(1, 51))
 
 
+@pytest.mark.parametrize("delay", [30 * 86400.0, 1e300])
+def test_a_timer_beyond_what_epoll_can_wait_for_is_harmless(loop: EventLoop,
+                                                           delay: float) -> None:
+    """A timer a month or 1e300 s away (an operator's --display-timeout): the loop
+    sleeps in bounded polls instead of failing with OverflowError, and the timer does
+    not fire."""
+    fired: list[int] = []
+    loop.call_later(delay, lambda: fired.append(1))
+    run_for(loop, 0.05)
+    assert fired == []
+
+
 def test_an_overdue_timer_runs_at_once(loop: EventLoop) -> None:
     """A timer already overdue when the loop gets back to polling (an earlier callback
     was slow) runs without waiting."""
