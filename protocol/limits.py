@@ -71,6 +71,16 @@ def format_size(size: int) -> str:
     return str(size)
 
 
+#: limits that travel in a wire field: its width, and what it is
+_WIRE_FIELDS = {
+    "max_backing_entries": (32, "the 32-bit nr_entries field"),
+    "max_userptr_entries": (32, "the 32-bit nr_entries field"),
+    "max_userptr_bytes": (64, "the userptr capset's 64-bit max_bytes"),
+    "max_submit_bytes": (32, "the compute capset's 32-bit max_submit_bytes (SUBMIT_3D's "
+                             "size is 32-bit too)"),
+}
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     """Device limits.  Construct with keyword overrides; all fields are validated."""
@@ -144,10 +154,9 @@ class Limits:
             value = getattr(self, f.name)
             if not isinstance(value, int | float) or not 0 < value < math.inf:
                 raise ValueError(f"limit {f.name} must be a positive, finite number, not {value!r}")
-        for name in ("max_backing_entries", "max_userptr_entries"):
-            if getattr(self, name) > (1 << 32) - 1:
-                raise ValueError(f"limit {name} must fit the 32-bit nr_entries field "
-                                 "(at most 4294967295)")
+        for name, (bits, where) in _WIRE_FIELDS.items():
+            if getattr(self, name) > (1 << bits) - 1:
+                raise ValueError(f"limit {name} must fit {where} (at most {(1 << bits) - 1})")
         if self.max_scanouts > 16:
             raise ValueError("limit max_scanouts cannot exceed VIRTIO_GPU_MAX_SCANOUTS (16)")
 

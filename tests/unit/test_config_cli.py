@@ -114,6 +114,12 @@ def test_fd_must_be_a_socket(connected_fd: int) -> None:
      "^--max-backing-entries must be a positive"),
     (["--socket-path", "s", "--max-userptr-entries", str(1 << 32)],
      "^--max-userptr-entries must fit the 32-bit nr_entries field"),
+    (["--socket-path", "s", "--max-submit-bytes", "4G"],
+     r"^--max-submit-bytes must fit the compute capset's 32-bit max_submit_bytes .*"
+     r"\(at most 4294967295\)$"),
+    (["--socket-path", "s", "--max-userptr-bytes", "16777216T"],
+     r"^--max-userptr-bytes must fit the userptr capset's 64-bit max_bytes "
+     r"\(at most 18446744073709551615\)$"),
     (["--socket-path", "s", "--display-timeout", "-1"], "^--display-timeout must be"),
     (["--socket-path", "s", "--sim-gpus", "0"], "^--sim-gpus must be 1..64, not 0"),
     (["--socket-path", "s", "--sim-kfd-minor", "-1"], "^--sim-kfd-minor must be"),
