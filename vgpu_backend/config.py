@@ -125,21 +125,33 @@ def _check_inherited_socket(fd: int) -> None:
     sock = socket.socket(fileno=fd)
     try:
         family, kind = sock.family, sock.type
+        listening = family == socket.AF_UNIX and \
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        connected = True
+        if not listening:
+            try:
+                sock.getpeername()
+            except OSError:  # ENOTCONN (an AF_UNIX peer may be unnamed: '' is fine)
+                connected = False
     finally:
         sock.detach()  # the fd stays open for the back-end
     if family != socket.AF_UNIX or kind != socket.SOCK_STREAM:
         raise ConfigError(f"--fd {fd}: not a unix stream socket "
                           f"({getattr(family, 'name', family)}, {getattr(kind, 'name', kind)})")
+    if not connected:
+        raise ConfigError(f"--fd {fd}: a unix socket neither connected nor listening")
 
 
 def build_config(args: argparse.Namespace) -> BackendConfig:
     """Validate parsed arguments into a :class:`BackendConfig`."""
     if (args.socket_path is None) == (args.fd is None):
         raise ConfigError("exactly one of --socket-path and --fd is required")
+    if args.socket_path == "":
+        raise ConfigError("--socket-path is empty")
     if args.fd is not None:
         try:
             mode = os.fstat(args.fd).st_mode
-        except OSError as err:
+        except (OSError, OverflowError) as err:  # OverflowError: beyond a C int
             raise ConfigError(f"--fd {args.fd}: {err}") from None
         if not stat.S_ISSOCK(mode):
             raise ConfigError(f"--fd {args.fd} is not a socket")

@@ -82,9 +82,16 @@ class EventLoop:
             self._registered[fd] = events
 
     def add_reader(self, fd: int, callback: Callback) -> None:
-        """Call ``callback`` whenever ``fd`` is readable."""
+        """Call ``callback`` whenever ``fd`` is readable.
+
+        :raise OSError: epoll cannot watch ``fd`` (e.g. a regular file); nothing is kept.
+        """
         self._readers[fd] = callback
-        self._update(fd)
+        try:
+            self._update(fd)
+        except OSError:
+            del self._readers[fd]
+            raise
 
     def remove_reader(self, fd: int) -> None:
         """Stop watching ``fd`` for reading (no error if it was not watched)."""
@@ -92,9 +99,13 @@ class EventLoop:
             self._update(fd)
 
     def add_writer(self, fd: int, callback: Callback) -> None:
-        """Call ``callback`` whenever ``fd`` is writable."""
+        """Call ``callback`` whenever ``fd`` is writable (OSError as :meth:`add_reader`)."""
         self._writers[fd] = callback
-        self._update(fd)
+        try:
+            self._update(fd)
+        except OSError:
+            del self._writers[fd]
+            raise
 
     def remove_writer(self, fd: int) -> None:
         """Stop watching ``fd`` for writing."""

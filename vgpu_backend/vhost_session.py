@@ -322,6 +322,7 @@ class VhostUserSession:
     def _set_vring_kick(self, req: Request) -> None:
         vfile = decode_vring_file(req)
         queue = self._queue(vfile.index)
+        _check_eventfd(vfile.fd, req.name)
         device = self._device
         self._close_ring_fd(queue, "kick_fd")
         self._adopted = True
@@ -352,6 +353,7 @@ class VhostUserSession:
     def _set_vring_call(self, req: Request) -> None:
         vfile = decode_vring_file(req)
         queue = self._queue(vfile.index)
+        _check_eventfd(vfile.fd, req.name)
         self._close_ring_fd(queue, "call_fd")
         queue.call_fd = vfile.fd
         self._adopted = True
@@ -359,6 +361,7 @@ class VhostUserSession:
     def _set_vring_err(self, req: Request) -> None:
         vfile = decode_vring_file(req)
         queue = self._queue(vfile.index)
+        _check_eventfd(vfile.fd, req.name)
         self._close_ring_fd(queue, "err_fd")
         queue.err_fd = vfile.fd
         self._adopted = True
@@ -417,3 +420,21 @@ class VhostUserSession:
             self._backend_req_fd = None
         self._sock.close()
         self._on_closed()
+
+
+def _check_eventfd(fd: int | None, request: str) -> None:
+    """Ring kicks, calls and errors come as eventfds (QEMU's event notifiers).  Another
+    kind of fd would fail later, out of the event loop: epoll refuses a regular file, a
+    pipe's short read is an error, a write to a full pipe blocks.
+
+    :raise FrontendProtocolError: ``fd`` is not an eventfd (the request fails; the fd is
+        closed and the ring keeps what it had).
+    """
+    if fd is None:
+        return
+    try:
+        kind = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError as err:
+        raise FrontendProtocolError(f"{request}: fd {fd}: {err.strerror or err}") from None
+    if kind != "anon_inode:[eventfd]":
+        raise FrontendProtocolError(f"{request}: fd {fd} is not an eventfd ({kind})")

@@ -187,3 +187,36 @@ def test_get_config_beyond_the_config_space(open_session: SessionFactory,
     assert s.frontend.call(FrontendReq.GET_CONFIG, encode_config(offset, 0, bytes(size)),
                            0) == b""
     still_serving(s)
+
+
+def _not_an_eventfd(kind: str) -> tuple[int, int | None]:
+    """An fd of ``kind`` (and the other end to close, if any)."""
+    if kind == "regular-file":
+        return os.open("/dev/null", os.O_RDONLY), None
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"abc")  # readable, but 3 bytes: a short eventfd read
+    return read_end, write_end
+
+
+@pytest.mark.parametrize("kind", ["regular-file", "pipe"])
+@pytest.mark.parametrize("request_code", [FrontendReq.SET_VRING_KICK,
+                                          FrontendReq.SET_VRING_CALL,
+                                          FrontendReq.SET_VRING_ERR],
+                         ids=lambda c: FrontendReq(c).name)
+def test_a_ring_fd_that_is_not_an_eventfd_is_refused(
+        open_session: SessionFactory, backend: BackendSpec, request_code: int,
+        kind: str) -> None:
+    """KICK/CALL/ERR with a regular file (epoll refuses it) or a pipe holding 3 bytes (a
+    short read): acked non-zero, the ring keeps its eventfds; still serving.  Both used
+    to end the back-end with a traceback."""
+    backend.require_ours("libvhost-user takes any fd")
+    s = open_session()
+    fd, other = _not_an_eventfd(kind)
+    try:
+        assert acked(s, request_code, struct.pack("<Q", CTRL), (fd,)) != 0
+    finally:
+        os.close(fd)
+        if other is not None:
+            os.close(other)
+    assert s.backend.wait_stderr("is not an eventfd")
+    still_serving(s)

@@ -280,6 +280,38 @@ def test_writer_is_told_of_a_hang_up(loop: EventLoop,
     assert errors == [BrokenPipeError]
 
 
+@pytest.mark.parametrize("watch", ["reader", "writer"])
+def test_an_fd_epoll_refuses_leaves_no_watch(loop: EventLoop, tmp_path: Any,
+                                            watch: str) -> None:
+    """A regular file cannot be watched: add_* raises and keeps nothing.  When the
+    number comes back as a socket (readable and writable) watched the other way only,
+    the refused callback never runs."""
+    r, w = socket.socketpair()
+    fd = os.open(tmp_path / "plain", os.O_RDWR | os.O_CREAT)
+    refused: list[int] = []
+    watched: list[int] = []
+
+    def other_way() -> None:
+        watched.append(1)
+        loop.stop()
+
+    adds = [loop.add_reader, loop.add_writer]
+    add_refused, add_other = adds if watch == "reader" else adds[::-1]
+    try:
+        with pytest.raises(PermissionError):
+            add_refused(fd, lambda: refused.append(1))
+        os.dup2(r.fileno(), fd)  # the same number, now a socket
+        w.send(b"x")
+        add_other(fd, other_way)
+        run_for(loop, 1.0)
+        assert watched and not refused
+        loop.forget_fd(fd)
+    finally:
+        os.close(fd)
+        r.close()
+        w.close()
+
+
 def test_a_removed_reader_can_be_added_again(loop: EventLoop,
                                              pair: tuple[socket.socket, socket.socket]) -> None:
     """remove_reader then add_reader on the same fd watches it again."""

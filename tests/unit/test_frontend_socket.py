@@ -132,6 +132,33 @@ def test_fd_must_be_a_unix_stream_socket(family: socket.AddressFamily,
         sock.close()
 
 
+@pytest.mark.parametrize("bound", [False, True])
+def test_fd_of_a_socket_neither_connected_nor_listening_is_refused(
+        tmp_path: Path, bound: bool) -> None:
+    """A unix stream socket with no peer and no listen() (bound or not): there is no
+    QEMU to serve, so start-up refuses it (it used to log EINVAL and exit 0)."""
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        if bound:
+            sock.bind(str(tmp_path / "lonely.sock"))
+        with pytest.raises(ConfigError, match=rf"^--fd {sock.fileno()}: a unix socket "
+                                              "neither connected nor listening$"):
+            build_config(parser().parse_args(["--fd", str(sock.fileno())]))
+        sock.getsockname()  # the check left it open
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--fd", str(10 ** 12)], rf"^--fd {10 ** 12}: "),  # beyond a C int: OverflowError
+    (["--fd", str(-(10 ** 12))], rf"^--fd {-(10 ** 12)}: "),
+    (["--socket-path", ""], "^--socket-path is empty$"),  # would bind an abstract address
+])
+def test_impossible_socket_options_are_config_errors(argv: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        build_config(parser().parse_args(argv))
+
+
 def test_an_inherited_listening_socket_is_accepted_on(tmp_path: Path, signals: None) -> None:
     """--fd of a listening socket (socket activation): one front-end is accepted and
     served; the socket file is the launcher's and stays."""
