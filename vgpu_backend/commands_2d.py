@@ -180,6 +180,9 @@ class Commands2D:
         if res.backing is not None:
             raise GuestProtocolError(f"resource {body.resource_id} already has backing",
                                      Resp.ERR_UNSPEC)
+        if isinstance(res, BlobResource) and res.userptr:  # its GPU mapping is not redone
+            raise GuestProtocolError(f"USERPTR blob {body.resource_id} gets its memory at "
+                                     "creation only", Resp.ERR_UNSPEC)
         addr, length = read_mem_entries(chain, _ATTACH_SIZE, body.nr_entries,
                                         self.s.limits.max_backing_entries)
         if body.nr_entries == 0:

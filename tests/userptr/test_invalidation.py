@@ -158,14 +158,30 @@ def test_identical_set_mem_table_keeps_blobs(start_vm: VmFactory) -> None:
 
 
 def test_detach_backing_invalidates(vm: Vm) -> None:
-    """DETACH_BACKING of a userptr blob tears its mapping down (ATTACH does not revive it)."""
+    """DETACH_BACKING of a userptr blob tears its mapping down.  ATTACH_BACKING cannot
+    revive it, and says so (it answered OK and left the blob dead); UNREF still works."""
     ctx = vm.compute_context()
     blob = ctx.blob(BLOB_BYTES)
     va = assert_usable(vm, ctx, blob)
     vm.s.gpu.detach_backing(blob.resource_id).expect(Resp.OK_NODATA)
     assert_torn_down(vm, ctx, blob, va)
-    vm.s.gpu.attach_backing(blob.resource_id, blob.buffer.entries).expect(Resp.OK_NODATA)
+    vm.s.gpu.attach_backing(blob.resource_id, blob.buffer.entries).expect(Resp.ERR_UNSPEC)
     assert ctx.run([map_cmd(blob.resource_id)]).results.statuses() == [Status.INVALID_RESOURCE]
+    vm.unref(blob.resource_id).expect(Resp.OK_NODATA)
+    vm.still_serving()
+
+
+def test_a_userptr_blob_whose_memory_went_refuses_attach(start_vm: VmFactory) -> None:
+    """After REM_MEM_REG took a userptr blob's memory, ATTACH_BACKING of other pages is
+    refused too (the host GPU mapping is not redone)."""
+    vm = start_vm(split_at=32 * MiB)
+    blob = vm.userptr_blob(BLOB_BYTES, buffer=scattered_buffer(vm.ram, BLOB_BYTES,
+                                                               regions=[1]))
+    vm.s.remove_region(1)
+    elsewhere = scattered_buffer(vm.ram, BLOB_BYTES, regions=[0])
+    vm.s.gpu.attach_backing(blob.resource_id, elsewhere.entries).expect(Resp.ERR_UNSPEC)
+    vm.unref(blob.resource_id).expect(Resp.OK_NODATA)
+    vm.still_serving()
 
 
 def test_invalidated_framebuffer_cannot_be_flushed(vm: Vm) -> None:
