@@ -23,6 +23,7 @@ import os
 import struct
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from protocol.vhost_user import MemRegion
 from protocol.virtio_gpu import CTRL_HDR_SIZE, CtrlHdr, ResourceCreate2d, ResourceUnref
 from protocol.virtio_gpu_codes import Cmd, Format, Resp
-from protocol.virtqueue import DescFlag
-from protocol.wire import encode
+from protocol.virtqueue import DescFlag, VirtqDesc, VirtqUsedElem
+from protocol.wire import decode, encode, layout
 from vgpu_backend.cli import parser as backend_parser
 from vgpu_backend.config import BackendConfig, ConfigError, build_config
 from vgpu_backend.device import VirtioGpuDevice
@@ -48,6 +49,7 @@ DESC, AVAIL, USED = 0x10000, 0x11000, 0x12000  # guest-physical ring addresses
 TABLES, CMDS = 0x20000, 0x40000
 UADDR = 0x7F00_0000_0000
 BATCH = 64
+WARM_UP = 50  # untimed runs before each measurement
 
 
 def build(batch: list[bytes], config: BackendConfig
@@ -99,22 +101,19 @@ def main() -> int:
     memory, device, avail_idx, loop = build(batch, config)
     queue = device.queues[0]
     ram = memory.regions[0].array
-    times = []
-    for n in range(args.batches + 50):
-        # republish the same 64 heads (the ring index wraps; the table stays in place)
+
+    def republish() -> None:
+        """The same 64 heads again (the ring index wraps; the table stays in place)."""
         for i in range(BATCH):
             slot = (queue.last_avail + i) % QSIZE
             ram[AVAIL + 4 + 2 * slot:AVAIL + 6 + 2 * slot] = np.frombuffer(
                 struct.pack("<H", i), np.uint8)
         avail_idx[0] = (queue.last_avail + BATCH) & 0xFFFF
-        start = time.perf_counter()
-        device.process(0)
-        if n >= 50:
-            times.append(time.perf_counter() - start)
+
+    per_batch = median_seconds(lambda: device.process(0), args.batches, prepare=republish)
     resp = int.from_bytes(bytes(ram[CMDS + 128:CMDS + 132]), "little")
     if resp != Resp.OK_NODATA or device.internal_errors:
         raise SystemExit(f"unexpected response {resp:#x}")
-    per_batch = float(np.median(times))
     handlers = time_handlers(device, batch, args.batches)
     bare = time_bare_loop(memory, args.batches)
     print(f"in-process CREATE_2D+UNREF, 64 per batch: {per_batch * 1e6:.1f} us per batch, "
@@ -132,6 +131,21 @@ def main() -> int:
     return 0
 
 
+def median_seconds(run: Callable[[], object], batches: int,
+                   prepare: Callable[[], object] | None = None) -> float:
+    """Median seconds of ``run()`` over ``batches`` calls after WARM_UP untimed ones;
+    ``prepare()``, if given, runs before each call, untimed."""
+    times = []
+    for n in range(batches + WARM_UP):
+        if prepare is not None:
+            prepare()
+        start = time.perf_counter()
+        run()
+        if n >= WARM_UP:
+            times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
 def time_handlers(device: VirtioGpuDevice, batch: list[bytes], batches: int) -> float:
     """Median seconds for the device's own handlers to run ``batch`` (decoded header
     in hand, no ring): what the commands cost without the queue path."""
@@ -139,20 +153,19 @@ def time_handlers(device: VirtioGpuDevice, batch: list[bytes], batches: int) -> 
     chain = DescriptorChain(0)
     work = []
     for command in batch:
-        hdr = CtrlHdr._make(struct.unpack_from("<IIQIB3s", command))
+        hdr = decode(CtrlHdr, command[:CTRL_HDR_SIZE])
         work.append((table[hdr.type], hdr, command))
-    times = []
-    for n in range(batches + 50):
-        start = time.perf_counter()
+
+    def run() -> None:
         for handler, hdr, command in work:
             handler(hdr, command, chain)
-        if n >= 50:
-            times.append(time.perf_counter() - start)
+
+    seconds = median_seconds(run, batches)
     answers = {getattr(handler(hdr, command, chain), "resp", None)
                for handler, hdr, command in work}
     if answers != {Resp.OK_NODATA}:
         raise SystemExit(f"handlers: unexpected answers {answers}")
-    return float(np.median(times))
+    return seconds
 
 
 def time_bare_loop(memory: GuestMemory, batches: int) -> float:
@@ -161,11 +174,13 @@ def time_bare_loop(memory: GuestMemory, batches: int) -> float:
     a dict, write the response and the used entry.  No checks of any kind."""
     view = memory.regions[0].view
     ram = memory.regions[0].array
-    unpack_desc, unpack_pair = struct.Struct("<QIH").unpack_from, \
-        struct.Struct("<QIHHQIHH").unpack_from
-    hdr, create = struct.Struct("<IIQIB3s"), struct.Struct("<IIII").unpack_from
-    unref = struct.Struct("<I").unpack_from
-    used_elem, heads = struct.Struct("<II").pack_into, struct.Struct(f"<{BATCH}H")
+    # the project's wire structs; two descriptors in one call, as the device's fast path
+    unpack_desc = layout(VirtqDesc).struct.unpack_from
+    unpack_pair = struct.Struct("<QIHHQIHH").unpack_from
+    hdr, create = layout(CtrlHdr).struct, layout(ResourceCreate2d).struct.unpack_from
+    unref = layout(ResourceUnref).struct.unpack_from
+    used_elem = layout(VirtqUsedElem).struct.pack_into
+    heads = struct.Struct(f"<{BATCH}H")
     images: dict[int, np.ndarray] = {}
     resp_ok, resp_bad = int(Resp.OK_NODATA), int(Resp.ERR_INVALID_RESOURCE_ID)
     heads.pack_into(view, AVAIL + 4, *range(BATCH))  # descriptor i holds command i
@@ -189,19 +204,14 @@ def time_bare_loop(memory: GuestMemory, batches: int) -> float:
             used_elem(view, USED + 4 + 8 * used, head, CTRL_HDR_SIZE)
         struct.pack_into("<H", view, USED + 2, BATCH)
 
-    times = []
-    for n in range(batches + 50):
-        start = time.perf_counter()
-        batch()
-        if n >= 50:
-            times.append(time.perf_counter() - start)
+    seconds = median_seconds(batch, batches)
     answers = {int.from_bytes(bytes(ram[CMDS + 256 * i + 128:CMDS + 256 * i + 132]), "little")
                for i in range(BATCH)}
     used = struct.unpack_from(f"<2H{2 * BATCH}I", view, USED)
     if answers != {resp_ok} or images or used[1] != BATCH or \
             used[2::2] != tuple(range(BATCH)) or set(used[3::2]) != {CTRL_HDR_SIZE}:
         raise SystemExit(f"bare loop: answers {answers}, used ring {used[:6]}...")
-    return float(np.median(times))
+    return seconds
 
 
 if __name__ == "__main__":
