@@ -144,14 +144,15 @@ def _configure_logging(level: str, rate: int) -> RepeatLimiter | None:
     """Log to stderr at ``level``; below debug, each line of code at most ``rate``
     lines a second (see :mod:`vgpu_backend.log_limit`)."""
     root = logging.getLogger()
-    before = list(root.handlers)
+    # logging set up by a host program (main() in process): basicConfig changes
+    # nothing, and no limiter goes on its handlers
+    set_up = bool(root.handlers)
     logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    ours = [h for h in root.handlers if h not in before]  # none if logging was set up
-    if level.lower() == "debug" or not ours:
+    if set_up or level.lower() == "debug":
         return None
     limiter = RepeatLimiter(rate)
-    ours[0].addFilter(limiter)
+    root.handlers[0].addFilter(limiter)  # the stderr handler basicConfig made
     return limiter
 
 

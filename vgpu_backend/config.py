@@ -125,21 +125,17 @@ def _check_inherited_socket(fd: int) -> None:
     sock = socket.socket(fileno=fd)
     try:
         family, kind = sock.family, sock.type
-        listening = family == socket.AF_UNIX and \
-            sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-        connected = True
-        if not listening:
+        if family != socket.AF_UNIX or kind != socket.SOCK_STREAM:
+            raise ConfigError(f"--fd {fd}: not a unix stream socket ("
+                              f"{getattr(family, 'name', family)}, {getattr(kind, 'name', kind)})")
+        if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
             try:
-                sock.getpeername()
-            except OSError:  # ENOTCONN (an AF_UNIX peer may be unnamed: '' is fine)
-                connected = False
+                sock.getpeername()  # an unnamed peer ('') is a peer
+            except OSError:  # ENOTCONN
+                raise ConfigError(f"--fd {fd}: a unix socket neither connected nor "
+                                  "listening") from None
     finally:
         sock.detach()  # the fd stays open for the back-end
-    if family != socket.AF_UNIX or kind != socket.SOCK_STREAM:
-        raise ConfigError(f"--fd {fd}: not a unix stream socket "
-                          f"({getattr(family, 'name', family)}, {getattr(kind, 'name', kind)})")
-    if not connected:
-        raise ConfigError(f"--fd {fd}: a unix socket neither connected nor listening")
 
 
 def build_config(args: argparse.Namespace) -> BackendConfig:

@@ -81,17 +81,20 @@ class EventLoop:
                 self._epoll.register(fd, events)
             self._registered[fd] = events
 
+    def _watch(self, watches: dict[int, Callback], fd: int, callback: Callback) -> None:
+        watches[fd] = callback
+        try:
+            self._update(fd)
+        except OSError:  # epoll refused it: keep nothing
+            del watches[fd]
+            raise
+
     def add_reader(self, fd: int, callback: Callback) -> None:
         """Call ``callback`` whenever ``fd`` is readable.
 
         :raise OSError: epoll cannot watch ``fd`` (e.g. a regular file); nothing is kept.
         """
-        self._readers[fd] = callback
-        try:
-            self._update(fd)
-        except OSError:
-            del self._readers[fd]
-            raise
+        self._watch(self._readers, fd, callback)
 
     def remove_reader(self, fd: int) -> None:
         """Stop watching ``fd`` for reading (no error if it was not watched)."""
@@ -100,12 +103,7 @@ class EventLoop:
 
     def add_writer(self, fd: int, callback: Callback) -> None:
         """Call ``callback`` whenever ``fd`` is writable (OSError as :meth:`add_reader`)."""
-        self._writers[fd] = callback
-        try:
-            self._update(fd)
-        except OSError:
-            del self._writers[fd]
-            raise
+        self._watch(self._writers, fd, callback)
 
     def remove_writer(self, fd: int) -> None:
         """Stop watching ``fd`` for writing."""

@@ -37,6 +37,11 @@ class _Bucket:
     last: str = ""  # the last message dropped (formatted: a record's arguments may hold
     # a guest error whose traceback holds views of guest memory, which could not be unmapped)
 
+    def forget_drops(self) -> int:
+        """Start counting drops afresh; how many there were."""
+        dropped, self.suppressed, self.level, self.last = self.suppressed, 0, 0, ""
+        return dropped
+
 
 class RepeatLimiter(logging.Filter):
     """A :class:`logging.Filter` (for a handler): ``rate`` lines a second per call site
@@ -68,8 +73,7 @@ class RepeatLimiter(logging.Filter):
                 bucket.last = _message(record)
                 return False
             bucket.tokens -= 1
-            dropped, bucket.suppressed, bucket.level = bucket.suppressed, 0, 0
-            bucket.last = ""
+            dropped = bucket.forget_drops()
         if dropped:
             record.msg = f"{record.getMessage()} [{dropped} more from here suppressed]"
             record.args = None
@@ -84,7 +88,7 @@ class RepeatLimiter(logging.Filter):
             lines = [f"{b.suppressed} from {b.where} (last: {b.last!r})" for b in pending]
             level = max((b.level for b in pending), default=logging.INFO)
             for bucket in pending:
-                bucket.suppressed, bucket.level, bucket.last = 0, 0, ""
+                bucket.forget_drops()
         if lines:
             logger.log(level, "log: lines suppressed by --log-rate: %s", "; ".join(lines))
 

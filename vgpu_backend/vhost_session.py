@@ -26,6 +26,7 @@ from protocol.vhost_user_connection import (
     REQUESTS_WITH_REPLY,
     BackendConnection,
     Request,
+    VringFile,
     decode_config,
     decode_mem_table,
     decode_single_region,
@@ -319,10 +320,30 @@ class VhostUserSession:
             os.close(fd)
             setattr(queue, attr, None)
 
-    def _set_vring_kick(self, req: Request) -> None:
+    def _ring_file(self, req: Request) -> tuple[VringFile, Virtqueue]:
+        """SET_VRING_KICK/CALL/ERR: the request and its queue; the fd, if any, is an
+        eventfd (QEMU's event notifiers).  Another kind of fd would fail later, out of
+        the event loop: epoll refuses a regular file, a pipe's short read is an error, a
+        write to a full pipe blocks.
+
+        :raise FrontendProtocolError: not an eventfd (the request fails; the fd is
+            closed and the ring keeps what it had).
+        """
         vfile = decode_vring_file(req)
         queue = self._queue(vfile.index)
-        _check_eventfd(vfile.fd, req.name)
+        if vfile.fd is not None:
+            try:
+                kind = os.readlink(f"/proc/self/fd/{vfile.fd}")
+            except OSError as err:
+                raise FrontendProtocolError(
+                    f"{req.name}: fd {vfile.fd}: {err.strerror or err}") from None
+            if kind != "anon_inode:[eventfd]":
+                raise FrontendProtocolError(
+                    f"{req.name}: fd {vfile.fd} is not an eventfd ({kind})")
+        return vfile, queue
+
+    def _set_vring_kick(self, req: Request) -> None:
+        vfile, queue = self._ring_file(req)
         device = self._device
         self._close_ring_fd(queue, "kick_fd")
         self._adopted = True
@@ -351,17 +372,13 @@ class VhostUserSession:
         device.process(queue.index)
 
     def _set_vring_call(self, req: Request) -> None:
-        vfile = decode_vring_file(req)
-        queue = self._queue(vfile.index)
-        _check_eventfd(vfile.fd, req.name)
+        vfile, queue = self._ring_file(req)
         self._close_ring_fd(queue, "call_fd")
         queue.call_fd = vfile.fd
         self._adopted = True
 
     def _set_vring_err(self, req: Request) -> None:
-        vfile = decode_vring_file(req)
-        queue = self._queue(vfile.index)
-        _check_eventfd(vfile.fd, req.name)
+        vfile, queue = self._ring_file(req)
         self._close_ring_fd(queue, "err_fd")
         queue.err_fd = vfile.fd
         self._adopted = True
@@ -420,21 +437,3 @@ class VhostUserSession:
             self._backend_req_fd = None
         self._sock.close()
         self._on_closed()
-
-
-def _check_eventfd(fd: int | None, request: str) -> None:
-    """Ring kicks, calls and errors come as eventfds (QEMU's event notifiers).  Another
-    kind of fd would fail later, out of the event loop: epoll refuses a regular file, a
-    pipe's short read is an error, a write to a full pipe blocks.
-
-    :raise FrontendProtocolError: ``fd`` is not an eventfd (the request fails; the fd is
-        closed and the ring keeps what it had).
-    """
-    if fd is None:
-        return
-    try:
-        kind = os.readlink(f"/proc/self/fd/{fd}")
-    except OSError as err:
-        raise FrontendProtocolError(f"{request}: fd {fd}: {err.strerror or err}") from None
-    if kind != "anon_inode:[eventfd]":
-        raise FrontendProtocolError(f"{request}: fd {fd} is not an eventfd ({kind})")
