@@ -104,12 +104,22 @@ class DeviceHarness:
         self.cursor.attach(self.device.queues[CURSOR_QUEUE])
         self.peer: DisplayPeer | None = None
         if display:
-            ours, theirs = socket.socketpair()
-            if display_send_buffer:  # the socket takes that much at a time
-                ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, display_send_buffer)
-            self.peer = DisplayPeer(self.loop, theirs)
-            self.device.attach_display(ours.detach())
-            run_until(self.loop, self._display_ready)
+            self.connect_display(display_send_buffer)
+
+    def connect_display(self, send_buffer: int = 0) -> DisplayPeer:
+        """GPU_SET_SOCKET of a new socketpair whose QEMU end is a new :attr:`peer`;
+        returns it once the channel is ready.  (The device drops a previous socket
+        itself; the previous peer is the caller's to close.)
+
+        :param send_buffer: the socket takes that much at a time (0: the default).
+        """
+        ours, theirs = socket.socketpair()
+        if send_buffer:
+            ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+        self.peer = DisplayPeer(self.loop, theirs)
+        self.device.attach_display(ours.detach())
+        run_until(self.loop, self._display_ready)
+        return self.peer
 
     def _display_ready(self) -> bool:
         channel = self.device.state.scanouts.display

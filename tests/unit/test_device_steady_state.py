@@ -50,12 +50,17 @@ from protocol.virtio_gpu import (
 )
 from protocol.virtio_gpu_codes import BlobFlag, BlobMem, Cmd, CtrlFlag, Format, Resp
 from protocol.wire import decode, encode, layout
-from tests.unit.device_harness import BACKING_BASE, DeviceHarness, command, mem_entries, peer_of
-from tests.unit.display_peer import DisplayPeer
+from tests.unit.device_harness import (
+    BACKING_BASE,
+    DeviceHarness,
+    code,
+    command,
+    mem_entries,
+    peer_of,
+)
 from tests.unit.loop_runner import run_until
 from vgpu_backend import eventloop
 from vgpu_backend.device_state import DeviceOptions
-from vgpu_backend.display import DisplayState
 from vgpu_backend.hostgpu.factory import HostGpuOptions, create_host_gpu
 
 WARM_UP = 30
@@ -110,8 +115,8 @@ def device() -> Iterator[DeviceHarness]:
 
 def expect(harness: DeviceHarness, cmd: bytes, resp: Resp) -> None:
     """Run ``cmd`` and check its answer."""
-    got = Resp(harness.run(cmd, response_size=2048).type)
-    assert got == resp, f"{got.name}, expected {resp.name}"
+    got = code(harness, cmd)
+    assert got == resp.name, f"{got}, expected {resp.name}"
 
 
 def one_round(h: DeviceHarness, n: int) -> None:
@@ -236,14 +241,10 @@ def hung_up(sock: socket.socket) -> bool:
 def replace_display(h: DeviceHarness) -> None:
     """GPU_SET_SOCKET with a new socket (QEMU after VM stop/cont): the device takes it
     up and hangs up the old one itself."""
-    ours, theirs = socket.socketpair()
-    old, h.peer = h.peer, DisplayPeer(h.loop, theirs)
-    h.device.attach_display(ours.detach())
-    assert old is not None
+    old = peer_of(h)
+    h.connect_display()
     run_until(h.loop, lambda: hung_up(old.sock))
     old.close()
-    run_until(h.loop, lambda: h.device.state.scanouts.display is not None
-              and h.device.state.scanouts.display.state is DisplayState.READY)
 
 
 @pytest.mark.usefixtures("quiet_logs")

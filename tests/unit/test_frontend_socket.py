@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -92,15 +93,22 @@ def test_the_socket_file_goes_when_the_back_end_stops_unless_replaced(
         other.close()
 
 
-def test_main_removes_its_socket_file_on_sigterm(tmp_path: Path, signals: None) -> None:
-    path = tmp_path / "vgpu.sock"
-    stop = threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGTERM))
-    stop.start()
+def main_exits_0(argv: list[str], *, meanwhile: Callable[[], None], after: float) -> None:
+    """``main(argv)`` returns 0 (within 20 s) while ``meanwhile`` runs ``after`` seconds
+    into it, on another thread."""
+    timer = threading.Timer(after, meanwhile)
+    timer.start()
     try:
         with deadline(20.0):
-            assert main(["--socket-path", str(path), "--no-blob", "--no-compute"]) == 0
+            assert main(argv) == 0
     finally:
-        stop.cancel()
+        timer.cancel()
+
+
+def test_main_removes_its_socket_file_on_sigterm(tmp_path: Path, signals: None) -> None:
+    path = tmp_path / "vgpu.sock"
+    main_exits_0(["--socket-path", str(path), "--no-blob", "--no-compute"],
+                 meanwhile=lambda: os.kill(os.getpid(), signal.SIGTERM), after=0.5)
     assert not path.exists()
 
 
@@ -174,13 +182,8 @@ def test_an_inherited_listening_socket_is_accepted_on(tmp_path: Path, signals: N
         client.connect(str(path))
         client.close()  # a front-end that goes away: the back-end exits 0
 
-    connect = threading.Timer(0.3, front_end)
-    connect.start()
-    try:
-        with deadline(20.0):
-            assert main(["--fd", str(fd), "--no-blob", "--no-compute"]) == 0
-    finally:
-        connect.cancel()
+    main_exits_0(["--fd", str(fd), "--no-blob", "--no-compute"], meanwhile=front_end,
+                 after=0.3)
     assert path.is_socket()
     with pytest.raises(OSError):
         os.fstat(fd)  # served and closed
