@@ -243,7 +243,7 @@ class Commands2D:
             raise GuestProtocolError("SET_SCANOUT with an empty rectangle")
         check_rect(body.x, body.y, body.width, body.height, res.width, res.height)
         self.s.scanouts.show(body.scanout_id, res, (body.x, body.y, body.width, body.height),
-                             image_source(res))
+                             image_source(res), (res.width, res.height))
         return OK
 
     def resource_flush(self, hdr: CtrlHdr, body: ResourceFlush,
@@ -256,7 +256,15 @@ class Commands2D:
         extent = res.extent()
         if extent is None:
             raise GuestProtocolError(f"resource {body.resource_id} is not displayable")
-        check_rect(body.x, body.y, body.width, body.height, *extent)
+        # a blob may be shown with a framebuffer of another size on each scanout: the
+        # rectangle must fit one of them (each scanout gets its part); shown nowhere,
+        # it must fit the last one
+        sizes = self.s.scanouts.framebuffer_sizes(res) or [extent]
+        x, y, width, height = body.x, body.y, body.width, body.height
+        if not any(x + width <= w and y + height <= h for w, h in sizes):
+            shown = " / ".join(f"{w}x{h}" for w, h in dict.fromkeys(sizes))
+            raise GuestProtocolError(f"rect {x},{y} {width}x{height} outside the {shown} "
+                                     f"framebuffer of resource {body.resource_id}")
         self.s.scanouts.flush(res, (body.x, body.y, body.width, body.height))
         return OK
 

@@ -276,7 +276,7 @@ class BlobCommands:
         res.fb_size = (fb_w, fb_h)
         self.s.scanouts.show(body.scanout_id, res,
                              (body.x, body.y, body.width, body.height),
-                             _blob_source(res, fmt, stride, offset))
+                             _blob_source(res, fmt, stride, offset), (fb_w, fb_h))
         return OK
 
 

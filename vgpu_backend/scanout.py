@@ -55,6 +55,9 @@ class Scanout:
     #: the resource shown (its ``scanouts`` lists exactly the scanouts showing it)
     resource: Resource | None = None
     rect: Rect = (0, 0, 0, 0)
+    #: (width, height) of the framebuffer ``rect`` lies in: the 2D resource, or the
+    #: blob's framebuffer as SET_SCANOUT_BLOB laid it out for this scanout
+    fb_size: tuple[int, int] = (0, 0)
     #: how to read pixels of the resource (set by SET_SCANOUT / SET_SCANOUT_BLOB)
     source: PixelSource | None = None
     #: damage (resource coordinates) waiting for the display socket to drain
@@ -75,6 +78,7 @@ class Scanout:
         if self.resource is not None:
             self.resource.scanouts.discard(self.index)
         self.resource, self.rect, self.source, self.pending = None, (0, 0, 0, 0), None, None
+        self.fb_size = (0, 0)
 
 
 def image_source(res: Image2D) -> PixelSource:
@@ -163,14 +167,17 @@ class ScanoutManager:
 
     # --- scanout changes -----------------------------------------------------------
 
-    def show(self, index: int, res: Resource, rect: Rect, source: PixelSource) -> None:
-        """Point scanout ``index`` at ``rect`` of ``res`` and display it."""
+    def show(self, index: int, res: Resource, rect: Rect, source: PixelSource,
+             fb_size: tuple[int, int]) -> None:
+        """Point scanout ``index`` at ``rect`` of ``res`` (a framebuffer of ``fb_size``)
+        and display it."""
         scanout = self.scanouts[index]
         if scanout.resource is res and scanout.rect == rect and scanout.source is not None:
-            scanout.source = source
+            scanout.source, scanout.fb_size = source, fb_size
             return
         if scanout.resource is not res:
             scanout.clear()
+        scanout.fb_size = fb_size
         scanout.resource = res
         scanout.rect = rect
         scanout.source = source
@@ -185,6 +192,11 @@ class ScanoutManager:
         display = self._ready()
         if display is not None and not self._backed_up(display):
             self._announce(scanout)
+
+    def framebuffer_sizes(self, res: Resource) -> list[tuple[int, int]]:
+        """The framebuffer sizes ``res`` is shown with (a blob may be laid out
+        differently on each scanout); empty when no scanout shows it."""
+        return [self.scanouts[index].fb_size for index in sorted(res.scanouts)]
 
     def forget_resource(self, res: Resource) -> None:
         """A resource is going away: disable every scanout showing it."""

@@ -176,6 +176,53 @@ def test_set_scanout_blob_again_with_a_new_offset_flushes_from_it(blobs: DeviceH
     assert np.array_equal(shown[1], frames[1][..., :3])
 
 
+def test_a_blob_on_two_scanouts_flushes_within_either_framebuffer() -> None:
+    """One blob laid out as 16x4 on scanout 0 and as 8x8 on scanout 1: a flush must fit
+    one of the framebuffers (not just the last one set), and each scanout gets the
+    part of the rectangle it shows, read with its own layout."""
+    harness = DeviceHarness(options=dataclasses.replace(
+        TWO_D_ONLY, blob=True, max_outputs=2), display=True)
+    try:
+        peer = peer_of(harness)
+        pixels = np.random.default_rng(3).integers(0, 256, (64, 4), dtype=np.uint8)
+        harness.ram.write(BACKING_BASE, pixels.tobytes())
+        create_blob(harness, 1, pixels.nbytes, BACKING_BASE)
+        for scanout, (width, height) in enumerate([(16, 4), (8, 8)]):
+            harness.ok(command(Cmd.SET_SCANOUT_BLOB, SetScanoutBlob(
+                0, 0, width, height, scanout, 1, width, height, Format.B8G8R8X8_UNORM, 0,
+                width * 4, 0, 0, 0, 0, 0, 0, 0)))
+        run_until(harness.loop, lambda: len(peer.of(DisplayReq.UPDATE)) == 2)
+        seen = len(peer.of(DisplayReq.UPDATE))
+        # fits the 16x4 framebuffer of scanout 0 only (8x8 was set last)
+        harness.ok(command(Cmd.RESOURCE_FLUSH, ResourceFlush(4, 1, 12, 2, 1)))
+        run_until(harness.loop, lambda: len(peer.of(DisplayReq.UPDATE)) == seen + 2)
+        updates = peer.of(DisplayReq.UPDATE)[seen:]
+        assert [decode(VhostUserGpuUpdate, m.payload) for m in updates] == [
+            VhostUserGpuUpdate(0, 4, 1, 12, 2), VhostUserGpuUpdate(1, 4, 1, 4, 2)]
+        assert np.array_equal(update_bgr(updates[0]),
+                              pixels.reshape(4, 16, 4)[1:3, 4:16, :3])
+        assert np.array_equal(update_bgr(updates[1]),
+                              pixels.reshape(8, 8, 4)[1:3, 4:8, :3])
+        # fits the 8x8 framebuffer only: scanout 0 gets its rows 0..3
+        harness.ok(command(Cmd.RESOURCE_FLUSH, ResourceFlush(0, 2, 2, 6, 1)))
+        run_until(harness.loop, lambda: len(peer.of(DisplayReq.UPDATE)) == seen + 4)
+        assert [decode(VhostUserGpuUpdate, m.payload)
+                for m in peer.of(DisplayReq.UPDATE)[seen + 2:]] == [
+            VhostUserGpuUpdate(0, 0, 2, 2, 2), VhostUserGpuUpdate(1, 0, 2, 2, 6)]
+        # fits neither (16 wide, 8 high)
+        assert code(harness, command(Cmd.RESOURCE_FLUSH, ResourceFlush(0, 0, 16, 8, 1))) \
+            == "ERR_INVALID_PARAMETER"
+        # scanout 1 shows nothing any more: the 16x4 framebuffer alone counts
+        harness.ok(command(Cmd.SET_SCANOUT_BLOB, SetScanoutBlob(
+            0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)))
+        assert code(harness, command(Cmd.RESOURCE_FLUSH, ResourceFlush(0, 2, 2, 6, 1))) \
+            == "ERR_INVALID_PARAMETER"
+        harness.ok(command(Cmd.RESOURCE_FLUSH, ResourceFlush(0, 0, 16, 4, 1)))
+        assert harness.device.internal_errors == 0
+    finally:
+        harness.close()
+
+
 @pytest.mark.parametrize("first", ["2d", "blob"])
 def test_a_resource_replaced_by_a_blob_no_longer_reaches_the_scanout(
         blobs: DeviceHarness, first: str) -> None:
