@@ -28,7 +28,8 @@ def bench(name: str, *args: str, timeout: float = 120) -> str:
 def test_bench_device_answers_every_command() -> None:
     out = bench("bench_device", "--batches", "5")
     assert "us per command" in out and "commands/s" in out
-    for part in ("command handlers alone", "queue path", "bare loop, no checks"):
+    for part in ("command handlers alone", "queue path", "bare loop, no checks",
+                 "ring side in numpy"):
         assert part in out  # the split of the cost, each part checked by the script
 
 
