@@ -146,8 +146,11 @@ class Limits:
     # --- logging ---------------------------------------------------------------------
     log_rate: int = _limit(
         20, "log lines a second one line of code may write, on average, after a burst of "
-        "5 s worth (a guest repeating a bad command); the rest are counted, not written; "
-        "--log-level debug writes all", "log-rate")
+        "a few seconds' worth (a guest repeating a bad command); the rest are counted, "
+        "not written; --log-level debug writes all", "log-rate")
+    log_burst_seconds: float = _limit(
+        5.0, "seconds' worth of --log-rate lines one line of code may write at once",
+        unit="seconds")
 
     def __post_init__(self) -> None:
         for f in fields(self):

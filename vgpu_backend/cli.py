@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from protocol.capsets import DEFAULT_COMPUTE_CAPSET, DEFAULT_USERPTR_CAPSET
-from protocol.limits import CliLimit, cli_fields
+from protocol.limits import CliLimit, Limits, cli_fields
 from vgpu_backend import __version__
 from vgpu_backend.config import (
     BackendConfig,
@@ -140,9 +140,9 @@ def _option_type(limit: CliLimit) -> Callable[[str], int | float]:
     return parse
 
 
-def _configure_logging(level: str, rate: int) -> RepeatLimiter | None:
-    """Log to stderr at ``level``; below debug, each line of code at most ``rate``
-    lines a second (see :mod:`vgpu_backend.log_limit`)."""
+def _configure_logging(level: str, limits: Limits) -> RepeatLimiter | None:
+    """Log to stderr at ``level``; below debug, each line of code at most
+    ``limits.log_rate`` lines a second (see :mod:`vgpu_backend.log_limit`)."""
     root = logging.getLogger()
     # logging set up by a host program (main() in process): basicConfig changes
     # nothing, and no limiter goes on its handlers
@@ -151,7 +151,7 @@ def _configure_logging(level: str, rate: int) -> RepeatLimiter | None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if set_up or level.lower() == "debug":
         return None
-    limiter = RepeatLimiter(rate)
+    limiter = RepeatLimiter(limits.log_rate, limits.log_burst_seconds)
     root.handlers[0].addFilter(limiter)  # the stderr handler basicConfig made
     return limiter
 
@@ -167,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"vgpu-backend: {err}", file=sys.stderr)
         return 2
-    limiter = _configure_logging(config.log_level, config.limits.log_rate)
+    limiter = _configure_logging(config.log_level, config.limits)
     try:
         return run(config)
     finally:

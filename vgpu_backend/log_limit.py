@@ -19,10 +19,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["BURST_SECONDS", "MAX_RATE", "RepeatLimiter"]
+from protocol.limits import DEFAULT_LIMITS
 
-#: a call site may write this many seconds' worth of lines at once
-BURST_SECONDS = 5
+__all__ = ["MAX_RATE", "RepeatLimiter"]
+
 #: a higher rate is no limit at all (and keeps the arithmetic in floats)
 MAX_RATE = 1_000_000
 
@@ -45,12 +45,13 @@ class _Bucket:
 
 class RepeatLimiter(logging.Filter):
     """A :class:`logging.Filter` (for a handler): ``rate`` lines a second per call site
-    on average, bursts of ``BURST_SECONDS * rate``.  Thread-safe."""
+    on average, bursts of ``burst_seconds * rate``.  Thread-safe."""
 
-    def __init__(self, rate: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, rate: int, burst_seconds: float = DEFAULT_LIMITS.log_burst_seconds,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
         self.rate = min(rate, MAX_RATE)
-        self.burst = float(BURST_SECONDS * self.rate)
+        self.burst = float(burst_seconds * self.rate)
         self._clock = clock
         self._buckets: dict[tuple[str, int], _Bucket] = {}
         self._lock = threading.Lock()

@@ -22,7 +22,7 @@ from protocol.capsets import (
     MAX_CAPSET_ID,
     RESERVED_CAPSET_IDS,
 )
-from protocol.limits import DEFAULT_LIMITS, cli_fields
+from protocol.limits import DEFAULT_LIMITS, Limits, cli_fields
 from tests.unit.hang_guard import deadline
 from vgpu_backend import cli
 from vgpu_backend.cli import CAPABILITIES, main, parser
@@ -343,7 +343,7 @@ def test_the_log_options_set_level_and_rate(monkeypatch: pytest.MonkeyPatch) -> 
     """main() configures logging with --log-level and --log-rate before running."""
     calls: list[tuple[str, int]] = []
     monkeypatch.setattr(cli, "_configure_logging",
-                        lambda level, rate: calls.append((level, rate)))
+                        lambda level, limits: calls.append((level, limits.log_rate)))
     monkeypatch.setattr(cli, "run", lambda config: 0)
     assert main(["--socket-path", "s", "--log-level", "warning", "--log-rate", "3"]) == 0
     assert main(["--socket-path", "s"]) == 0
@@ -358,7 +358,7 @@ def test_logging_goes_to_stderr_at_the_chosen_level(monkeypatch: pytest.MonkeyPa
     root = logging.getLogger()
     monkeypatch.setattr(root, "handlers", [])
     monkeypatch.setattr(root, "level", root.level)
-    limiter = cli._configure_logging(level, 7)
+    limiter = cli._configure_logging(level, Limits(log_rate=7, log_burst_seconds=2))
     [handler] = root.handlers
     assert root.level == getattr(logging, level.upper())
     assert isinstance(handler, logging.StreamHandler) and handler.stream is sys.stderr
@@ -366,7 +366,7 @@ def test_logging_goes_to_stderr_at_the_chosen_level(monkeypatch: pytest.MonkeyPa
         assert limiter is None and handler.filters == []
     else:
         assert isinstance(limiter, RepeatLimiter) and handler.filters == [limiter]
-        assert limiter.rate == 7
+        assert (limiter.rate, limiter.burst) == (7, 14)
 
 
 def test_logging_set_up_by_the_host_program_is_left_alone(
@@ -377,7 +377,7 @@ def test_logging_set_up_by_the_host_program_is_left_alone(
     theirs = logging.NullHandler()
     monkeypatch.setattr(root, "handlers", [theirs])
     monkeypatch.setattr(root, "level", root.level)
-    assert cli._configure_logging("info", 7) is None
+    assert cli._configure_logging("info", Limits(log_rate=7)) is None
     assert root.handlers == [theirs] and theirs.filters == []
 
 
@@ -385,7 +385,7 @@ def test_suppressed_lines_are_reported_when_main_returns(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """main() has the limiter name what it still holds back once run() returns."""
     limiter = RepeatLimiter(1, clock=lambda: 0.0)  # a burst of 5, never refilled
-    monkeypatch.setattr(cli, "_configure_logging", lambda level, rate: limiter)
+    monkeypatch.setattr(cli, "_configure_logging", lambda level, limits: limiter)
 
     def run(config: object) -> int:
         for _ in range(10):

@@ -8,7 +8,8 @@ import threading
 
 import pytest
 
-from vgpu_backend.log_limit import BURST_SECONDS, MAX_RATE, RepeatLimiter
+from protocol.limits import DEFAULT_LIMITS
+from vgpu_backend.log_limit import MAX_RATE, RepeatLimiter
 
 
 class Clock:
@@ -45,9 +46,9 @@ def clock() -> Clock:
 
 
 def test_a_burst_passes_then_lines_are_dropped(clock: Clock) -> None:
-    """BURST_SECONDS * rate lines at once pass, the rest do not."""
+    """log_burst_seconds * rate lines at once pass, the rest do not."""
     limiter = RepeatLimiter(4, clock=clock)
-    assert len(passed(limiter, 100)) == BURST_SECONDS * 4 == 20
+    assert len(passed(limiter, 100)) == DEFAULT_LIMITS.log_burst_seconds * 4 == 20
 
 
 def test_the_rate_refills_the_bucket_up_to_the_burst(clock: Clock) -> None:
@@ -182,5 +183,5 @@ def test_threads_logging_at_once_lose_no_count() -> None:
     finally:
         sys.setswitchinterval(interval)
     assert len(held) == 4 * 5000 and all(held)
-    assert sum(results) == BURST_SECONDS * 10
+    assert sum(results) == DEFAULT_LIMITS.log_burst_seconds * 10
     assert limiter._buckets[("/src/device.py", 10)].suppressed == 4 * 5000 - sum(results)
