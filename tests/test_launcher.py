@@ -212,8 +212,12 @@ def test_the_libvirt_snippet_is_well_formed_and_asks_for_what_the_back_end_needs
 
 
 def test_the_vhost_user_descriptor_names_a_gpu_back_end() -> None:
-    """QEMU's docs/interop/vhost-user.json: type "gpu" and a binary path."""
-    descriptor = json.loads((REPO / "qemu" / "50-vgpu-backend.json").read_text())
+    """QEMU's docs/interop/vhost-user.json: type "gpu" and a binary path.  libvirt takes
+    the first "gpu" descriptor in file-name order, and QEMU's own back-end ships as
+    50-qemu-gpu.json: ours must sort before it."""
+    [path] = (REPO / "qemu").glob("*.json")
+    descriptor = json.loads(path.read_text())
     assert descriptor["type"] == "gpu"
     assert Path(descriptor["binary"]).is_absolute()
     assert set(descriptor) <= {"description", "type", "binary", "tags"}
+    assert sorted([path.name, "50-qemu-gpu.json"])[0] == path.name

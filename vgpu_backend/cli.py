@@ -39,7 +39,8 @@ EXIT_LEAK = 70
 def parser() -> argparse.ArgumentParser:
     """The argument parser."""
     p = argparse.ArgumentParser(
-        prog="vgpu-backend",
+        prog="vgpu-backend", allow_abbrev=False,  # an option added later must not
+        # change what an abbreviation in a launcher's command line meant
         description="QEMU vhost-user-gpu back-end with zero-copy USERPTR blobs. "
                     "QEMU: -chardev socket,id=vgpu,path=PATH "
                     "-device vhost-user-gpu-pci,chardev=vgpu")
@@ -74,12 +75,10 @@ def parser() -> argparse.ArgumentParser:
                           "feature bit 5 as RESOURCE_USERPTR; only for guests built from "
                           "the v3 series, never with Linux >= 7.2 where bit 5 is "
                           "BLOB_ALIGNMENT), off (the default with --no-blob)")
-    dev.add_argument("--userptr-capset-id", type=_integer,
-                     default=DEFAULT_USERPTR_CAPSET, metavar="ID",
+    dev.add_argument("--userptr-capset-id", type=_integer, metavar="ID",
                      help=f"capset id of the userptr capset, 10..63 (default "
                           f"{DEFAULT_USERPTR_CAPSET})")
-    dev.add_argument("--compute-capset-id", type=_integer,
-                     default=DEFAULT_COMPUTE_CAPSET, metavar="ID",
+    dev.add_argument("--compute-capset-id", type=_integer, metavar="ID",
                      help=f"capset id (= context type) of the compute capset, 10..63 "
                           f"(default {DEFAULT_COMPUTE_CAPSET})")
     gpu = p.add_argument_group("host GPU")
@@ -158,10 +157,11 @@ def _configure_logging(level: str, limits: Limits) -> RepeatLimiter | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the back-end; returns the process exit status."""
-    args = parser().parse_args(argv)
-    if args.print_capabilities:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--print-capabilities" in argv:  # QEMU's convention: other options are ignored
         print(json.dumps(CAPABILITIES, indent=2))
         return 0
+    args = parser().parse_args(argv)
     try:
         config = build_config(args)
     except ConfigError as err:

@@ -16,7 +16,12 @@ import stat
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from protocol.capsets import MAX_CAPSET_ID, RESERVED_CAPSET_IDS
+from protocol.capsets import (
+    DEFAULT_COMPUTE_CAPSET,
+    DEFAULT_USERPTR_CAPSET,
+    MAX_CAPSET_ID,
+    RESERVED_CAPSET_IDS,
+)
 from protocol.limits import Limits, cli_fields
 from vgpu_backend.device_state import DeviceOptions, UserptrProtocol
 
@@ -85,6 +90,34 @@ _HOST_GPU_NAMES = {"sim gpu_count": "--sim-gpus", "sim kfd_minor": "--sim-kfd-mi
                    "sim_faults": "--sim-fault", "gpu": "--gpu"}
 
 
+#: options that only act on one feature (argparse destinations), refused without it
+_FEATURE_OPTIONS = {
+    "compute": ("compute is off (--no-compute)", (
+        "compute_capset_id", "compute_workers", "compute_job_timeout", "max_submit_bytes",
+        "max_host_buffers", "max_compute_staging", "max_queued_submit_bytes")),
+    "userptr": ("USERPTR is off (--userptr-protocol off, or --no-blob)", (
+        "userptr_capset_id", "max_userptr_entries", "max_userptr_bytes")),
+    "blob": ("blob resources are off (--no-blob)", ("max_blob_bytes",)),
+}
+#: the SUN_PATH size of struct sockaddr_un, with its terminating NUL
+_SUN_PATH = 108
+
+
+def _option(dest: str) -> str:
+    return "--" + next((limit.option for limit in cli_fields() if limit.name == dest),
+                       dest.replace("_", "-"))
+
+
+def _refuse_unused_options(args: argparse.Namespace, on: dict[str, bool]) -> None:
+    """An option that sets something of a feature that is off would do nothing: refuse
+    it rather than let an operator believe it acts."""
+    for feature, (why, dests) in _FEATURE_OPTIONS.items():
+        given = [_option(dest) for dest in dests if getattr(args, dest, None) is not None]
+        if given and not on[feature]:
+            raise ConfigError(f"{', '.join(given)}: {why}, so "
+                              f"{'it does' if len(given) == 1 else 'they do'} nothing")
+
+
 def _with_option_names(message: str, names: dict[str, str]) -> str:
     """``message`` with internal field names replaced by the options that set them."""
     pattern = "|".join(re.escape(name) for name in sorted(names, key=len, reverse=True))
@@ -144,6 +177,9 @@ def build_config(args: argparse.Namespace) -> BackendConfig:
         raise ConfigError("exactly one of --socket-path and --fd is required")
     if args.socket_path == "":
         raise ConfigError("--socket-path is empty")
+    if args.socket_path is not None and len(os.fsencode(args.socket_path)) >= _SUN_PATH:
+        raise ConfigError(f"--socket-path {args.socket_path}: longer than a unix socket "
+                          f"address takes ({_SUN_PATH - 1} bytes)")
     if args.fd is not None:
         try:
             mode = os.fstat(args.fd).st_mode
@@ -165,18 +201,28 @@ def build_config(args: argparse.Namespace) -> BackendConfig:
                           "resources (drop --no-blob)")
     if not 1 <= args.max_outputs <= limits.max_scanouts:
         raise ConfigError(f"--max-outputs must be 1..{limits.max_scanouts}")
-    for name in ("userptr_capset_id", "compute_capset_id"):
+    _refuse_unused_options(args, {"compute": args.compute, "blob": args.blob,
+                                  "userptr": protocol is not UserptrProtocol.OFF})
+    capset_ids = {"userptr_capset_id": DEFAULT_USERPTR_CAPSET,
+                  "compute_capset_id": DEFAULT_COMPUTE_CAPSET}
+    for name in capset_ids:
         value = getattr(args, name)
+        if value is None:
+            continue
         if value in RESERVED_CAPSET_IDS or not 1 <= value <= MAX_CAPSET_ID:
-            raise ConfigError(f"--{name.replace('_', '-')} {value}: must be 10..63 (1-9 "
+            raise ConfigError(f"{_option(name)} {value}: must be 10..63 (1-9 "
                               "are taken by other capsets; Linux rejects ids above 63)")
-    if args.userptr_capset_id == args.compute_capset_id:
-        raise ConfigError("the userptr and compute capsets need different ids")
+        capset_ids[name] = value
+    if args.compute and protocol is not UserptrProtocol.OFF and \
+            capset_ids["userptr_capset_id"] == capset_ids["compute_capset_id"]:
+        raise ConfigError(f"--userptr-capset-id and --compute-capset-id: both capsets are "
+                          f"published, and need different ids (not both "
+                          f"{capset_ids['compute_capset_id']})")
     device = DeviceOptions(
         max_outputs=args.max_outputs, default_mode=_mode(args.default_mode, limits.max_dimension),
         edid=args.edid, blob=args.blob, userptr_protocol=protocol,
-        userptr_capset_id=args.userptr_capset_id, compute=args.compute,
-        compute_capset_id=args.compute_capset_id)
+        userptr_capset_id=capset_ids["userptr_capset_id"], compute=args.compute,
+        compute_capset_id=capset_ids["compute_capset_id"])
     if protocol is UserptrProtocol.OFF and not args.compute:
         given = [option for option, dest in _HOST_GPU_OPTIONS.items()
                  if (value := getattr(args, dest)) is not None and value is not False

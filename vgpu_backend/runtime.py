@@ -15,7 +15,7 @@ from vgpu_backend.device_state import UserptrProtocol
 from vgpu_backend.eventloop import EventLoop
 from vgpu_backend.guest_memory import GuestMemory
 from vgpu_backend.hostgpu.base import HostGpu, HostGpuError
-from vgpu_backend.vhost_session import PROTOCOL_FEATURES, VhostUserSession
+from vgpu_backend.vhost_session import PROTOCOL_FEATURES, VhostUserSession, offered_features
 
 __all__ = ["Backend"]
 
@@ -67,7 +67,7 @@ class Backend:
         gpu = self.host_gpu.info() if self.host_gpu is not None else None
         log.info("vgpu-backend %s: offering virtio features %#x, protocol features %#x; "
                  "userptr protocol %s; host GPU %s", __version__,
-                 self.device.offered_features(), PROTOCOL_FEATURES,
+                 offered_features(self.device), PROTOCOL_FEATURES,
                  config.device.userptr_protocol.value,
                  f"{gpu.backend} ({gpu.userptr_path.value} path, GPUs "
                  f"{', '.join(hex(g) for g in gpu.gpu_ids)})" if gpu else "none")

@@ -171,19 +171,72 @@ def test_no_blob_turns_userptr_off_unless_asked_for() -> None:
 
 
 def test_no_blob_with_userptr_off_is_fine() -> None:
-    free_id = max(RESERVED_CAPSET_IDS) + 1
     config = build_config(parser().parse_args(
         ["--socket-path", "s", "--no-blob", "--userptr-protocol", "off", "--no-edid",
-         "--default-mode", "1024X768", "--max-outputs", "16", "--userptr-capset-id",
-         hex(free_id), "--compute-capset-id", str(MAX_CAPSET_ID), "--no-compute",
+         "--default-mode", "1024X768", "--max-outputs", "16", "--no-compute",
          "--log-level", "debug"]))
     assert (config.device.blob, config.device.edid, config.device.compute) == (
         False, False, False)
     assert config.log_level == "debug"
     assert config.device.default_mode == (1024, 768)
     assert config.device.max_outputs == 16
-    assert (config.device.userptr_capset_id, config.device.compute_capset_id) == (
-        free_id, MAX_CAPSET_ID)
+
+
+def test_capset_ids_are_taken_as_given() -> None:
+    free_id = max(RESERVED_CAPSET_IDS) + 1
+    device = config_from("--socket-path", "s", "--userptr-capset-id", hex(free_id),
+                         "--compute-capset-id", str(MAX_CAPSET_ID)).device
+    assert (device.userptr_capset_id, device.compute_capset_id) == (free_id, MAX_CAPSET_ID)
+    device = config_from("--socket-path", "s").device
+    assert (device.userptr_capset_id, device.compute_capset_id) == (
+        DEFAULT_USERPTR_CAPSET, DEFAULT_COMPUTE_CAPSET)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--no-compute", "--userptr-capset-id", str(DEFAULT_COMPUTE_CAPSET)],
+    ["--userptr-protocol", "off", "--compute-capset-id", str(DEFAULT_USERPTR_CAPSET)],
+])
+def test_one_capset_may_take_the_other_ones_default_id(argv: list[str]) -> None:
+    """The ids must differ only when both capsets are published."""
+    config_from("--socket-path", "s", *argv)
+
+
+@pytest.mark.parametrize("feature_off, options", [
+    (["--no-compute"], ["--compute-capset-id", "30"]),
+    (["--no-compute"], ["--compute-workers", "4", "--compute-job-timeout", "5"]),
+    (["--no-compute"], ["--max-submit-bytes", "64k"]),
+    (["--no-compute"], ["--max-host-buffers", "1G"]),
+    (["--no-compute"], ["--max-compute-staging", "1G"]),
+    (["--no-compute"], ["--max-queued-submit-bytes", "1G"]),
+    (["--no-blob"], ["--userptr-capset-id", "30"]),
+    (["--no-blob"], ["--max-blob-bytes", "1G"]),
+    (["--userptr-protocol", "off"], ["--max-userptr-bytes", "1G"]),
+    (["--userptr-protocol", "off"], ["--max-userptr-entries", "100"]),
+    (["--userptr-protocol", "off"], ["--userptr-capset-id", "30"]),
+])
+def test_options_of_a_feature_that_is_off_are_refused(feature_off: list[str],
+                                                      options: list[str]) -> None:
+    """They would do nothing: the operator hears so at start-up instead."""
+    given = ", ".join(option for option in options if option.startswith("--"))
+    with pytest.raises(ConfigError, match=f"^{given}: .* off .*nothing"):
+        config_from("--socket-path", "s", *feature_off, *options)
+    config_from("--socket-path", "s", *options)  # with the feature on, they are fine
+
+
+def test_a_socket_path_longer_than_sun_path_is_refused() -> None:
+    """108 bytes with the NUL (struct sockaddr_un); found before anything starts."""
+    config_from("--socket-path", "/" + "s" * 106)
+    with pytest.raises(ConfigError, match="longer than a unix socket address"):
+        config_from("--socket-path", "/" + "s" * 107)
+    with pytest.raises(ConfigError, match="longer than"):  # bytes, not characters
+        config_from("--socket-path", "/" + "\u00e9" * 54)
+
+
+def test_abbreviated_options_are_not_taken(capsys: pytest.CaptureFixture[str]) -> None:
+    """A launcher's abbreviation would change meaning when an option is added."""
+    with pytest.raises(SystemExit) as info:
+        parser().parse_args(["--sock", "s"])
+    assert info.value.code == 2
 
 
 def test_the_largest_default_mode() -> None:
@@ -269,8 +322,9 @@ def test_the_per_range_limit_reaches_the_host_gpu() -> None:
 
 
 def test_print_capabilities_ignores_other_options(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--print-capabilities", "--socket-path", "a", "--fd", "99",
-                 "--max-outputs", "99"]) == 0
+    """QEMU's convention: other options and arguments are ignored (also unknown ones)."""
+    assert main(["--bogus", "--print-capabilities", "--socket-path", "a", "--fd", "99",
+                 "--max-outputs", "99", "extra"]) == 0
     out = capsys.readouterr().out
     assert json.loads(out) == {"type": "gpu", "features": []} == CAPABILITIES
 
