@@ -82,8 +82,8 @@ class VirtioGpuDevice:
         self._handlers: dict[int, Handler] = self.commands_2d.handlers()
         gpu_memory = host_gpu.gpu_memory() if host_gpu is not None else None
         if options.compute and gpu_memory is None:
-            log.warning("compute contexts need the simulated GPU's page table (--gpu sim); "
-                        "they are disabled")
+            log.warning("compute contexts are disabled: %s",
+                        _no_compute_reason(host_gpu))
             options = replace(options, compute=False)
             self.state.options = options
         self.contexts = ContextTable(self.state, _context_types(options))
@@ -384,6 +384,15 @@ class VirtioGpuDevice:
         # every resource is gone: nothing may be mapped any more (counted before guest
         # memory goes away, which would tear leftovers down as invalidations)
         self.leaked_mappings = gpu.live_mappings() if gpu is not None else 0
+
+
+def _no_compute_reason(host_gpu: HostGpu | None) -> str:
+    """Why the host GPU gives the compute engine no page table to run on."""
+    info = host_gpu.info() if host_gpu is not None else None
+    if info is not None and info.isolation == "context":
+        return ("they run on one KFD process's simulated page table, and "
+                "--kfd-isolation context gives each context its own process")
+    return "they run on the simulated GPU's page table (--gpu sim)"
 
 
 def _unspecified() -> Reply:

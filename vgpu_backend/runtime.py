@@ -64,13 +64,10 @@ class Backend:
         self._listener: socket.socket | None = None
         self._owned: tuple[str, int, int] | None = None  # path, st_dev, st_ino
         self._fds_with_gpu = open_fds()
-        gpu = self.host_gpu.info() if self.host_gpu is not None else None
         log.info("vgpu-backend %s: offering virtio features %#x, protocol features %#x; "
                  "userptr protocol %s; host GPU %s", __version__,
                  offered_features(self.device), PROTOCOL_FEATURES,
-                 config.device.userptr_protocol.value,
-                 f"{gpu.backend} ({gpu.userptr_path.value} path, GPUs "
-                 f"{', '.join(hex(g) for g in gpu.gpu_ids)})" if gpu else "none")
+                 config.device.userptr_protocol.value, _describe(self.host_gpu))
 
     def listen(self, listener: socket.socket, owned_path: str | None = None) -> None:
         """Accept one connection on ``listener``, then stop listening.  ``owned_path``:
@@ -148,6 +145,16 @@ class Backend:
         else:
             log.info("back-end stopped; leak check: no host GPU mapping, guest memory or "
                      "fd left")
+
+
+def _describe(host_gpu: HostGpu | None) -> str:
+    """The host GPU for the start-up line: back-end, USERPTR path and GPUs."""
+    if host_gpu is None:
+        return "none"
+    info = host_gpu.info()
+    path = f"{info.userptr_path.value} path" if info.userptr_available else \
+        "USERPTR unavailable"
+    return f"{info.backend} ({path}, GPUs {', '.join(hex(g) for g in info.gpu_ids)})"
 
 
 def _describe_fds(fds: set[int]) -> str:

@@ -52,6 +52,34 @@ def test_a_host_gpu_opens_only_when_something_needs_it(argv: tuple[str, ...],
             gpu.close()
 
 
+@pytest.mark.parametrize(("argv", "host_gpu", "compute_off_because"), [
+    (("--gpu", "sim"), "host GPU sim (batch path, GPUs 0x", None),
+    (("--gpu", "sim", "--kfd-isolation", "context"),
+     "host GPU sim (USERPTR unavailable, GPUs 0x", "--kfd-isolation context gives"),
+])
+def test_the_start_up_lines_say_what_is_served(
+        caplog: pytest.LogCaptureFixture, argv: tuple[str, ...], host_gpu: str,
+        compute_off_because: str | None) -> None:
+    """The offered bits are GET_FEATURES' (with PROTOCOL_FEATURES, bit 30); USERPTR
+    unavailable and compute switched off say so, and why."""
+    loop = EventLoop()
+    with caplog.at_level(logging.INFO, logger="vgpu_backend"):
+        backend = Backend(loop, config_from(*argv))
+    try:
+        features = backend.device.offered_features() | 1 << 30
+        assert f"offering virtio features {features:#x}," in caplog.text
+        assert host_gpu in caplog.text
+        disabled = [r.getMessage() for r in caplog.records
+                    if "compute contexts are disabled" in r.getMessage()]
+        if compute_off_because is None:
+            assert disabled == []
+        else:
+            assert len(disabled) == 1 and compute_off_because in disabled[0]
+    finally:
+        backend.close()
+        loop.close()
+
+
 def test_a_clean_close_reports_no_leak(backend: Backend,
                                        caplog: pytest.LogCaptureFixture) -> None:
     """Nothing allocated: no leak, the host GPU is closed, the all-clear is logged."""
