@@ -25,7 +25,7 @@ from protocol.capsets import (
 from protocol.limits import Limits, cli_fields
 from vgpu_backend.device_state import DeviceOptions, UserptrProtocol
 
-__all__ = ["BackendConfig", "ConfigError", "build_config"]
+__all__ = ["BackendConfig", "ConfigError", "build_config", "host_gpu_error"]
 
 
 class ConfigError(Exception):
@@ -87,7 +87,8 @@ _HOST_GPU_OPTIONS = {"--gpu": "gpu", "--gpu-ids": "gpu_ids", "--kfd-isolation": 
 _HOST_GPU_NAMES = {"sim gpu_count": "--sim-gpus", "sim kfd_minor": "--sim-kfd-minor",
                    "gpu_ids": "--gpu-ids", "userptr_path": "--userptr-host-path",
                    "isolation": "--kfd-isolation", "sim options": "--sim-* options",
-                   "sim_faults": "--sim-fault", "gpu": "--gpu"}
+                   "sim_faults": "--sim-fault", "gpu": "--gpu",
+                   "userptr path": "--userptr-host-path"}
 
 
 #: options that only act on one feature (argparse destinations), refused without it
@@ -122,6 +123,11 @@ def _with_option_names(message: str, names: dict[str, str]) -> str:
     """``message`` with internal field names replaced by the options that set them."""
     pattern = "|".join(re.escape(name) for name in sorted(names, key=len, reverse=True))
     return re.sub(rf"(?<![\w-])({pattern})(?![\w-])", lambda m: names[m.group(1)], message)
+
+
+def host_gpu_error(err: Exception) -> ConfigError:
+    """A host GPU that cannot open as configured, in the options' names."""
+    return ConfigError(f"host GPU: {_with_option_names(str(err), _HOST_GPU_NAMES)}")
 
 
 def _host_gpu_options(args: argparse.Namespace, max_per_range_ranges: int) -> dict[str, Any]:

@@ -9,7 +9,7 @@ import os
 import socket
 
 from vgpu_backend import __version__
-from vgpu_backend.config import BackendConfig, ConfigError
+from vgpu_backend.config import BackendConfig, host_gpu_error
 from vgpu_backend.device import VirtioGpuDevice
 from vgpu_backend.device_state import UserptrProtocol
 from vgpu_backend.eventloop import EventLoop
@@ -30,7 +30,7 @@ def open_host_gpu(config: BackendConfig) -> HostGpu | None:
     try:
         return create_host_gpu(host_gpu_options(config.host_gpu))
     except (HostGpuError, ValueError) as err:
-        raise ConfigError(f"host GPU: {err}") from err
+        raise host_gpu_error(err) from err
 
 
 def open_fds() -> set[int]:

@@ -14,7 +14,7 @@ import pytest
 
 from tests.unit.hang_guard import deadline
 from vgpu_backend.cli import EXIT_LEAK, main, parser
-from vgpu_backend.config import BackendConfig, build_config, listening_socket
+from vgpu_backend.config import BackendConfig, ConfigError, build_config, listening_socket
 from vgpu_backend.eventloop import EventLoop
 from vgpu_backend.guest_memory import GuestMemory
 from vgpu_backend.runtime import Backend, open_fds, open_host_gpu
@@ -78,6 +78,19 @@ def test_the_start_up_lines_say_what_is_served(
     finally:
         backend.close()
         loop.close()
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (("--gpu-ids", "1,2"), "host GPU: --gpu-ids ['0x1', '0x2']: the topology has"),
+    (("--sim-pre-batch", "--userptr-host-path", "batch"),
+     "host GPU: --userptr-host-path 'batch' requested, but the kernel does not support"),
+])
+def test_a_host_gpu_that_cannot_open_is_named_by_its_options(argv: tuple[str, ...],
+                                                             message: str) -> None:
+    """What only the (simulated) kernel can tell is said in the options' names too."""
+    with pytest.raises(ConfigError) as info:
+        open_host_gpu(config_from("--gpu", "sim", *argv))
+    assert str(info.value).startswith(message)
 
 
 def test_a_clean_close_reports_no_leak(backend: Backend,
