@@ -8,13 +8,21 @@ what they need on a Debian 12 host.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from vmrunner.artifacts import cache_dir, prepare_artifacts
-from vmrunner.backend import DEFAULT_PRESET, PRESETS, REFERENCE_BACKEND, backend_spec
+from vmrunner.backend import (
+    DEFAULT_PRESET,
+    PRESETS,
+    REFERENCE_BACKEND,
+    SOCKET_PLACEHOLDER,
+    backend_spec,
+)
 from vmrunner.commands import run_console_check, run_test
 from vmrunner.demo import run_demo
 from vmrunner.errors import (
@@ -80,26 +88,50 @@ examples:
 """
 
 
+def _number(kind: type[int] | type[float], least: float) -> Callable[[str], int | float]:
+    """An argparse type: a number of ``kind`` at least ``least`` (finite)."""
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not least <= value < math.inf:
+            raise argparse.ArgumentTypeError(f"{text} is below {least:g}" if value < least
+                                             else f"{text} is not finite")
+        return value
+    return parse
+
+
+_SECONDS, _POSITIVE = _number(float, 0.001), _number(int, 1)
+
+
+def _backend_template(text: str) -> str:
+    """--backend-cmd: a command line with the socket placeholder in it."""
+    if SOCKET_PLACEHOLDER not in text:
+        raise argparse.ArgumentTypeError(f"must contain {SOCKET_PLACEHOLDER}: {text!r}")
+    return text
+
+
 def _add_vm_options(parser: argparse.ArgumentParser, timeout: float = DEFAULT_TIMEOUT) -> None:
     vm = parser.add_argument_group("virtual machine")
     vm.add_argument("--backend", choices=sorted(PRESETS), default=DEFAULT_PRESET,
                     help="back-end preset (default: %(default)s)")
-    vm.add_argument("--backend-cmd", metavar="TEMPLATE",
+    vm.add_argument("--backend-cmd", metavar="TEMPLATE", type=_backend_template,
                     help="back-end command line with {socket}; overrides --backend")
     vm.add_argument("--results-dir", type=Path,
                     help="where logs, screendumps and junit.xml go "
                          "(default: $VGPU_RESULTS_DIR/COMMAND-TIME)")
-    vm.add_argument("--boot-timeout", type=float, default=180.0, metavar="S",
+    vm.add_argument("--boot-timeout", type=_SECONDS, default=180.0, metavar="S",
                     help="limit for QEMU start to guest init and for init to pytest/console "
                          "start (default: %(default)s)")
-    vm.add_argument("--timeout", type=float, default=timeout, metavar="S",
+    vm.add_argument("--timeout", type=_SECONDS, default=timeout, metavar="S",
                     help="limit for the whole VM run from back-end start (default: %(default)s)")
-    vm.add_argument("--shutdown-timeout", type=float, default=60.0, metavar="S",
+    vm.add_argument("--shutdown-timeout", type=_SECONDS, default=60.0, metavar="S",
                     help="limit for QEMU and the back-ends to exit (default: %(default)s)")
-    vm.add_argument("--memory", type=int, default=2048, metavar="MIB",
+    vm.add_argument("--memory", type=_POSITIVE, default=2048, metavar="MIB",
                     help="guest RAM, memfd-backed and shared (default: %(default)s)")
-    vm.add_argument("--smp", type=int, default=1, help="guest vCPUs (default: %(default)s)")
-    vm.add_argument("--hugepages", type=int, default=64,
+    vm.add_argument("--smp", type=_POSITIVE, default=1, help="guest vCPUs (default: %(default)s)")
+    vm.add_argument("--hugepages", type=_number(int, 0), default=64,
                     help="2 MiB hugepages reserved on the guest kernel command line "
                          "(default: %(default)s)")
     vm.add_argument("--host-hugetlb", action="store_true",
@@ -110,8 +142,9 @@ def _add_vm_options(parser: argparse.ArgumentParser, timeout: float = DEFAULT_TI
                          "the VGA-class one libvirt uses for a primary video device "
                          "(default: %(default)s; a second GPU is always the PCI one)")
     vm.add_argument("--heads", type=int, choices=range(1, 17), default=1, metavar="N",
-                    help="outputs of the guest's GPU: QEMU's max_outputs, and our "
-                         "back-end's --max-outputs (default: %(default)s)")
+                    help="outputs of the guest's GPU: QEMU's max_outputs, and the ours "
+                         "preset's --max-outputs (a --backend-cmd passes it itself; "
+                         "default: %(default)s)")
     vm.add_argument("--append", default="", metavar="ARGS",
                     help="extra guest kernel command line")
     vm.add_argument("--kernel-package", metavar="NAME",
@@ -142,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "back-end, kept away from the guest's virtio driver for the "
                            "userspace-driver and USERPTR tests (VGPU_USERSPACE_PCI); "
                            "--no-second-gpu skips those tests (default: on)")
-    test.add_argument("--per-test-timeout", type=float, default=300.0, metavar="S",
+    test.add_argument("--per-test-timeout", type=_number(float, 0), default=300.0, metavar="S",
                       help="pytest-timeout's --timeout for each guest test, passed only when "
                            "the guest root has pytest-timeout; 0: none (default: %(default)s)")
     test.add_argument("--guest-root", choices=ROOT_KINDS, default="host",
@@ -167,11 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "arguments, 77 the back-end cannot run it (no USERPTR), 10 harness error, "
                     "124 timeout.")
     _add_vm_options(demo, timeout=DEMO_TIMEOUT)
-    demo.add_argument("--size-mib", type=int, default=128, metavar="N",
+    demo.add_argument("--size-mib", type=_POSITIVE, default=128, metavar="N",
                       help="the guest program's buffer (default: %(default)s)")
-    demo.add_argument("--matmul", type=int, default=768, metavar="N",
+    demo.add_argument("--matmul", type=_POSITIVE, default=768, metavar="N",
                       help="N x N x N float32 matrix multiply (default: %(default)s)")
-    demo.add_argument("--saxpy-rounds", type=int, default=8, metavar="N",
+    demo.add_argument("--saxpy-rounds", type=_POSITIVE, default=8, metavar="N",
                       help="saxpy passes over the vectors (default: %(default)s)")
     demo.add_argument("--screenshot", type=Path, metavar="PNG",
                       help="save the guest screen at the end of the demo (its summary is "

@@ -137,6 +137,25 @@ def test_time_limits_are_bounded_by_default() -> None:
     assert _options("test", "--per-test-timeout", "0").per_test_timeout == 0
 
 
+@pytest.mark.parametrize("argv", [
+    ("console-check", "--memory", "-5"), ("test", "--smp", "0"),
+    ("test", "--hugepages", "-1"), ("test", "--timeout", "0"),
+    ("test", "--boot-timeout", "inf"), ("test", "--shutdown-timeout", "nan"),
+    ("test", "--per-test-timeout", "-1"), ("demo", "--size-mib", "0"),
+    ("demo", "--matmul", "-3"), ("demo", "--saxpy-rounds", "x"),
+    ("test", "--backend-cmd", "python3 -m vgpu_backend"),  # no {socket}
+])
+def test_nonsense_values_are_usage_errors(argv: tuple[str, ...],
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Refused with exit 2 and the option named, before anything starts (a negative
+    --memory used to reach QEMU and end as a harness error)."""
+    with pytest.raises(SystemExit) as info:
+        _options(*argv)
+    assert info.value.code == 2
+    assert f"argument {argv[1]}: " in capsys.readouterr().err
+    assert _options("test", "--hugepages", "0").hugepages == 0
+
+
 def test_test_sh_bounds_every_vm_step() -> None:
     script = (Path(__file__).resolve().parents[1] / "scripts" / "test.sh").read_text()
     vm_lines = [line for line in script.replace("\\\n", " ").splitlines()
