@@ -13,6 +13,9 @@ set -eu
 KERNEL=${1:?usage: run-qemu.sh KERNEL INITRD [QEMU ARGS...]}
 INITRD=${2:?usage: run-qemu.sh KERNEL INITRD [QEMU ARGS...]}
 shift 2
+for file in "$KERNEL" "$INITRD"; do  # before a back-end starts for nothing
+    [ -r "$file" ] || { echo "run-qemu.sh: cannot read $file" >&2; exit 1; }
+done
 SOCK=${VGPU_SOCKET:-/tmp/vgpu-backend.sock}
 RAM=${VGPU_RAM:-2G}
 REPO=$(cd "$(dirname "$0")/.." && pwd)

@@ -58,6 +58,8 @@ class Launch:
         self.sock = tmp_path / "vgpu.sock"
         self.record = tmp_path / "qemu.json"
         self.pid_file = tmp_path / "backend.pid"
+        for name in ("vmlinux", "initrd.img"):  # only checked to be readable
+            (tmp_path / name).write_bytes(b"")
         bin_dir = tmp_path / "bin"
         bin_dir.mkdir()
         qemu = bin_dir / "qemu-system-x86_64"
@@ -152,6 +154,16 @@ def test_a_back_end_that_does_not_start_stops_the_launch(tmp_path: Path, backend
     assert "the back-end exited (status 1" in done.stderr or \
         "the back-end exited (status 127" in done.stderr
     assert not launch.record.exists()
+
+
+@pytest.mark.parametrize("missing", ["vmlinux", "initrd.img"])
+def test_a_missing_kernel_or_initrd_stops_the_launch_first(tmp_path: Path,
+                                                           missing: str) -> None:
+    launch = Launch(tmp_path)
+    (tmp_path / missing).unlink()
+    done = launch.run()
+    assert done.returncode == 1 and f"cannot read {missing}" in done.stderr
+    assert not launch.pid_file.exists() and not launch.record.exists()  # nothing started
 
 
 def test_a_qemu_that_fails_to_start_does_not_leave_the_back_end_waiting(

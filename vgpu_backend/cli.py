@@ -41,9 +41,13 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vgpu-backend", allow_abbrev=False,  # an option added later must not
         # change what an abbreviation in a launcher's command line meant
-        description="QEMU vhost-user-gpu back-end with zero-copy USERPTR blobs. "
-                    "QEMU: -chardev socket,id=vgpu,path=PATH "
-                    "-device vhost-user-gpu-pci,chardev=vgpu")
+        description="QEMU vhost-user-gpu back-end with zero-copy USERPTR blobs.  QEMU "
+                    "(>= 10.0): -object memory-backend-memfd,id=mem,size=2G,share=on "
+                    "-numa node,memdev=mem -chardev socket,id=vgpu,path=PATH "
+                    "-device vhost-user-gpu-pci,chardev=vgpu -vga none",
+        epilog="exit status: 0 QEMU disconnected, or SIGTERM/SIGINT; 1 cannot start "
+               "(socket path, host GPU); 2 bad options; 70 something was still "
+               "allocated at the end (see the log)")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     conn = p.add_argument_group("connection (exactly one)")
     conn.add_argument("--socket-path", metavar="PATH",
@@ -63,7 +67,8 @@ def parser() -> argparse.ArgumentParser:
                      help="mode reported when QEMU's display does not answer "
                           "(default: 1280x800)")
     dev.add_argument("--no-edid", dest="edid", action="store_false",
-                     help="do not offer VIRTIO_GPU_F_EDID")
+                     help="do not offer VIRTIO_GPU_F_EDID (QEMU's device then needs "
+                          "edid=off)")
     dev.add_argument("--no-blob", dest="blob", action="store_false",
                      help="do not serve blob resources (implies --userptr-protocol off)")
     dev.add_argument("--no-compute", dest="compute", action="store_false",
