@@ -208,8 +208,9 @@ def run(config: BackendConfig) -> int:
             backend.listen(sock, owned_path=config.socket_path)
         elif sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
             backend.listen(sock)  # an inherited listening socket: not ours to remove
-        else:
-            backend.serve(sock)  # an inherited connected socket (libvirt)
+        else:  # an inherited connected socket (libvirt)
+            log.info("serving the connected socket --fd %d", config.fd)
+            backend.serve(sock)
         loop.run()
     finally:
         backend.close()

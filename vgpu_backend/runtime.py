@@ -109,7 +109,6 @@ class Backend:
 
     def serve(self, conn: socket.socket) -> None:
         """Serve ``conn``; the loop stops when the front-end disconnects."""
-        log.info("serving the connected socket fd %d", conn.fileno())
         self.session = VhostUserSession(self.loop, conn, self.device, self.memory,
                                         self.config.limits, self.loop.stop)
 

@@ -189,6 +189,20 @@ def test_an_inherited_listening_socket_is_accepted_on(tmp_path: Path, signals: N
         os.fstat(fd)  # served and closed
 
 
+def test_an_inherited_connected_socket_is_served(signals: None,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """--fd of a connected socket (libvirt): served at once, and said so; the back-end
+    exits 0 when the front-end goes away."""
+    ours, theirs = socket.socketpair()
+    fd = ours.detach()
+    with caplog.at_level(logging.INFO, logger="vgpu_backend"):
+        main_exits_0(["--fd", str(fd), "--no-blob", "--no-compute"],
+                     meanwhile=theirs.close, after=0.3)
+    assert f"serving the connected socket --fd {fd}" in caplog.text
+    with pytest.raises(OSError):
+        os.fstat(fd)  # served and closed
+
+
 @pytest.mark.parametrize("option", ["--userptr-capset-id", "--compute-capset-id",
                                     "--gpu-ids"])
 def test_integer_options_say_what_they_expect(option: str,
