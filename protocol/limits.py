@@ -157,6 +157,9 @@ class Limits:
             value = getattr(self, f.name)
             if not isinstance(value, int | float) or not 0 < value < math.inf:
                 raise ValueError(f"limit {f.name} must be a positive, finite number, not {value!r}")
+        if self.log_rate * self.log_burst_seconds < 1:
+            raise ValueError("limit log_rate times log_burst_seconds must be at least 1 "
+                             "(a burst of less than one line drops every line)")
         for name, (bits, where) in _WIRE_FIELDS.items():
             if getattr(self, name) > (1 << bits) - 1:
                 raise ValueError(f"limit {name} must fit {where} (at most {(1 << bits) - 1})")

@@ -20,7 +20,6 @@ from vmrunner.backend import (
     DEFAULT_PRESET,
     PRESETS,
     REFERENCE_BACKEND,
-    SOCKET_PLACEHOLDER,
     backend_spec,
 )
 from vmrunner.commands import run_console_check, run_test
@@ -94,7 +93,8 @@ def _number(kind: type[int] | type[float], least: float) -> Callable[[str], int 
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"not a {'whole ' if kind is int else ''}number: {text!r}") from None
         if not least <= value < math.inf:
             raise argparse.ArgumentTypeError(f"{text} is below {least:g}" if value < least
                                              else f"{text} is not finite")
@@ -106,9 +106,12 @@ _SECONDS, _POSITIVE = _number(float, 0.001), _number(int, 1)
 
 
 def _backend_template(text: str) -> str:
-    """--backend-cmd: a command line with the socket placeholder in it."""
-    if SOCKET_PLACEHOLDER not in text:
-        raise argparse.ArgumentTypeError(f"must contain {SOCKET_PLACEHOLDER}: {text!r}")
+    """--backend-cmd: a command line ``backend_spec`` takes (with the socket
+    placeholder)."""
+    try:
+        backend_spec(None, text)
+    except HarnessError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("--backend-cmd ")) from None
     return text
 
 
@@ -142,7 +145,7 @@ def _add_vm_options(parser: argparse.ArgumentParser, timeout: float = DEFAULT_TI
                          "the VGA-class one libvirt uses for a primary video device "
                          "(default: %(default)s; a second GPU is always the PCI one)")
     vm.add_argument("--heads", type=int, choices=range(1, 17), default=1, metavar="N",
-                    help="outputs of the guest's GPU: QEMU's max_outputs, and the ours "
+                    help="outputs of the guest's GPU: QEMU's max_outputs, and the 'ours' "
                          "preset's --max-outputs (a --backend-cmd passes it itself; "
                          "default: %(default)s)")
     vm.add_argument("--append", default="", metavar="ARGS",

@@ -42,7 +42,8 @@ def parser() -> argparse.ArgumentParser:
         prog="vgpu-backend", allow_abbrev=False,  # an option added later must not
         # change what an abbreviation in a launcher's command line meant
         description="QEMU vhost-user-gpu back-end with zero-copy USERPTR blobs.  QEMU "
-                    "(>= 10.0): -object memory-backend-memfd,id=mem,size=2G,share=on "
+                    "(>= 10.0): -machine q35 -m 2G "
+                    "-object memory-backend-memfd,id=mem,size=2G,share=on "
                     "-numa node,memdev=mem -chardev socket,id=vgpu,path=PATH "
                     "-device vhost-user-gpu-pci,chardev=vgpu -vga none",
         epilog="exit status: 0 QEMU disconnected, or SIGTERM/SIGINT; 1 cannot start "

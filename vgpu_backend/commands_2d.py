@@ -52,10 +52,14 @@ _ATTACH_SIZE = CTRL_HDR_SIZE + layout(ResourceAttachBacking).size
 _FORMATS = {int(f): f for f in Format}
 
 
+def rect_fits(x: int, y: int, width: int, height: int, res_w: int, res_h: int) -> bool:
+    """The rectangle lies inside ``res_w`` x ``res_h`` (Python ints: no overflow)."""
+    return x + width <= res_w and y + height <= res_h
+
+
 def check_rect(x: int, y: int, width: int, height: int, res_w: int, res_h: int) -> None:
-    """The rectangle lies inside a ``res_w`` x ``res_h`` resource (Python ints: no
-    overflow)."""
-    if x + width > res_w or y + height > res_h:
+    """The rectangle lies inside a ``res_w`` x ``res_h`` resource."""
+    if not rect_fits(x, y, width, height, res_w, res_h):
         raise GuestProtocolError(
             f"rect {x},{y} {width}x{height} outside the {res_w}x{res_h} resource")
 
@@ -261,7 +265,7 @@ class Commands2D:
         # it must fit the last one
         sizes = self.s.scanouts.framebuffer_sizes(res) or [extent]
         x, y, width, height = body.x, body.y, body.width, body.height
-        if not any(x + width <= w and y + height <= h for w, h in sizes):
+        if not any(rect_fits(x, y, width, height, *size) for size in sizes):
             shown = " / ".join(f"{w}x{h}" for w, h in dict.fromkeys(sizes))
             raise GuestProtocolError(f"rect {x},{y} {width}x{height} outside the {shown} "
                                      f"framebuffer of resource {body.resource_id}")

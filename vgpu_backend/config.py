@@ -99,12 +99,16 @@ _FEATURE_OPTIONS = {
     "userptr": ("USERPTR is off (--userptr-protocol off, or --no-blob)", (
         "userptr_capset_id", "max_userptr_entries", "max_userptr_bytes")),
     "blob": ("blob resources are off (--no-blob)", ("max_blob_bytes",)),
+    # no context type, no host GPU
+    "userptr_or_compute": ("USERPTR and compute are off (no context type, no host GPU)", (
+        "max_contexts", "max_per_range_ranges")),
 }
 #: the SUN_PATH size of struct sockaddr_un, with its terminating NUL
 _SUN_PATH = 108
 
 
 def _option(dest: str) -> str:
+    """The option that sets argparse destination ``dest``."""
     return "--" + next((limit.option for limit in cli_fields() if limit.name == dest),
                        dest.replace("_", "-"))
 
@@ -207,8 +211,10 @@ def build_config(args: argparse.Namespace) -> BackendConfig:
                           "resources (drop --no-blob)")
     if not 1 <= args.max_outputs <= limits.max_scanouts:
         raise ConfigError(f"--max-outputs must be 1..{limits.max_scanouts}")
+    userptr = protocol is not UserptrProtocol.OFF
     _refuse_unused_options(args, {"compute": args.compute, "blob": args.blob,
-                                  "userptr": protocol is not UserptrProtocol.OFF})
+                                  "userptr": userptr, "userptr_or_compute": userptr
+                                  or args.compute})
     capset_ids = {"userptr_capset_id": DEFAULT_USERPTR_CAPSET,
                   "compute_capset_id": DEFAULT_COMPUTE_CAPSET}
     for name in capset_ids:

@@ -389,7 +389,7 @@ class VirtioGpuDevice:
 def _no_compute_reason(host_gpu: HostGpu | None) -> str:
     """Why the host GPU gives the compute engine no page table to run on."""
     info = host_gpu.info() if host_gpu is not None else None
-    if info is not None and info.isolation == "context":
+    if info is not None and info.backend == "sim" and info.isolation == "context":
         return ("they run on one KFD process's simulated page table, and "
                 "--kfd-isolation context gives each context its own process")
     return "they run on the simulated GPU's page table (--gpu sim)"

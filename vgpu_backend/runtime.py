@@ -15,7 +15,7 @@ from vgpu_backend.device_state import UserptrProtocol
 from vgpu_backend.eventloop import EventLoop
 from vgpu_backend.guest_memory import GuestMemory
 from vgpu_backend.hostgpu.base import HostGpu, HostGpuError
-from vgpu_backend.vhost_session import PROTOCOL_FEATURES, VhostUserSession, offered_features
+from vgpu_backend.vhost_session import PROTOCOL_FEATURES, VhostUserSession, get_features_answer
 
 __all__ = ["Backend"]
 
@@ -66,7 +66,7 @@ class Backend:
         self._fds_with_gpu = open_fds()
         log.info("vgpu-backend %s: offering virtio features %#x, protocol features %#x; "
                  "userptr protocol %s; host GPU %s", __version__,
-                 offered_features(self.device), PROTOCOL_FEATURES,
+                 get_features_answer(self.device), PROTOCOL_FEATURES,
                  config.device.userptr_protocol.value, _describe(self.host_gpu))
 
     def listen(self, listener: socket.socket, owned_path: str | None = None) -> None:

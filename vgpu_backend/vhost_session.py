@@ -43,7 +43,7 @@ from vgpu_backend.eventloop import EventLoop
 from vgpu_backend.guest_memory import GuestMemory
 from vgpu_backend.virtqueue import Virtqueue
 
-__all__ = ["PROTOCOL_FEATURES", "SessionState", "VhostUserSession", "offered_features"]
+__all__ = ["PROTOCOL_FEATURES", "SessionState", "VhostUserSession", "get_features_answer"]
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ PROTOCOL_FEATURES = int(ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK
 NUM_QUEUES = 2
 
 
-def offered_features(device: VirtioGpuDevice) -> int:
+def get_features_answer(device: VirtioGpuDevice) -> int:
     """GET_FEATURES' answer: the device's virtio feature bits and vhost-user's
     PROTOCOL_FEATURES bit (30)."""
     return device.offered_features() | int(Feature.PROTOCOL_FEATURES)
@@ -223,7 +223,7 @@ class VhostUserSession:
     # --- features ------------------------------------------------------------------
 
     def _get_features(self, req: Request) -> bytes:
-        return self._conn.reply_u64(req, offered_features(self._device))
+        return self._conn.reply_u64(req, get_features_answer(self._device))
 
     def _set_features(self, req: Request) -> None:
         value = decode_u64(req)
@@ -235,7 +235,7 @@ class VhostUserSession:
         if not self._logged_features:
             self._logged_features = True
             log.info("negotiated virtio features %#x (offered %#x), protocol features %#x "
-                     "(offered %#x)", value, offered_features(self._device),
+                     "(offered %#x)", value, get_features_answer(self._device),
                      self.protocol_features, PROTOCOL_FEATURES)
 
     def _get_protocol_features(self, req: Request) -> bytes:

@@ -31,7 +31,7 @@ NO_KFD = pytest.mark.skipif(os.path.exists("/dev/kfd"), reason="this host has /d
     ({"gpu_ids": ()}, "gpu_ids is empty"),
     ({"gpu_ids": (0,)}, "node 0 is the CPU"),
     ({"gpu_ids": (5, 5)}, "twice"),
-    ({"isolation": "context", "userptr_path": "alias"}, "no userptr path applies"),
+    ({"isolation": "context", "userptr_path": "alias"}, "no host path applies"),
     ({"gpu": "kfd", "sim": SimKfdConfig(gpu_count=2)}, "sim options were given"),
     ({"gpu": "kfd", "sim_gpus": 3}, "sim options were given"),
     ({"sim_gpus": 0}, "gpu_count"),

@@ -213,6 +213,7 @@ def test_one_capset_may_take_the_other_ones_default_id(argv: list[str]) -> None:
     (["--userptr-protocol", "off"], ["--max-userptr-bytes", "1G"]),
     (["--userptr-protocol", "off"], ["--max-userptr-entries", "100"]),
     (["--userptr-protocol", "off"], ["--userptr-capset-id", "30"]),
+    (["--no-blob", "--no-compute"], ["--max-contexts", "8", "--max-per-range-ranges", "9"]),
 ])
 def test_options_of_a_feature_that_is_off_are_refused(feature_off: list[str],
                                                       options: list[str]) -> None:

@@ -223,6 +223,20 @@ def test_a_blob_on_two_scanouts_flushes_within_either_framebuffer() -> None:
         harness.close()
 
 
+def test_a_blob_re_laid_out_on_the_same_rectangle_flushes_within_the_new_layout(
+        blobs: DeviceHarness) -> None:
+    """SET_SCANOUT_BLOB again with the same rectangle but another framebuffer size (the
+    scanout is not re-announced): flushes are checked against the new size."""
+    create_blob(blobs, 1, 64 * 4, BACKING_BASE)
+    for width, height in [(16, 4), (8, 8)]:
+        blobs.ok(command(Cmd.SET_SCANOUT_BLOB, SetScanoutBlob(
+            0, 0, 4, 4, 0, 1, width, height, Format.B8G8R8X8_UNORM, 0, width * 4,
+            0, 0, 0, 0, 0, 0, 0)))
+    blobs.ok(command(Cmd.RESOURCE_FLUSH, ResourceFlush(0, 6, 2, 2, 1)))  # 8x8 only
+    assert code(blobs, command(Cmd.RESOURCE_FLUSH, ResourceFlush(10, 0, 2, 2, 1))) == \
+        "ERR_INVALID_PARAMETER"  # 16x4 only
+
+
 @pytest.mark.parametrize("first", ["2d", "blob"])
 def test_a_resource_replaced_by_a_blob_no_longer_reaches_the_scanout(
         blobs: DeviceHarness, first: str) -> None:

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from protocol.limits import DEFAULT_LIMITS
+from protocol.limits import DEFAULT_LIMITS, Limits
 from vgpu_backend.log_limit import MAX_RATE, RepeatLimiter
 
 
@@ -49,6 +49,13 @@ def test_a_burst_passes_then_lines_are_dropped(clock: Clock) -> None:
     """log_burst_seconds * rate lines at once pass, the rest do not."""
     limiter = RepeatLimiter(4, clock=clock)
     assert len(passed(limiter, 100)) == DEFAULT_LIMITS.log_burst_seconds * 4 == 20
+
+
+def test_a_burst_of_less_than_one_line_is_refused() -> None:
+    """It would drop every line for ever."""
+    with pytest.raises(ValueError, match="at least 1"):
+        Limits(log_rate=1, log_burst_seconds=0.5)
+    assert RepeatLimiter(1, burst_seconds=1.0, clock=lambda: 0.0).burst == 1
 
 
 def test_the_rate_refills_the_bucket_up_to_the_burst(clock: Clock) -> None:

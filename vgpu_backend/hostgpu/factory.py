@@ -79,7 +79,7 @@ class HostGpuOptions:
         if self.isolation == "context" and self.userptr_path != "auto":
             raise ValueError(f"userptr_path {self.userptr_path!r} with isolation 'context': "
                              "USERPTR is unavailable on secondary KFD processes, so no "
-                             "userptr path applies")
+                             "host path applies")
         if self.gpu == "kfd" and (self.sim != SimKfdConfig() or self.sim_faults):
             raise ValueError("sim options were given with gpu 'kfd'")
         for fault in self.sim_faults:
