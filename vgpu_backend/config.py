@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import errno as errno_module
 import os
+import platform
 import re
 import socket
 import stat
@@ -181,8 +182,16 @@ def _check_inherited_socket(fd: int) -> None:
         sock.detach()  # the fd stays open for the back-end
 
 
+#: hosts whose store order makes a used entry visible before its index (CPython has
+#: no store fence)
+_TSO_MACHINES = ("x86_64", "amd64")
+
+
 def build_config(args: argparse.Namespace) -> BackendConfig:
     """Validate parsed arguments into a :class:`BackendConfig`."""
+    if platform.machine().lower() not in _TSO_MACHINES:
+        raise ConfigError(f"this is a {platform.machine() or 'unknown'} host: vgpu-backend "
+                          "runs on x86-64 only (its virtqueues rely on x86's store order)")
     if (args.socket_path is None) == (args.fd is None):
         raise ConfigError("exactly one of --socket-path and --fd is required")
     if args.socket_path == "":

@@ -224,6 +224,17 @@ def test_options_of_a_feature_that_is_off_are_refused(feature_off: list[str],
     config_from("--socket-path", "s", *options)  # with the feature on, they are fine
 
 
+@pytest.mark.parametrize("machine", ["aarch64", "riscv64", "ppc64le", "i686", ""])
+def test_hosts_without_x86_store_order_are_refused(monkeypatch: pytest.MonkeyPatch,
+                                                   machine: str) -> None:
+    """A used entry must be visible before its index: CPython has no fence for it."""
+    monkeypatch.setattr("platform.machine", lambda: machine)
+    with pytest.raises(ConfigError, match="runs on x86-64 only"):
+        config_from("--socket-path", "s")
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    config_from("--socket-path", "s")
+
+
 def test_a_socket_path_longer_than_sun_path_is_refused() -> None:
     """108 bytes with the NUL (struct sockaddr_un); found before anything starts."""
     config_from("--socket-path", "/" + "s" * 106)
