@@ -10,6 +10,7 @@ import pytest
 from protocol.vhost_user import ProtocolFeature
 from protocol.virtio_gpu_codes import Resp
 from tests.frontend.gpu_commands import Rect
+from tests.frontend.guest_ram import QEMU_VA_BASE, RamRegion
 from tests.frontend.pixels import random_pixels
 from tests.integration.conftest import BackendSpec, SessionFactory
 
@@ -56,3 +57,19 @@ def test_changed_table_drops_backing_in_removed_region(open_session: SessionFact
     full = Rect(0, 0, 32, 32)
     s.gpu.transfer(low.resource_id, full).expect(Resp.OK_NODATA)
     s.gpu.transfer(high.resource_id, full).expect(Resp.ERR_UNSPEC)
+
+
+def test_a_table_that_remaps_the_rings_region_keeps_the_queues_serving(
+        open_session: SessionFactory, backend: BackendSpec) -> None:
+    """The region the rings live in is replaced (the same RAM, now cut in two): the
+    device maps its rings again from the new table and answers the next commands."""
+    ours_only(backend)
+    s = open_session(refuse_protocol=NO_MEM_SLOTS)
+    half = s.ram.size // 2
+    s.frontend.set_mem_table([RamRegion(0, half, 0, QEMU_VA_BASE),
+                              RamRegion(half, s.ram.size - half, half, QEMU_VA_BASE + half)],
+                             s.ram.fd)
+    image = s.gpu.create_image(32, 32)
+    image.write_pixels(s.ram, random_pixels(32, 32, 3))
+    s.gpu.transfer(image.resource_id, Rect(0, 0, 32, 32)).expect(Resp.OK_NODATA)
+    s.gpu.get_display_info().expect(Resp.OK_DISPLAY_INFO)

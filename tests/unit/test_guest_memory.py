@@ -273,6 +273,7 @@ def fd_is_open(fd: int) -> bool:
 
 @pytest.mark.parametrize("desc, reason", [
     (MemRegion(0x10800, PAGE, 0x9000_0000, 0), "overlaps"),
+    (MemRegion(0x0F800, 2 * PAGE, 0x9000_0000, 0), "overlaps"),  # starts below one
     (MemRegion(0x30000, 0, 0x9000_0000, 0), "size 0"),
     (MemRegion(TOP - PAGE, 2 * PAGE, 0x9000_0000, 0), "wraps"),
 ])

@@ -15,7 +15,7 @@ from protocol.errors import GuestProtocolError
 from protocol.limits import Limits
 from protocol.vhost_user import MemRegion
 from protocol.virtqueue import DescFlag, avail_ring_size, desc_table_size, used_ring_size
-from tests.unit.driver_ring import DriverRing, pop_one
+from tests.unit.driver_ring import DriverRing, assert_ring_fatal, pop_one
 from tests.unit.guest_ram import GuestRam
 from vgpu_backend.guest_memory import GuestMemory, MemoryRegion
 from vgpu_backend.virtqueue import DescriptorChain, Virtqueue
@@ -62,6 +62,59 @@ def test_buffer_split_over_adjacent_regions(flags: int) -> None:
         else:
             assert (len(chain.out), chain.out_len) == (2, 8)
             assert chain.read(8) == b"01234567"
+    finally:
+        ring.close()
+        ram.close()
+
+
+@pytest.mark.parametrize("flags", [0, WRITE], ids=["readable", "writable"])
+@pytest.mark.parametrize("past_end", [1, 4], ids=["one byte", "four bytes"])
+@pytest.mark.parametrize("beyond", ["the next region", "the end of RAM"])
+def test_a_buffer_leaving_the_cached_region_is_never_cut_short(
+        flags: int, past_end: int, beyond: str) -> None:
+    """A first buffer makes its region the cached one; the second starts in it and runs
+    on: into the adjacent region it is split (every byte present), past the end of RAM
+    it is an error (and a writable one makes the chain unwritable), never a view shorter
+    than the length counted."""
+    layout = [(0, 0x20000), (0x20000, 0x10000, 100)] if beyond == "the next region" \
+        else [(0, 0x20000)]
+    ram = GuestRam(layout)
+    ring = DriverRing(ram, NUM, 0x1000)
+    try:
+        queue = ring.queue()
+        ring.set_desc(0, DATA, 16, NEXT, 1)  # inside the first region: cached
+        ring.set_desc(1, 0x20000 - 8, 8 + past_end, flags)
+        ring.publish(0)
+        chain = pop_one(queue)
+        views = chain.inp if flags else chain.out
+        if beyond == "the next region":
+            assert chain.error is None and chain.writable_ok
+            assert sum(len(v) for v in chain.out) == chain.out_len
+            assert sum(len(v) for v in chain.inp) == chain.in_len == (8 + past_end if flags
+                                                                      else 0)
+            assert [len(v) for v in views[-2:]] == [8, past_end]
+        else:
+            assert chain.error is not None
+            assert chain.writable_ok is not bool(flags)
+            assert sum(len(v) for v in views) != 8 + past_end  # nothing of it was kept
+    finally:
+        ring.close()
+        ram.close()
+
+
+def test_an_indirect_table_one_byte_past_the_cached_region_is_ring_fatal() -> None:
+    """Its region is the cached one (a chain popped before lives there): the table
+    must still lie inside it, to the last byte."""
+    ram = GuestRam([(0, 0x20000)])
+    ring = DriverRing(ram, NUM, 0x1000)
+    try:
+        queue = ring.queue()
+        ring.set_desc(0, DATA, 16)
+        ring.publish(0)
+        pop_one(queue)
+        ring.set_desc(1, 0x20000 - 31, 32, INDIRECT)
+        ring.publish(1)
+        assert_ring_fatal(queue, "INDIRECT table")
     finally:
         ring.close()
         ram.close()
