@@ -48,14 +48,15 @@ class EngineScene:
         hostmem.unmap(self.base, self.pages * PAGE)
 
     def blob(self, pages: int, *, readonly: bool = False, mapped: bool = True,
-             host_pages: list[int] | None = None) -> Mapping:
+             host_pages: list[int] | None = None, guard: bool = True) -> Mapping:
         """A blob of ``pages`` arena pages (the next free ones, or ``host_pages``) in the
-        page table, and (``mapped``) in the context's mappings."""
+        page table, and (``mapped``) in the context's mappings; with ``guard`` an
+        unmapped gap follows it, else the next blob starts right after it."""
         if host_pages is None:
             host_pages, self.free = self.free[:pages], self.free[pages:]
         assert len(host_pages) == pages, "the arena is too small"
         handle, va, size = next(self._ids), self._next_va, pages * PAGE
-        self._next_va += size + GUARD
+        self._next_va += size + (GUARD if guard else 0)
         starts = self.base + np.array(host_pages, dtype=np.int64) * PAGE
         self.table.map(SimBo(handle=handle, gpu_id=GPU_ID, va=va, size=size, flags=0,
                              writable=not readonly, host_starts=starts,

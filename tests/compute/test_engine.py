@@ -221,6 +221,27 @@ def test_an_empty_buffer_must_start_inside_a_mapping(scene: EngineScene) -> None
     assert (outcome.status, outcome.fault_address) == (Status.FAULT, end)
 
 
+@pytest.mark.parametrize("side", ["below", "above"])
+def test_a_buffer_one_byte_outside_the_context_faults_next_to_another_resource(
+        scene: EngineScene, side: str) -> None:
+    """The GPU VM maps another resource right next to the context's blob (no gap), but
+    the context never mapped it: a byte-aligned buffer reaching one byte into it faults,
+    and nothing of the neighbour is read (context isolation, to the byte)."""
+    if side == "below":
+        scene.blob(1, mapped=False, guard=False)
+        blob = scene.blob(1)
+        va = blob.gpu_va - 1
+    else:
+        blob = scene.blob(1, guard=False)
+        scene.blob(1, mapped=False)
+        va = blob.gpu_va + blob.size - 1
+    outcome = scene.run([dispatch(Kernel.CHECKSUM_CRC32, buffer_arg(va), u64_arg(2))])
+    assert outcome.status == Status.FAULT
+    inside = blob.gpu_va if side == "below" else va
+    outcome = scene.run([dispatch(Kernel.CHECKSUM_CRC32, buffer_arg(inside), u64_arg(1))])
+    assert outcome.status == Status.OK  # the blob's own byte at that edge is fine
+
+
 @pytest.mark.parametrize(("offset", "size", "status"), [
     (0, 4, Status.OK), (4, 12, Status.OK), (2, 8, Status.INVALID_ARGUMENT),
     (0, 6, Status.INVALID_ARGUMENT), (1, 3, Status.INVALID_ARGUMENT)])

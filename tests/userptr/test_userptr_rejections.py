@@ -142,6 +142,9 @@ CASES: dict[str, Case] = {
     "GUEST blob beyond --max-blob-bytes": Case(lambda vm: BlobRequest(
         pages(vm, 5), 5 * PAGE_SIZE, flags=0, blob_mem=BlobMem.GUEST, ctx_id=0),
         Resp.ERR_OUT_OF_MEMORY, args=("--max-blob-bytes", "16384")),
+    "GUEST blob one byte beyond --max-blob-bytes": Case(lambda vm: BlobRequest(
+        pages(vm, 5), 4 * PAGE_SIZE + 1, flags=0, blob_mem=BlobMem.GUEST, ctx_id=0),
+        Resp.ERR_OUT_OF_MEMORY, args=("--max-blob-bytes", "16384")),
     "GUEST blob beyond --max-blob-bytes, entries to come": Case(lambda vm: BlobRequest(
         [], 5 * PAGE_SIZE, flags=0, blob_mem=BlobMem.GUEST, ctx_id=0),
         Resp.ERR_OUT_OF_MEMORY, args=("--max-blob-bytes", "16384")),
