@@ -17,7 +17,7 @@ from vgpu_backend.hostgpu import hostmem
 from vgpu_backend.hostgpu import kfd_abi as abi
 from vgpu_backend.hostgpu.base import GpuFault, HostGpuError, HostRanges, UserptrPath
 from vgpu_backend.hostgpu.sim_config import SimKfdConfig
-from vgpu_backend.hostgpu.userptr_paths import _reserve_aligned, alias_refusal
+from vgpu_backend.hostgpu.userptr_paths import _reserve_aligned, alias_refusal, coalesce_host
 
 from .helpers import PAGE, GuestRam, MakeGpu, maps_lines, read_runs
 
@@ -35,6 +35,25 @@ EXPECTED = {"batch": UserptrPath.BATCH, "auto": UserptrPath.ALIAS,
 PAGES = [200, 17, 30, 31, 3, 99, 64, 5, 150, 42]
 TOP = 1 << 64
 COUNTS = [1, 2, 1, 3, 1, 1, 4, 1, 2, 1]
+
+
+@pytest.mark.parametrize(("ranges", "merged"), [
+    ([(0x10000, 0x2000), (0x12000, 0x1000)], [(0x10000, 0x3000)]),  # unequal sizes
+    ([(0x10000, 0x1000), (0x11000, 0x3000), (0x14000, 0x1000)], [(0x10000, 0x5000)]),
+    ([(0x10000, 0x2000), (0x11000, 0x1000)],  # overlapping: kept apart
+     [(0x10000, 0x2000), (0x11000, 0x1000)]),
+    ([(0x12000, 0x1000), (0x10000, 0x2000)],  # contiguous, but in the other order
+     [(0x12000, 0x1000), (0x10000, 0x2000)]),
+    ([(0x10000, 0x1000), (0x12000, 0x1000)], [(0x10000, 0x1000), (0x12000, 0x1000)]),
+])
+def test_coalesce_host_merges_exactly_the_ranges_that_continue_each_other(
+        ranges: list[tuple[int, int]], merged: list[tuple[int, int]]) -> None:
+    """A range joins the one before when it starts where that one ends, whatever their
+    sizes; overlapping or reordered ranges stay apart (a merge would map bytes the
+    guest never named, or reorder the buffer)."""
+    starts, sizes = coalesce_host(np.array([r[0] for r in ranges], np.int64),
+                                  np.array([r[1] for r in ranges], np.int64))
+    assert list(zip(starts.tolist(), sizes.tolist(), strict=True)) == merged
 
 
 @pytest.mark.parametrize("gpus", [1, 2])

@@ -113,6 +113,26 @@ def test_cursor_flood_is_held_as_its_latest_state(
     assert peer.received.index(updates[0]) < peer.received.index(moves[0])
 
 
+def test_the_cursor_waits_while_the_held_damage_backs_the_socket_up_again() -> None:
+    """Three scanouts' damage is held with a cursor move; the first drain sends what
+    fits, finds the socket backed up again on the third scanout, and keeps the cursor
+    for the next drain: it never overtakes held damage."""
+    with display_behind(QUEUE_LIMIT, outputs=3) as (harness, peer, channel):
+        for scanout in range(3):
+            harness.ok(command(Cmd.SET_SCANOUT, SetScanout(0, 0, SIZE, SIZE, scanout, 1)))
+        caught_up(harness, peer, channel)
+        peer.pause()
+        harness.ok(command(Cmd.RESOURCE_FLUSH, ResourceFlush(0, 0, SIZE, SIZE, 1)))
+        assert channel.backlog > QUEUE_LIMIT  # scanout 0's update; 1 and 2 are held
+        harness.cursor_command(command(Cmd.MOVE_CURSOR, UpdateCursor(0, 5, 6, 0, 2, 0, 0)))
+        seen = len(peer.received)
+        caught_up(harness, peer, channel)
+        sent = [(DisplayReq(m.request), decode(VhostUserGpuUpdate, m.payload).scanout_id
+                 if m.request == DisplayReq.UPDATE else None) for m in peer.received[seen:]]
+        assert sent[-1] == (DisplayReq.CURSOR_POS, None)
+        assert {scanout for req, scanout in sent if req == DisplayReq.UPDATE} == {0, 1, 2}
+
+
 def test_scanout_churn_is_held_as_the_latest_size(
         slow: tuple[DeviceHarness, DisplayPeer, DisplayChannel]) -> None:
     harness, peer, channel = slow
