@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from vgpu_backend.eventloop import EventLoop
 
-__all__ = ["run_until"]
+__all__ = ["run_a_little", "run_until"]
 
 _POLL = 0.002
 
@@ -35,3 +35,9 @@ def run_until(loop: EventLoop, condition: Callable[[], bool], timeout: float = 2
     loop.call_later(0, check)
     loop.run()
     assert not timed_out, f"condition not met within {timeout}s"
+
+
+def run_a_little(loop: EventLoop) -> None:
+    """Dispatch a few milliseconds of events."""
+    checks = iter(range(3))
+    run_until(loop, lambda: next(checks, 3) >= 2)

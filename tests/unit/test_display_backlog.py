@@ -30,7 +30,7 @@ from protocol.virtio_gpu_codes import Cmd
 from protocol.wire import decode
 from tests.unit.device_harness import TWO_D_ONLY, DeviceHarness, command
 from tests.unit.display_peer import DisplayPeer
-from tests.unit.loop_runner import run_until
+from tests.unit.loop_runner import run_a_little, run_until
 from vgpu_backend.display import DisplayChannel, DisplayState
 from vgpu_backend.eventloop import EventLoop
 from vgpu_backend.scanout import ScanoutManager
@@ -401,17 +401,11 @@ def run_step(harness: DeviceHarness, peer: DisplayPeer, step: Step,
         limit = harness.limits.display_queue_bytes
         while channel.backlog > limit // 2:
             peer.read_once()
-            run_a_little(harness)
+            run_a_little(harness.loop)
     else:  # QEMU reads what the socket holds, a few times; the back-end refills it
         for _ in range(step[1]):
             peer.read_once()
-            run_a_little(harness)
-
-
-def run_a_little(harness: DeviceHarness) -> None:
-    """Dispatch a few milliseconds of events."""
-    checks = iter(range(3))
-    run_until(harness.loop, lambda: next(checks, 3) >= 2)
+            run_a_little(harness.loop)
 
 
 def cursor_state(messages: list[tuple[DisplayReq, tuple[int, ...]]]
@@ -451,7 +445,7 @@ def test_the_cursor_waits_for_the_first_sockets_negotiation() -> None:
         run_until(harness.loop, lambda: bool(peer.of(DisplayReq.GET_PROTOCOL_FEATURES)))
         harness.cursor_command(command(Cmd.UPDATE_CURSOR, UpdateCursor(0, 1, 2, 0, 2, 0, 0)))
         harness.cursor_command(command(Cmd.MOVE_CURSOR, UpdateCursor(0, 3, 4, 0, 2, 0, 0)))
-        run_a_little(harness)
+        run_a_little(harness.loop)
         peer.answer_features(0)
         run_until(harness.loop, lambda: bool(peer.of(DisplayReq.CURSOR_POS)))
         harness.cursor_command(command(Cmd.MOVE_CURSOR, UpdateCursor(0, 5, 6, 0, 2, 0, 0)))
@@ -479,7 +473,7 @@ def test_the_cursor_waits_for_a_new_sockets_negotiation(
     run_until(harness.loop, lambda: bool(peer.of(DisplayReq.GET_PROTOCOL_FEATURES)))
     harness.cursor_command(command(Cmd.MOVE_CURSOR, UpdateCursor(0, 1, 2, 0, 2, 0, 0)))
     harness.cursor_command(command(Cmd.MOVE_CURSOR, UpdateCursor(0, 3, 4, 0, 2, 0, 0)))
-    run_a_little(harness)
+    run_a_little(harness.loop)
     assert [DisplayReq(m.request) for m in peer.received] == \
         [DisplayReq.GET_PROTOCOL_FEATURES]
     peer.answer_features(0)

@@ -26,7 +26,7 @@ from protocol.display import (
 from protocol.limits import Limits
 from protocol.wire import decode, encode, layout
 from tests.unit.display_peer import DisplayPeer
-from tests.unit.loop_runner import run_until
+from tests.unit.loop_runner import run_a_little, run_until
 from vgpu_backend.display import DisplayChannel, DisplayState
 from vgpu_backend.eventloop import EventLoop
 
@@ -245,6 +245,47 @@ def test_peer_hang_up_closes_once_and_fails_pending_requests(setup: Setup) -> No
     later: list[DisplayMessage | None] = []
     setup.channel.request(DisplayReq.GET_DISPLAY_INFO, b"", later.append)
     assert later == [None] and setup.closed == [setup.channel]
+
+
+def test_a_peer_that_hangs_up_while_negotiating_never_becomes_ready() -> None:
+    """The GET_PROTOCOL_FEATURES request fails with the close: the channel stays closed
+    (no SET_PROTOCOL_FEATURES, no on_ready), closed once, with nothing queued."""
+    s = make_setup(features=None)
+    try:
+        assert state_of(s.channel) is DisplayState.NEGOTIATING
+        s.peer.close()
+        run_until(s.loop, lambda: s.channel.closed)
+        assert state_of(s.channel) is DisplayState.CLOSED
+        assert s.ready == [] and s.closed == [s.channel]
+        assert s.channel.backlog == 0
+    finally:
+        s.channel.close()
+        s.loop.close()
+
+
+def test_close_forgets_what_was_queued(setup: Setup) -> None:
+    """Nothing queued survives the socket: the backlog is 0 at once."""
+    setup.peer.pause()
+    setup.channel.scanout(0, 512, 512)
+    setup.channel.update(0, 0, 0, np.zeros((512, 512), np.uint32))
+    assert setup.channel.backlog > 0
+    setup.channel.close()
+    assert setup.channel.backlog == 0
+
+
+@pytest.mark.parametrize(("width", "height"), [(0, 0), (8, 0), (0, 8)])
+def test_an_empty_size_disables_and_an_empty_update_is_not_sent(
+        setup: Setup, width: int, height: int) -> None:
+    """A SCANOUT with a zero side announces nothing (an UPDATE after it is dropped),
+    and an UPDATE with a zero side is not sent even to an announced scanout."""
+    setup.channel.scanout(0, width, height)
+    assert setup.channel.announced(0) is None
+    setup.channel.scanout(1, 8, 8)
+    setup.channel.update(1, 0, 0, np.zeros((height, width), np.uint32))
+    setup.channel.update(0, 0, 0, np.zeros((2, 2), np.uint32))
+    run_until(setup.loop, lambda: len(setup.peer.of(DisplayReq.SCANOUT)) == 2)
+    run_a_little(setup.loop)
+    assert setup.peer.of(DisplayReq.UPDATE) == []
 
 
 def test_large_updates_are_queued_and_drained_in_order() -> None:
