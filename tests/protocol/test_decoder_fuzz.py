@@ -112,6 +112,7 @@ def test_fds_stay_with_their_message_when_reading_bytes_wanted(
 @pytest.mark.parametrize("header, problem", [
     (_HEADER.pack(1, 0x0, 0), "version"),
     (_HEADER.pack(1, 0x2, 0), "version"),
+    (_HEADER.pack(1, 0x3, 0), "version"),  # version bits 3
     (_HEADER.pack(1, 0x5, 8), "REPLY"),
     (_HEADER.pack(1, 0x1, 4097), "exceeds"),
 ])

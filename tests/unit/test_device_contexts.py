@@ -5,6 +5,7 @@ a command answered while a job is held did not wait for it."""
 
 from __future__ import annotations
 
+import logging
 import struct
 import threading
 from collections.abc import Callable, Iterator
@@ -16,7 +17,14 @@ import pytest
 from protocol.capsets import DEFAULT_COMPUTE_CAPSET, DEFAULT_USERPTR_CAPSET
 from protocol.compute import encode_stream
 from protocol.limits import Limits
-from protocol.virtio_gpu import CtxCreate, CtxResource, ResourceCreate3d, Submit3d, TransferHost3d
+from protocol.virtio_gpu import (
+    CtxCreate,
+    CtxResource,
+    ResourceCreate3d,
+    ResourceUnref,
+    Submit3d,
+    TransferHost3d,
+)
 from protocol.virtio_gpu_codes import Cmd, CtrlFlag, Resp
 from tests.unit.device_harness import (
     BACKING_BASE,
@@ -224,6 +232,54 @@ def test_host_gpu_refusing_the_context(make_device: Callable[..., Driver]) -> No
 
 
 # --- SUBMIT_3D ----------------------------------------------------------------------------
+
+
+def test_a_submission_one_byte_over_the_limit_is_refused_unread(
+        make_device: Callable[..., Driver], caplog: pytest.LogCaptureFixture) -> None:
+    """--max-submit-bytes is what the compute capset publishes: one byte more is refused
+    by the size check (before the stream is read), exactly the limit runs."""
+    d = make_device(max_submit_bytes=len(EMPTY))
+    d.gate.release_all()
+    d.ok(ctx_create(1))
+    with caplog.at_level(logging.INFO, logger="vgpu_backend"):
+        assert Resp(d.wait(d.send(submit(1, EMPTY + bytes(1))))) == \
+            Resp.ERR_INVALID_PARAMETER
+    assert f"submission of {len(EMPTY) + 1} bytes (limit {len(EMPTY)})" in caplog.text
+    d.ok(submit(1))
+
+
+def test_destroying_a_context_closes_its_host_gpu_context(
+        make_device: Callable[..., Driver]) -> None:
+    """Every CTX_CREATE opens a host-GPU context (a KFD process with context isolation)
+    and its CTX_DESTROY closes it: none outlives its context."""
+    d = make_device()
+    gpu = d.h.device.state.host_gpu
+    assert gpu is not None
+    with mock.patch.object(gpu, "open_context", wraps=gpu.open_context) as opened, \
+            mock.patch.object(gpu, "close_context", wraps=gpu.close_context) as closed:
+        d.ok(ctx_create(1))
+        d.ok(ctx_create(2))
+        d.ok(command(Cmd.CTX_DESTROY, ctx_id=2))
+        assert [c.args for c in opened.call_args_list] == [(1,), (2,)]
+        assert [c.args for c in closed.call_args_list] == [(2,)]
+
+
+def test_an_unref_resource_leaves_the_contexts_it_was_attached_to(
+        make_device: Callable[..., Driver]) -> None:
+    """RESOURCE_UNREF takes the resource out of its contexts: a later resource with the
+    same id is not theirs (their destruction leaves it alone)."""
+    d = make_device()
+    d.ok(ctx_create(1))
+    create = command(Cmd.RESOURCE_CREATE_3D,
+                     ResourceCreate3d(9, 0, 64, 0, 4096, 1, 1, 1, 0, 0, 0), ctx_id=1)
+    d.ok(create)
+    d.ok(ctx_resource(Cmd.CTX_ATTACH_RESOURCE, 1, 9))
+    assert d.h.device.contexts.get(1).resources == {9}
+    d.ok(command(Cmd.RESOURCE_UNREF, ResourceUnref(9)))
+    assert d.h.device.contexts.get(1).resources == set()
+    d.h.create_2d(9, 4, 4)  # the id again, in no context
+    d.ok(command(Cmd.CTX_DESTROY, ctx_id=1))
+    assert d.h.device.state.resources.get(9).contexts == set()
 
 
 def test_ring_idx_without_info_ring_idx_is_ignored(make_device: Callable[..., Driver]) -> None:

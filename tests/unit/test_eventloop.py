@@ -481,6 +481,30 @@ def test_cancelled_timers_are_not_kept_until_due(loop: EventLoop) -> None:
     assert timer_handles() - before <= 2 * len(live) + eventloop._MIN_PURGE
 
 
+@pytest.mark.parametrize("live", [0, 1000])
+def test_purges_are_amortised(loop: EventLoop, monkeypatch: pytest.MonkeyPatch,
+                              live: int) -> None:
+    """With many live timers (or none), a purge comes only after the heap has doubled
+    (or reached the minimum): about log(n) purges for n timers set, not one per
+    call_later."""
+    purges = 0
+    real = loop._purge_cancelled
+
+    def counting() -> None:
+        nonlocal purges
+        purges += 1
+        real()
+    monkeypatch.setattr(loop, "_purge_cancelled", counting)
+    for _ in range(live):
+        loop.call_later(60, lambda: None)
+    purges = 0
+    for _ in range(4000):
+        loop.call_later(2.0, lambda: None).cancel()
+    # each purge leaves the live timers (at least the minimum before the next): the
+    # heap then grows by at least that many cancelled ones first
+    assert purges <= 4000 // max(live, eventloop._MIN_PURGE) + 1
+
+
 def test_live_timers_survive_purges_in_order(loop: EventLoop,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """Timers set among thousands of cancelled ones (purged several times meanwhile)
