@@ -20,6 +20,8 @@ from protocol.limits import Limits
 from protocol.virtio_gpu import (
     CtxCreate,
     CtxResource,
+    GetCapsetInfo,
+    ResourceCreate2d,
     ResourceCreate3d,
     ResourceUnref,
     Submit3d,
@@ -280,6 +282,23 @@ def test_an_unref_resource_leaves_the_contexts_it_was_attached_to(
     d.h.create_2d(9, 4, 4)  # the id again, in no context
     d.ok(command(Cmd.CTX_DESTROY, ctx_id=1))
     assert d.h.device.state.resources.get(9).contexts == set()
+
+
+def test_a_fenced_command_waiting_for_compute_work_does_not_hold_the_queue(
+        make_device: Callable[..., Driver]) -> None:
+    """A fenced RESOURCE_CREATE_2D behind running compute work on the global timeline:
+    its answer waits for that work, but later unfenced commands are answered now."""
+    d = make_device()
+    d.ok(ctx_create(1))
+    job = d.send(submit(1, fence_id=1))
+    fenced = d.send(command(Cmd.RESOURCE_CREATE_2D, ResourceCreate2d(5, 2, 4, 4),
+                            flags=CtrlFlag.FENCE, fence_id=2))
+    plain = d.send(command(Cmd.GET_CAPSET_INFO, GetCapsetInfo(0)))
+    assert d.answered(plain), "a fence's wait held the whole control queue"
+    assert not d.answered(job) and not d.answered(fenced)
+    d.gate.release_all()
+    assert Resp(d.wait(job)) == Resp.OK_NODATA
+    assert Resp(d.wait(fenced)) == Resp.OK_NODATA
 
 
 def test_ring_idx_without_info_ring_idx_is_ignored(make_device: Callable[..., Driver]) -> None:

@@ -143,6 +143,36 @@ def test_odd_display_modes_still_give_an_edid(mode: DisplayOne) -> None:
         harness.close()
 
 
+def test_a_held_command_is_answered_when_its_ring_was_disabled_meanwhile(
+        shown: DeviceHarness) -> None:
+    """SET_VRING_ENABLE 0 while GET_DISPLAY_INFO waits for QEMU, then GET_VRING_BASE
+    (quiesce): the answer still goes into the ring (it is mapped), not lost."""
+    peer_of(shown).answer_display_info = False
+    assert shown.submit(command(Cmd.GET_DISPLAY_INFO)) == []
+    shown.device.queues[0].enabled = False
+    shown.device.quiesce()
+    assert [Resp(r.type).name for r in shown.collect()] == ["OK_DISPLAY_INFO"]
+
+
+def test_the_control_queue_waits_for_the_display_negotiation() -> None:
+    """Commands kicked while the display socket negotiates run once it is ready (here:
+    the peer never answers GET_PROTOCOL_FEATURES, so after its timeout): QEMU sees
+    SET_PROTOCOL_FEATURES before any request of theirs."""
+    h = DeviceHarness(limits=Limits(max_hostmem=16 << 20, display_reply_timeout=0.2))
+    try:
+        ours, theirs = socket.socketpair()
+        h.peer = DisplayPeer(h.loop, theirs, features=None)
+        h.device.attach_display(ours.detach())
+        assert h.submit(command(Cmd.GET_DISPLAY_INFO)) == []  # held
+        run_until(h.loop, lambda: h.control.used_idx() == 1)
+        assert [Resp(r.type).name for r in h.collect()] == ["OK_DISPLAY_INFO"]
+        assert [DisplayReq(m.request) for m in h.peer.received][:3] == [
+            DisplayReq.GET_PROTOCOL_FEATURES, DisplayReq.SET_PROTOCOL_FEATURES,
+            DisplayReq.GET_DISPLAY_INFO]
+    finally:
+        h.close()
+
+
 def test_quiesce_answers_what_was_popped_and_leaves_the_rest_available() -> None:
     """GET_VRING_BASE while a command holds the queue (QEMU's display has not answered)
     and another waits behind it: the first is answered (fallback), the second is not

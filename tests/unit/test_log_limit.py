@@ -130,6 +130,23 @@ def test_report_comes_at_the_most_severe_level_dropped(
     assert "2 from device:10" in report.getMessage()
 
 
+def test_one_sites_report_keeps_its_most_severe_drop(
+        clock: Clock, caplog: pytest.LogCaptureFixture) -> None:
+    """A dropped ERROR then a dropped INFO from one line of code: reported as an error
+    (not at the level of the last drop)."""
+    limiter = RepeatLimiter(1, clock=clock)
+    passed(limiter, 5, line=10)  # the burst
+    for level in (logging.ERROR, logging.INFO):
+        rec = record(line=10)
+        rec.levelno = level
+        assert not limiter.filter(rec)
+    logger = logging.getLogger("test_log_limit")
+    with caplog.at_level(logging.INFO, logger="test_log_limit"):
+        limiter.report(logger)
+    [report] = caplog.records
+    assert report.levelno == logging.ERROR
+
+
 def test_a_clock_going_back_neither_adds_tokens_nor_fails(clock: Clock) -> None:
     """Time running backwards refills nothing; the refill counts from there on."""
     limiter = RepeatLimiter(2, clock=clock)
