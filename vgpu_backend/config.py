@@ -79,11 +79,6 @@ def _sim_fault(spec: str) -> dict[str, Any]:
     return fault
 
 
-#: the host-GPU options, and their argparse destinations (None or empty: not given)
-_HOST_GPU_OPTIONS = {"--gpu": "gpu", "--gpu-ids": "gpu_ids", "--kfd-isolation": "kfd_isolation",
-                     "--userptr-host-path": "userptr_host_path", "--sim-gpus": "sim_gpus",
-                     "--sim-kfd-minor": "sim_kfd_minor", "--sim-fault": "sim_fault",
-                     "--sim-pre-batch": "sim_pre_batch"}
 #: how HostGpuOptions and the simulator name what the options set
 _HOST_GPU_NAMES = {"sim gpu_count": "--sim-gpus", "sim kfd_minor": "--sim-kfd-minor",
                    "gpu_ids": "--gpu-ids", "userptr_path": "--userptr-host-path",
@@ -100,9 +95,11 @@ _FEATURE_OPTIONS = {
     "userptr": ("USERPTR is off (--userptr-protocol off, or --no-blob)", (
         "userptr_capset_id", "max_userptr_entries", "max_userptr_bytes")),
     "blob": ("blob resources are off (--no-blob)", ("max_blob_bytes",)),
-    # no context type, no host GPU
-    "userptr_or_compute": ("USERPTR and compute are off (no context type, no host GPU)", (
-        "max_contexts", "max_per_range_ranges")),
+    # the host-GPU options, and limits of the host GPU and of contexts
+    "userptr_or_compute": ("no host GPU is used and no context type exists (USERPTR is "
+                           "off and compute is off)", (
+        "gpu", "gpu_ids", "kfd_isolation", "userptr_host_path", "sim_gpus", "sim_kfd_minor",
+        "sim_fault", "sim_pre_batch", "max_contexts", "max_per_range_ranges")),
 }
 #: the SUN_PATH size of struct sockaddr_un, with its terminating NUL
 _SUN_PATH = 108
@@ -118,7 +115,9 @@ def _refuse_unused_options(args: argparse.Namespace, on: dict[str, bool]) -> Non
     """An option that sets something of a feature that is off would do nothing: refuse
     it rather than let an operator believe it acts."""
     for feature, (why, dests) in _FEATURE_OPTIONS.items():
-        given = [_option(dest) for dest in dests if getattr(args, dest, None) is not None]
+        given = [_option(dest) for dest in dests
+                 if (value := getattr(args, dest)) is not None and value is not False
+                 and value != []]  # store_true and append options: False, []
         if given and not on[feature]:
             raise ConfigError(f"{', '.join(given)}: {why}, so "
                               f"{'it does' if len(given) == 1 else 'they do'} nothing")
@@ -244,13 +243,6 @@ def build_config(args: argparse.Namespace) -> BackendConfig:
         edid=args.edid, blob=args.blob, userptr_protocol=protocol,
         userptr_capset_id=capset_ids["userptr_capset_id"], compute=args.compute,
         compute_capset_id=capset_ids["compute_capset_id"])
-    if protocol is UserptrProtocol.OFF and not args.compute:
-        given = [option for option, dest in _HOST_GPU_OPTIONS.items()
-                 if (value := getattr(args, dest)) is not None and value is not False
-                 and value != []]
-        if given:
-            raise ConfigError(f"{', '.join(given)}: no host GPU is used (USERPTR is off "
-                              "and compute is off)")
     host_gpu = _host_gpu_options(args, limits.max_per_range_ranges)
     return BackendConfig(args.socket_path, args.fd, args.log_level, device, limits, host_gpu)
 
