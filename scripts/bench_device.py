@@ -174,12 +174,33 @@ def time_handlers(device: VirtioGpuDevice, batch: list[bytes], batches: int) -> 
     return seconds
 
 
+def prepare_loop(memory: GuestMemory) -> None:
+    """Set the rings up for a loop measurement: avail slot i holds head i (descriptor i
+    holds command i); the answers and the used ring are cleared (what the device wrote:
+    :func:`check_loop` must see the loop's own)."""
+    view = memory.regions[0].view
+    struct.pack_into(f"<{BATCH}H", view, AVAIL + 4, *range(BATCH))
+    for i in range(BATCH):
+        view[CMDS + 256 * i + 128:CMDS + 256 * i + 128 + CTRL_HDR_SIZE] = bytes(CTRL_HDR_SIZE)
+    view[USED:USED + 4 + 8 * BATCH] = bytes(4 + 8 * BATCH)
+
+
+def check_loop(memory: GuestMemory, name: str, images: dict[int, np.ndarray]) -> None:
+    """Exit unless the loop answered every command OK, dropped every image and pushed
+    every head in order with a header's length."""
+    view = memory.regions[0].view
+    answers = {struct.unpack_from("<I", view, CMDS + 256 * i + 128)[0] for i in range(BATCH)}
+    used = struct.unpack_from(f"<2H{2 * BATCH}I", view, USED)
+    if answers != {Resp.OK_NODATA} or images or used[1] != BATCH or \
+            used[2::2] != tuple(range(BATCH)) or set(used[3::2]) != {CTRL_HDR_SIZE}:
+        raise SystemExit(f"{name}: answers {answers}, used ring {used[:6]}...")
+
+
 def time_bare_loop(memory: GuestMemory, batches: int) -> float:
     """Median seconds for the least Python that does this batch's work on the same
     rings: read each head's INDIRECT pair and command, create or drop a 64x64 image in
     a dict, write the response and the used entry.  No checks of any kind."""
     view = memory.regions[0].view
-    ram = memory.regions[0].array
     # the project's wire structs; two descriptors in one call, as the device's fast path
     unpack_desc = layout(VirtqDesc).struct.unpack_from
     unpack_pair = struct.Struct("<QIHHQIHH").unpack_from
@@ -189,10 +210,7 @@ def time_bare_loop(memory: GuestMemory, batches: int) -> float:
     heads = struct.Struct(f"<{BATCH}H")
     images: dict[int, np.ndarray] = {}
     resp_ok, resp_bad = int(Resp.OK_NODATA), int(Resp.ERR_INVALID_RESOURCE_ID)
-    heads.pack_into(view, AVAIL + 4, *range(BATCH))  # descriptor i holds command i
-    for i in range(BATCH):  # what the device wrote: the check below must see ours
-        view[CMDS + 256 * i + 128:CMDS + 256 * i + 128 + CTRL_HDR_SIZE] = bytes(CTRL_HDR_SIZE)
-    view[USED:USED + 4 + 8 * BATCH] = bytes(4 + 8 * BATCH)
+    prepare_loop(memory)
 
     def batch() -> None:
         for used, head in enumerate(heads.unpack_from(view, AVAIL + 4)):
@@ -211,12 +229,7 @@ def time_bare_loop(memory: GuestMemory, batches: int) -> float:
         struct.pack_into("<H", view, USED + 2, BATCH)
 
     seconds = median_seconds(batch, batches)
-    answers = {int.from_bytes(bytes(ram[CMDS + 256 * i + 128:CMDS + 256 * i + 132]), "little")
-               for i in range(BATCH)}
-    used = struct.unpack_from(f"<2H{2 * BATCH}I", view, USED)
-    if answers != {resp_ok} or images or used[1] != BATCH or \
-            used[2::2] != tuple(range(BATCH)) or set(used[3::2]) != {CTRL_HDR_SIZE}:
-        raise SystemExit(f"bare loop: answers {answers}, used ring {used[:6]}...")
+    check_loop(memory, "bare loop", images)
     return seconds
 
 
@@ -240,10 +253,7 @@ def time_vectorised_loop(memory: GuestMemory, batches: int) -> float:
     create, resp_ok, resp_bad = int(Cmd.RESOURCE_CREATE_2D), Resp.OK_NODATA, \
         Resp.ERR_INVALID_RESOURCE_ID
     images: dict[int, np.ndarray] = {}
-    avail[2:2 + BATCH] = np.arange(BATCH)  # descriptor i holds command i
-    for i in range(BATCH):  # what earlier measurements wrote: the check must see ours
-        ram[CMDS + 256 * i + 128:CMDS + 256 * i + 128 + CTRL_HDR_SIZE] = 0
-    used[:] = 0
+    prepare_loop(memory)
     positions = np.arange(BATCH)
 
     def batch() -> None:
@@ -267,12 +277,7 @@ def time_vectorised_loop(memory: GuestMemory, batches: int) -> float:
         used_idx[0] = BATCH
 
     seconds = median_seconds(batch, batches)
-    answers = {int.from_bytes(bytes(ram[CMDS + 256 * i + 128:CMDS + 256 * i + 132]), "little")
-               for i in range(BATCH)}
-    ids, lengths = used_ring["id"][:BATCH].tolist(), used_ring["len"][:BATCH].tolist()
-    if answers != {resp_ok} or images or int(used_idx[0]) != BATCH or \
-            ids != list(range(BATCH)) or set(lengths) != {CTRL_HDR_SIZE}:
-        raise SystemExit(f"vectorised loop: answers {answers}, used ring {ids[:4]}...")
+    check_loop(memory, "vectorised loop", images)
     return seconds
 
 
