@@ -145,11 +145,14 @@ def create_blob(harness: DeviceHarness, resource_id: int, size: int, gpa: int) -
                        + mem_entries((gpa, size))))
 
 
-def scanout_blob(resource_id: int, offset: int = 0) -> bytes:
-    """SET_SCANOUT_BLOB of an 8x8 B8G8R8X8 framebuffer at ``offset``, whole, on scanout 0."""
+def scanout_blob(resource_id: int, offset: int = 0, *, scanout: int = 0,
+                 fb: tuple[int, int] = (8, 8), shown: tuple[int, int] | None = None) -> bytes:
+    """SET_SCANOUT_BLOB of a ``fb`` (width, height) B8G8R8X8 framebuffer at ``offset``,
+    rows not padded, on ``scanout``: its top-left ``shown`` pixels (default: whole)."""
+    (width, height), (shown_w, shown_h) = fb, shown or fb
     return command(Cmd.SET_SCANOUT_BLOB, SetScanoutBlob(
-        0, 0, 8, 8, 0, resource_id, 8, 8, Format.B8G8R8X8_UNORM, 0,
-        BLOB_STRIDE, 0, 0, 0, offset, 0, 0, 0))
+        0, 0, shown_w, shown_h, scanout, resource_id, width, height, Format.B8G8R8X8_UNORM,
+        0, width * 4, 0, 0, 0, offset, 0, 0, 0))
 
 
 def test_flush_of_a_blob_never_shown_is_refused(blobs: DeviceHarness) -> None:
@@ -187,10 +190,8 @@ def test_a_blob_on_two_scanouts_flushes_within_either_framebuffer() -> None:
         pixels = np.random.default_rng(3).integers(0, 256, (64, 4), dtype=np.uint8)
         harness.ram.write(BACKING_BASE, pixels.tobytes())
         create_blob(harness, 1, pixels.nbytes, BACKING_BASE)
-        for scanout, (width, height) in enumerate([(16, 4), (8, 8)]):
-            harness.ok(command(Cmd.SET_SCANOUT_BLOB, SetScanoutBlob(
-                0, 0, width, height, scanout, 1, width, height, Format.B8G8R8X8_UNORM, 0,
-                width * 4, 0, 0, 0, 0, 0, 0, 0)))
+        for scanout, fb in enumerate([(16, 4), (8, 8)]):
+            harness.ok(scanout_blob(1, scanout=scanout, fb=fb))
         run_until(harness.loop, lambda: len(peer.of(DisplayReq.UPDATE)) == 2)
         seen = len(peer.of(DisplayReq.UPDATE))
         # fits the 16x4 framebuffer of scanout 0 only (8x8 was set last)
@@ -228,10 +229,8 @@ def test_a_blob_re_laid_out_on_the_same_rectangle_flushes_within_the_new_layout(
     """SET_SCANOUT_BLOB again with the same rectangle but another framebuffer size (the
     scanout is not re-announced): flushes are checked against the new size."""
     create_blob(blobs, 1, 64 * 4, BACKING_BASE)
-    for width, height in [(16, 4), (8, 8)]:
-        blobs.ok(command(Cmd.SET_SCANOUT_BLOB, SetScanoutBlob(
-            0, 0, 4, 4, 0, 1, width, height, Format.B8G8R8X8_UNORM, 0, width * 4,
-            0, 0, 0, 0, 0, 0, 0)))
+    for fb in [(16, 4), (8, 8)]:
+        blobs.ok(scanout_blob(1, fb=fb, shown=(4, 4)))
     blobs.ok(command(Cmd.RESOURCE_FLUSH, ResourceFlush(0, 6, 2, 2, 1)))  # 8x8 only
     assert code(blobs, command(Cmd.RESOURCE_FLUSH, ResourceFlush(10, 0, 2, 2, 1))) == \
         "ERR_INVALID_PARAMETER"  # 16x4 only
