@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -177,12 +177,12 @@ class DeviceState:
     def __post_init__(self) -> None:
         self.num_scanouts = self.options.max_outputs
 
-    def after_compute(self, ctx_ids: Iterable[int],
+    def after_compute(self, ctx_ids: Collection[int],
                       action: Callable[[], Reply]) -> Reply | Deferred:
         """``action()`` now, or (holding the queue) once the compute work the contexts
         ``ctx_ids`` submitted so far is done: a resource or context is going away."""
         barrier = self.compute_barrier
-        wait = barrier(ctx_ids) if barrier is not None else None
+        wait = barrier(ctx_ids) if barrier is not None and ctx_ids else None
         return action() if wait is None else wait.then(action)
 
     def set_modes(self, modes: list[DisplayOne], info: bytes) -> None:
