@@ -13,7 +13,7 @@ so the simulator's own cost per command is a few microseconds.  Measured:
 * full-frame 1280x800 TRANSFER_TO_HOST_2D + RESOURCE_FLUSH per kick (frames/s, until
   the display peer has the last frame).
 
-    python3 scripts/bench_2d.py [--backends ours,reference] [--latency-iterations 2000]
+    python3 scripts/bench_2d.py [--backends ours,reference,floor] [--latency-iterations 2000]
         [--batches 200] [--attach-iterations 20] [--frames 120] [--flavour 10.x] [--json]
 """
 
@@ -46,6 +46,8 @@ from tests.frontend.gpu_commands import Rect
 from tests.frontend.session import Session, SessionConfig
 
 MiB = 1 << 20
+#: ``vgpu-backend`` with the throughput phase's batches answered by the no-checks loop
+FLOOR_BACKEND = Path(__file__).resolve().parent / "benchkit" / "floor_backend.py"
 SLOT = 512  # bytes per command slot in a batch arena: command, then response at +256
 WIDTH, HEIGHT = 1280, 800
 
@@ -290,6 +292,8 @@ def run_backend(name: str, command: Sequence[str], args: argparse.Namespace) -> 
         s.probe()
         s.driver_ok()
         for phase, bench, option in PHASES:
+            if name == "floor" and phase != "throughput":
+                continue
             try:
                 results.metrics.update(bench(s, int(getattr(args, option))))
             except Exception as exc:  # report and go on with the next phase
@@ -324,21 +328,23 @@ def print_table(all_results: list[Results]) -> None:
     by_name = {r.name: r for r in all_results}
     names = [r.name for r in all_results]
     header = f"{'metric':<40} {'unit':<9}" + "".join(f"{n:>14}" for n in names)
-    show_ratio = {"ours", "reference"} <= set(by_name)
-    print(header + (f"{'ours/ref':>10}" if show_ratio else ""))
-    print("-" * (len(header) + (10 if show_ratio else 0)))
+    ratios = [n for n in ("ours", "floor") if {n, "reference"} <= set(by_name)]
+    print(header + "".join(f"{n + '/ref':>10}" for n in ratios))
+    print("-" * (len(header) + 10 * len(ratios)))
     for key, label, unit, _higher_better in ROWS:
         cells = []
         for n in names:
             value = by_name[n].metrics.get(key)
             cells.append(f"{value:>14.1f}" if value is not None else f"{'n/a':>14}")
         line = f"{label:<40} {unit:<9}" + "".join(cells)
-        if show_ratio:
-            ours, ref = by_name["ours"].metrics.get(key), by_name["reference"].metrics.get(key)
-            line += f"{ours / ref:>10.2f}" if ours is not None and ref else f"{'n/a':>10}"
+        ref = by_name["reference"].metrics.get(key) if ratios else None
+        for n in ratios:
+            value = by_name[n].metrics.get(key)
+            line += f"{value / ref:>10.2f}" if value is not None and ref else f"{'':>10}"
         print(line)
     print("(latency includes the display-socket round trip to the simulated QEMU; "
-          "ours/ref > 1 means more time or more throughput for ours)")
+          "ours/ref > 1 means more time or more throughput for ours; floor: our process "
+          "with the batches answered by a loop with no checks, the throughput phase only)")
     for r in all_results:
         for err in r.errors:
             print(f"{r.name}: {err}", file=sys.stderr)
@@ -347,8 +353,9 @@ def print_table(all_results: list[Results]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse options, run the chosen back-ends, print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
-    parser.add_argument("--backends", default="ours,reference",
-                        help="comma-separated: ours, reference (default both)")
+    parser.add_argument("--backends", default="ours,reference,floor",
+                        help="comma-separated: ours, reference, floor (default all three; "
+                        "floor: the throughput phase only, see FLOOR_BACKEND)")
     parser.add_argument("--reference-binary", default=REFERENCE_BINARY)
     parser.add_argument("--flavour", default="10.x", choices=sorted(FLAVOURS))
     parser.add_argument("--latency-iterations", type=int, default=2000)
@@ -358,7 +365,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="also print JSON results")
     args = parser.parse_args(argv)
     commands = {"ours": list(OURS_COMMAND),
-                "reference": [args.reference_binary, "--socket-path", "{socket}"]}
+                "reference": [args.reference_binary, "--socket-path", "{socket}"],
+                "floor": [sys.executable, str(FLOOR_BACKEND), "--socket-path", "{socket}"]}
     wanted = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = set(wanted) - set(commands)
     if unknown:

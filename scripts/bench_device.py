@@ -33,6 +33,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchkit.floor_loop import Ring, serve_batch
+
 from protocol.vhost_user import MemRegion
 from protocol.virtio_gpu import CTRL_HDR_SIZE, CtrlHdr, ResourceCreate2d, ResourceUnref
 from protocol.virtio_gpu_codes import Cmd, Format, Resp
@@ -43,7 +45,7 @@ from vgpu_backend.config import BackendConfig, ConfigError, build_config
 from vgpu_backend.device import VirtioGpuDevice
 from vgpu_backend.eventloop import EventLoop
 from vgpu_backend.guest_memory import GuestMemory
-from vgpu_backend.runtime import open_host_gpu
+from vgpu_backend.runtime import freeze_startup_objects, open_host_gpu
 from vgpu_backend.virtqueue import DescriptorChain
 
 RAM = 64 << 20
@@ -102,6 +104,7 @@ def main() -> int:
             ResourceCreate2d(5000 + i, Format.B8G8R8X8_UNORM, 64, 64)))
         batch.append(encode(CtrlHdr(Cmd.RESOURCE_UNREF)) + encode(ResourceUnref(5000 + i)))
     memory, device, avail_idx, loop = build(batch, config)
+    freeze_startup_objects()  # as vgpu-backend does before it serves
     queue = device.queues[0]
     ram = memory.regions[0].array
 
@@ -235,48 +238,13 @@ def time_bare_loop(memory: GuestMemory, batches: int) -> float:
 
 def time_vectorised_loop(memory: GuestMemory, batches: int) -> float:
     """Median seconds for the bare loop's work with the ring side as whole-batch numpy
-    operations: heads, descriptors, INDIRECT pairs and command headers gathered at
-    once, the answers and used entries written at once; the images (``np.zeros`` and a
-    dict, as in the bare loop) are the only per-command Python.  No checks."""
+    operations (``benchkit.floor_loop``, also ``bench_2d.py``'s ``floor`` back-end):
+    the images are the only per-command Python.  No checks."""
     ram = memory.regions[0].array
-    desc_dtype, hdr_dtype = layout(VirtqDesc).dtype, layout(CtrlHdr).dtype
-    used_dtype = layout(VirtqUsedElem).dtype
-    avail = ram[AVAIL:AVAIL + 4 + 2 * QSIZE].view("<u2")
-    table = ram[DESC:DESC + 16 * QSIZE].view(desc_dtype)
-    indirect = ram.view(desc_dtype)  # the INDIRECT tables are 16-byte aligned
-    used = ram[USED:USED + 4 + 8 * QSIZE]
-    used_idx, used_ring = used[2:4].view("<u2"), used[4:].view(used_dtype)
-    hdr_bytes = np.arange(CTRL_HDR_SIZE, dtype=np.uint64)
-    # CREATE_2D's body; UNREF's starts with the resource id too (the rest is unused)
-    body_dtype = layout(ResourceCreate2d).dtype
-    body_at = CTRL_HDR_SIZE + np.arange(body_dtype.itemsize, dtype=np.uint64)
-    create, resp_ok, resp_bad = int(Cmd.RESOURCE_CREATE_2D), Resp.OK_NODATA, \
-        Resp.ERR_INVALID_RESOURCE_ID
+    ring = Ring.over(ram, QSIZE, DESC, AVAIL, USED)
     images: dict[int, np.ndarray] = {}
     prepare_loop(memory)
-    positions = np.arange(BATCH)
-
-    def batch() -> None:
-        heads = avail[2 + positions]
-        pairs = indirect[(table["addr"][heads] >> 4)[:, None] + np.array([0, 1], np.uint64)]
-        cmd_at, resp_at = pairs["addr"][:, 0], pairs["addr"][:, 1]
-        headers = ram[cmd_at[:, None] + hdr_bytes].view(hdr_dtype)[:, 0]
-        bodies = ram[cmd_at[:, None] + body_at].view(body_dtype)[:, 0]
-        resps = np.full(BATCH, resp_ok, dtype=np.uint32)
-        for i, (kind, (rid, _fmt, width, height)) in enumerate(zip(
-                headers["type"].tolist(), bodies.tolist(), strict=True)):
-            if kind == create:
-                images[rid] = np.zeros((height, width * 4), np.uint8)
-            elif images.pop(rid, None) is None:
-                resps[i] = resp_bad
-        answers = np.zeros(BATCH, hdr_dtype)
-        answers["type"] = resps
-        ram[resp_at[:, None] + hdr_bytes] = answers.view(np.uint8).reshape(BATCH, -1)
-        used_ring["id"][positions] = heads
-        used_ring["len"][positions] = CTRL_HDR_SIZE
-        used_idx[0] = BATCH
-
-    seconds = median_seconds(batch, batches)
+    seconds = median_seconds(lambda: serve_batch(ram, ring, 0, 0, BATCH, images), batches)
     check_loop(memory, "vectorised loop", images)
     return seconds
 

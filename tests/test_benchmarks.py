@@ -62,6 +62,16 @@ def test_bench_2d_reports_every_metric_without_errors() -> None:
         assert sorted(results["ours"]["metrics"]) == sorted(results["reference"]["metrics"])
 
 
+def test_bench_2d_floor_runs_the_throughput_phase_only() -> None:
+    """The floor back-end answers the 64-command batches itself (the script checks
+    every answer; the floor exits 1 when it answered none) and is measured on nothing
+    else."""
+    out = bench("bench_2d", "--backends", "floor", "--batches", "3", "--json")
+    metrics = json.loads(out[out.index("\n{") + 1:])["floor"]["metrics"]
+    assert sorted(metrics) == ["batch_us", "command_cpu_us", "commands_per_s", "exit_status"]
+    assert metrics["exit_status"] == 0  # 1 when it answered no batch itself
+
+
 def test_bench_compute_checks_results_and_times_every_path(tmp_path: Path) -> None:
     saved = tmp_path / "results.json"
     bench("bench_compute", "--sizes", "1", "--matmul-sizes", "64", "--guest-ram", "shmem",
