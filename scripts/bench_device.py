@@ -45,7 +45,7 @@ from vgpu_backend.config import BackendConfig, ConfigError, build_config
 from vgpu_backend.device import VirtioGpuDevice
 from vgpu_backend.eventloop import EventLoop
 from vgpu_backend.guest_memory import GuestMemory
-from vgpu_backend.runtime import freeze_startup_objects, open_host_gpu
+from vgpu_backend.runtime import open_host_gpu
 from vgpu_backend.virtqueue import DescriptorChain
 
 RAM = 64 << 20
@@ -104,7 +104,6 @@ def main() -> int:
             ResourceCreate2d(5000 + i, Format.B8G8R8X8_UNORM, 64, 64)))
         batch.append(encode(CtrlHdr(Cmd.RESOURCE_UNREF)) + encode(ResourceUnref(5000 + i)))
     memory, device, avail_idx, loop = build(batch, config)
-    freeze_startup_objects()  # as vgpu-backend does before it serves
     queue = device.queues[0]
     ram = memory.regions[0].array
 

@@ -23,7 +23,7 @@ from vgpu_backend.config import (
 from vgpu_backend.device_state import UserptrProtocol
 from vgpu_backend.eventloop import EventLoop
 from vgpu_backend.log_limit import RepeatLimiter
-from vgpu_backend.runtime import Backend, freeze_startup_objects
+from vgpu_backend.runtime import Backend
 
 __all__ = ["CAPABILITIES", "main", "parser"]
 
@@ -212,7 +212,6 @@ def run(config: BackendConfig) -> int:
         else:  # an inherited connected socket (libvirt)
             log.info("serving the connected socket --fd %d", config.fd)
             backend.serve(sock)
-        freeze_startup_objects()
         loop.run()
     finally:
         backend.close()

@@ -17,7 +17,7 @@ from vgpu_backend.guest_memory import GuestMemory
 from vgpu_backend.hostgpu.base import HostGpu, HostGpuError
 from vgpu_backend.vhost_session import PROTOCOL_FEATURES, VhostUserSession, get_features_answer
 
-__all__ = ["Backend", "freeze_startup_objects"]
+__all__ = ["Backend"]
 
 log = logging.getLogger("vgpu_backend")
 
@@ -31,15 +31,6 @@ def open_host_gpu(config: BackendConfig) -> HostGpu | None:
         return create_host_gpu(host_gpu_options(config.host_gpu))
     except (HostGpuError, ValueError) as err:
         raise host_gpu_error(err) from err
-
-
-def freeze_startup_objects() -> None:
-    """Collect start-up garbage, then move every object alive now (modules, codecs,
-    configuration: tens of thousands) out of the cyclic collector's sight, so its
-    periodic full passes no longer walk them while commands run (CPython's
-    ``gc.freeze``; what is created later is collected as before)."""
-    gc.collect()
-    gc.freeze()
 
 
 def open_fds() -> set[int]:

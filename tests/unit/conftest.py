@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import signal
 from collections.abc import Iterator
 
@@ -49,10 +48,8 @@ def ring(ram: GuestRam) -> Iterator[DriverRing]:
 
 @pytest.fixture
 def signals() -> Iterator[None]:
-    """Undo what run() does to the whole process: restore the SIGTERM and SIGINT
-    handlers it installs, and give the objects it froze back to the collector."""
+    """Restore the SIGTERM and SIGINT handlers run() installs."""
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     yield
     for signum, handler in handlers.items():
         signal.signal(signum, handler)
-    gc.unfreeze()

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import re
 import signal
 import socket
-import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,7 +17,7 @@ from vgpu_backend.cli import EXIT_LEAK, main, parser
 from vgpu_backend.config import BackendConfig, ConfigError, build_config, listening_socket
 from vgpu_backend.eventloop import EventLoop
 from vgpu_backend.guest_memory import GuestMemory
-from vgpu_backend.runtime import Backend, freeze_startup_objects, open_fds, open_host_gpu
+from vgpu_backend.runtime import Backend, open_fds, open_host_gpu
 
 NO_KFD = pytest.mark.skipif(os.path.exists("/dev/kfd"), reason="this host has /dev/kfd")
 
@@ -305,37 +303,3 @@ def test_sim_faults_from_the_command_line_reach_the_simulated_kernel(
     assert gpu is not None
     gpu.close()
     assert "will inject 1 fault(s): MAP_MEMORY_TO_GPU:EIO" in caplog.text
-
-
-class _Node:
-    """A garbage cycle's member."""
-
-    def __init__(self) -> None:
-        self.me = self
-
-
-def test_start_up_garbage_is_collected_and_the_rest_frozen() -> None:
-    """Garbage is collected first (frozen, it would stay forever); what is alive
-    leaves the collector's sight."""
-    dead, alive = _Node(), _Node()
-    gone = weakref.ref(dead)
-    del dead
-    try:
-        freeze_startup_objects()
-        assert gone() is None
-        assert gc.get_freeze_count() > 0
-        assert not any(obj is alive for obj in gc.get_objects())
-    finally:
-        gc.unfreeze()
-
-
-def test_run_freezes_the_start_up_objects_before_it_serves(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, signals: None) -> None:
-    frozen: list[int] = []
-
-    def run(loop: EventLoop) -> None:
-        frozen.append(gc.get_freeze_count())
-    gc.unfreeze()
-    monkeypatch.setattr(EventLoop, "run", run)
-    assert main(["--socket-path", str(tmp_path / "vgpu.sock"), "--gpu", "sim"]) == 0
-    assert frozen and frozen[0] > 0
