@@ -14,7 +14,7 @@ so the simulator's own cost per command is a few microseconds.  Measured:
   the display peer has the last frame).
 
     python3 scripts/bench_2d.py [--backends ours,reference,floor] [--latency-iterations 2000]
-        [--batches 200] [--attach-iterations 20] [--frames 120] [--flavour 10.x] [--json]
+        [--batches 2000] [--attach-iterations 20] [--frames 120] [--flavour 10.x] [--json]
 """
 
 from __future__ import annotations
@@ -359,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--reference-binary", default=REFERENCE_BINARY)
     parser.add_argument("--flavour", default="10.x", choices=sorted(FLAVOURS))
     parser.add_argument("--latency-iterations", type=int, default=2000)
-    parser.add_argument("--batches", type=int, default=200)
+    parser.add_argument("--batches", type=int, default=2000)
     parser.add_argument("--attach-iterations", type=int, default=20)
     parser.add_argument("--frames", type=int, default=120)
     parser.add_argument("--json", action="store_true", help="also print JSON results")
