@@ -11,6 +11,7 @@ from protocol.display import DisplayReq, VhostUserGpuScanout, decode_display_inf
 from protocol.limits import Limits
 from protocol.vhost_user import MemRegion
 from protocol.virtio_gpu import (
+    CtrlHdr,
     DisplayOne,
     ResourceCreate2d,
     ResourceUnref,
@@ -22,9 +23,14 @@ from protocol.wire import decode
 from tests.unit.device_harness import DeviceHarness, command, edid_of, peer_of
 from tests.unit.display_peer import DisplayPeer
 from tests.unit.loop_runner import run_until
+from vgpu_backend.device import CONTROL_QUEUE
+from vgpu_backend.device_state import Deferred, Reply
 from vgpu_backend.display import DisplayState
+from vgpu_backend.virtqueue import DescriptorChain
 
 DEFAULT_MODE = DisplayOne(0, 0, 1280, 800, 1, 0)
+#: a command type no virtio-gpu device serves, given a test handler
+_NEVER_ANSWERED = 0x0F00
 
 
 @pytest.fixture
@@ -282,3 +288,27 @@ def test_a_resource_lists_exactly_the_scanouts_showing_it(shown: DeviceHarness) 
     assert second.scanouts == set()
     run_until(shown.loop, lambda: len(peer.received) > sent)
     assert [m.request for m in peer.received[sent:]] == [DisplayReq.SCANOUT]  # from disabling
+
+
+def test_quiesce_answers_several_deferred_commands_in_submission_order(
+        dev: DeviceHarness) -> None:
+    """Commands in flight that do not hold the queue (a fenced SUBMIT_3D waits for its
+    job so) are all answered when the ring stops, each with its fallback, in the order
+    they came: the driver's fences complete in ring order."""
+    fallbacks = iter([Resp.ERR_OUT_OF_MEMORY, Resp.ERR_INVALID_SCANOUT_ID,
+                      Resp.ERR_INVALID_RESOURCE_ID])
+
+    def never_answered(hdr: CtrlHdr, data: bytes, chain: DescriptorChain) -> Deferred:
+        code = next(fallbacks)
+        return Deferred(pause=False, fallback=lambda: Reply(code))
+
+    dev.device._handlers[_NEVER_ANSWERED] = never_answered
+    for _ in range(3):
+        dev.stage(command(_NEVER_ANSWERED))
+    dev.device.process(CONTROL_QUEUE)
+    assert dev.collect() == []  # all three in flight, none holds the queue
+    dev.device.quiesce()
+    assert [(r.head, Resp(r.type).name) for r in dev.collect()] == [
+        (0, "ERR_OUT_OF_MEMORY"), (2, "ERR_INVALID_SCANOUT_ID"),
+        (4, "ERR_INVALID_RESOURCE_ID")]
+    assert dev.control.take_used() == []  # answered once only
