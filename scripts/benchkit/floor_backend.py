@@ -8,6 +8,8 @@ no checks and no device layers.  Everything else goes to the real device.  It se
 ``bench_2d.py``'s throughput phase only: what any Python back-end could reach end to
 end on this machine, wake-ups included.  Not for guests: it trusts the ring blindly.
 Exits 1 when it answered no batch itself (the measurement would be the device's).
+It finds the ring's arrays on every such kick (about 7 us, a few percent of a batch's
+CPU): views kept across kicks would keep guest memory mapped after QEMU removes it.
 
     python3 scripts/benchkit/floor_backend.py --socket-path PATH [vgpu-backend options]
 """
@@ -64,9 +66,9 @@ def _process(device: VirtioGpuDevice, index: int) -> None:
         queue.pending() == BATCH else None
     if found is not None:
         ram, ring = found
-        heads = ring.avail[2 + (queue.last_avail + np.arange(BATCH)) % queue.num]
+        heads = ring.heads(queue.last_avail, BATCH)
         if (ring.desc["flags"][heads] == _INDIRECT).all():
-            serve_batch(ram, ring, queue.last_avail, queue.used_idx, BATCH, _images)
+            serve_batch(ram, ring, heads, queue.used_idx, _images)
             queue.last_avail = (queue.last_avail + BATCH) & 0xFFFF
             queue.used_idx = (queue.used_idx + BATCH) & 0xFFFF
             if queue.event_idx:

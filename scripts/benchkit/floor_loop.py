@@ -51,6 +51,10 @@ class Ring:
     #: ``avail_event`` after it (one u16, read by a driver with EVENT_IDX)
     avail_event: npt.NDArray[np.uint16]
 
+    def heads(self, first_avail: int, count: int) -> npt.NDArray[np.uint16]:
+        """The ``count`` heads made available from ring index ``first_avail``."""
+        return self.avail[2 + (first_avail + np.arange(count)) % self.num]
+
     @classmethod
     def over(cls, ram: npt.NDArray[np.uint8], num: int, desc: int, avail: int,
              used: int) -> Ring:
@@ -63,12 +67,12 @@ class Ring:
                    ram[used + 4 + 8 * num:used + 6 + 8 * num].view("<u2"))
 
 
-def serve_batch(ram: npt.NDArray[np.uint8], ring: Ring, first_avail: int, first_used: int,
-                count: int, images: dict[int, npt.NDArray[np.uint8]]) -> None:
-    """Answer the ``count`` chains made available from ring index ``first_avail``,
-    using ring entries from ``first_used``; guest-physical addresses are byte offsets
-    of ``ram`` (its tables 16-byte aligned)."""
-    heads = ring.avail[2 + (first_avail + np.arange(count)) % ring.num]
+def serve_batch(ram: npt.NDArray[np.uint8], ring: Ring, heads: npt.NDArray[np.uint16],
+                first_used: int, images: dict[int, npt.NDArray[np.uint8]]) -> None:
+    """Answer the chains of ``heads`` (see :meth:`Ring.heads`), using used-ring entries
+    from ``first_used``; guest-physical addresses are byte offsets of ``ram`` (its
+    tables 16-byte aligned)."""
+    count = len(heads)
     pairs = ram.view(_DESC)[(ring.desc["addr"][heads] >> 4)[:, None] + _PAIR]
     cmd_at, resp_at = pairs["addr"][:, 0], pairs["addr"][:, 1]
     kinds = ram[cmd_at[:, None] + _HDR_BYTES].view(_HDR)[:, 0]["type"].tolist()
