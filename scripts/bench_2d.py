@@ -13,8 +13,14 @@ so the simulator's own cost per command is a few microseconds.  Measured:
 * full-frame 1280x800 TRANSFER_TO_HOST_2D + RESOURCE_FLUSH per kick (frames/s, until
   the display peer has the last frame).
 
-    python3 scripts/bench_2d.py [--backends ours,reference,floor] [--latency-iterations 2000]
-        [--batches 2000] [--attach-iterations 20] [--frames 120] [--flavour 10.x] [--json]
+Back-ends: ``ours`` (as QEMU starts it, with the defaults), ``polled`` (ours with
+``--poll-max-us``: the event loop busy-polls before it sleeps), ``reference``, and
+``floor`` and ``floor-polled`` (see ``FLOOR_BACKEND``; the throughput phase only).
+
+    python3 scripts/bench_2d.py [--backends ours,polled,reference,floor,floor-polled]
+        [--poll-max-us 500]
+        [--latency-iterations 2000] [--batches 2000] [--attach-iterations 20]
+        [--frames 120] [--flavour 10.x] [--json]
 """
 
 from __future__ import annotations
@@ -292,7 +298,7 @@ def run_backend(name: str, command: Sequence[str], args: argparse.Namespace) -> 
         s.probe()
         s.driver_ok()
         for phase, bench, option in PHASES:
-            if name == "floor" and phase != "throughput":
+            if name.startswith("floor") and phase != "throughput":
                 continue
             try:
                 results.metrics.update(bench(s, int(getattr(args, option))))
@@ -328,9 +334,11 @@ def print_table(all_results: list[Results]) -> None:
     by_name = {r.name: r for r in all_results}
     names = [r.name for r in all_results]
     header = f"{'metric':<40} {'unit':<9}" + "".join(f"{n:>14}" for n in names)
-    ratios = [n for n in ("ours", "floor") if {n, "reference"} <= set(by_name)]
-    print(header + "".join(f"{n + '/ref':>10}" for n in ratios))
-    print("-" * (len(header) + 10 * len(ratios)))
+    ratios = [n for n in names if n != "reference"] if "reference" in by_name else []
+    widths = {n: max(12, len(n) + 6) for n in ratios}
+    header += "".join(f"{n + '/ref':>{widths[n]}}" for n in ratios)
+    print(header)
+    print("-" * len(header))
     for key, label, unit, _higher_better in ROWS:
         cells = []
         for n in names:
@@ -340,11 +348,13 @@ def print_table(all_results: list[Results]) -> None:
         ref = by_name["reference"].metrics.get(key) if ratios else None
         for n in ratios:
             value = by_name[n].metrics.get(key)
-            line += f"{value / ref:>10.2f}" if value is not None and ref else f"{'':>10}"
+            width = widths[n]
+            line += f"{value / ref:>{width}.2f}" if value is not None and ref else " " * width
         print(line)
     print("(latency includes the display-socket round trip to the simulated QEMU; "
-          "ours/ref > 1 means more time or more throughput for ours; floor: our process "
-          "with the batches answered by a loop with no checks, the throughput phase only)")
+          "ours/ref > 1 means more time or more throughput for ours; polled: ours with "
+          "--poll-max-us; floor: our process with the batches answered by a loop with no "
+          "checks, the throughput phase only)")
     for r in all_results:
         for err in r.errors:
             print(f"{r.name}: {err}", file=sys.stderr)
@@ -353,9 +363,12 @@ def print_table(all_results: list[Results]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse options, run the chosen back-ends, print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
-    parser.add_argument("--backends", default="ours,reference,floor",
-                        help="comma-separated: ours, reference, floor (default all three; "
-                        "floor: the throughput phase only, see FLOOR_BACKEND)")
+    parser.add_argument("--backends", default="ours,polled,reference,floor,floor-polled",
+                        help="comma-separated: ours, polled, reference, floor, floor-polled "
+                        "(default all five; floor: the throughput phase only, see "
+                        "FLOOR_BACKEND)")
+    parser.add_argument("--poll-max-us", type=int, default=500,
+                        help="--poll-max-us of polled and floor-polled (default 500)")
     parser.add_argument("--reference-binary", default=REFERENCE_BINARY)
     parser.add_argument("--flavour", default="10.x", choices=sorted(FLAVOURS))
     parser.add_argument("--latency-iterations", type=int, default=2000)
@@ -365,8 +378,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="also print JSON results")
     args = parser.parse_args(argv)
     commands = {"ours": list(OURS_COMMAND),
+                "polled": [*OURS_COMMAND, "--poll-max-us", str(args.poll_max_us)],
                 "reference": [args.reference_binary, "--socket-path", "{socket}"],
                 "floor": [sys.executable, str(FLOOR_BACKEND), "--socket-path", "{socket}"]}
+    commands["floor-polled"] = [*commands["floor"], "--poll-max-us", str(args.poll_max_us)]
     wanted = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = set(wanted) - set(commands)
     if unknown:

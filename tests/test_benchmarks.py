@@ -50,7 +50,7 @@ def test_bench_hostgpu_runs_every_path() -> None:
 
 
 def test_bench_2d_reports_every_metric_without_errors() -> None:
-    backends = "ours,reference" if os.access(REFERENCE_BINARY, os.X_OK) else "ours"
+    backends = "ours,polled" + (",reference" if os.access(REFERENCE_BINARY, os.X_OK) else "")
     out = bench("bench_2d", "--backends", backends, "--latency-iterations", "10",
                 "--batches", "3", "--attach-iterations", "2", "--frames", "2", "--json")
     results = json.loads(out[out.index("\n{") + 1:])
@@ -58,16 +58,29 @@ def test_bench_2d_reports_every_metric_without_errors() -> None:
     for name, result in results.items():
         assert result["errors"] == [], f"{name}: {result['errors']}"
         assert result["metrics"], name
-    if "reference" in results:
-        assert sorted(results["ours"]["metrics"]) == sorted(results["reference"]["metrics"])
+    for name in results:
+        assert sorted(results[name]["metrics"]) == sorted(results["ours"]["metrics"])
 
 
-def test_bench_2d_floor_runs_the_throughput_phase_only() -> None:
+def test_bench_2d_ratios_are_printed_for_every_back_end_against_the_reference() -> None:
+    if not os.access(REFERENCE_BINARY, os.X_OK):
+        pytest.skip(f"the reference back-end {REFERENCE_BINARY} is not installed")
+    out = bench("bench_2d", "--backends", "ours,reference,floor-polled", "--poll-max-us",
+                "100", "--latency-iterations", "10", "--batches", "3",
+                "--attach-iterations", "2", "--frames", "2")
+    header = out.splitlines()[0].split()
+    assert header[-2:] == ["ours/ref", "floor-polled/ref"]
+    throughput = next(line for line in out.splitlines() if line.startswith("CREATE_2D"))
+    assert len(throughput.split()) == len(header) + 3  # a label of four words, every cell
+
+
+@pytest.mark.parametrize("floor", ["floor", "floor-polled"])
+def test_bench_2d_floor_runs_the_throughput_phase_only(floor: str) -> None:
     """The floor back-end answers the 64-command batches itself (the script checks
     every answer; the floor exits 1 when it answered none) and is measured on nothing
-    else."""
-    out = bench("bench_2d", "--backends", "floor", "--batches", "3", "--json")
-    metrics = json.loads(out[out.index("\n{") + 1:])["floor"]["metrics"]
+    else; busy-polling too."""
+    out = bench("bench_2d", "--backends", floor, "--batches", "3", "--json")
+    metrics = json.loads(out[out.index("\n{") + 1:])[floor]["metrics"]
     assert sorted(metrics) == ["batch_us", "command_cpu_us", "commands_per_s", "exit_status"]
     assert metrics["exit_status"] == 0  # 1 when it answered no batch itself
 

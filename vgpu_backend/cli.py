@@ -115,6 +115,12 @@ def parser() -> argparse.ArgumentParser:
     gpu.add_argument("--sim-pre-batch", action="store_true",
                      help="simulate a kernel without the batch-userptr series (the "
                           "alias/per-range fallbacks are used)")
+    perf = p.add_argument_group("performance")
+    perf.add_argument("--poll-max-us", type=int, default=0, metavar="US",
+                      help="busy-poll up to US microseconds for the next event before "
+                           "sleeping, adapted to the guest's pace as QEMU's poll-max-ns "
+                           "(lower latency for a busy guest, CPU time for it; 0, the "
+                           "default: never poll)")
     lim = p.add_argument_group("limits")
     for limit in cli_fields():
         lim.add_argument(f"--{limit.option}", dest=limit.name, type=_option_type(limit),
@@ -186,7 +192,7 @@ def run(config: BackendConfig) -> int:
     """Serve one front-end connection, then exit 0 (1: start-up failure; 70: something
     was still allocated at the end, see the log).  SIGTERM and SIGINT stop it cleanly
     from here on, also while the host GPU opens."""
-    loop = EventLoop()
+    loop = EventLoop(config.poll_max_us / 1e6)
     for signum in (signal.SIGTERM, signal.SIGINT):  # also before loop.run() starts
         signal.signal(signum, lambda *_: loop.shutdown())
     try:

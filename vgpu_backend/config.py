@@ -26,7 +26,10 @@ from protocol.capsets import (
 from protocol.limits import Limits, cli_fields
 from vgpu_backend.device_state import DeviceOptions, UserptrProtocol
 
-__all__ = ["BackendConfig", "ConfigError", "build_config", "host_gpu_error"]
+__all__ = ["MAX_POLL_US", "BackendConfig", "ConfigError", "build_config", "host_gpu_error"]
+
+#: the longest busy-poll an operator may ask for (1 s: past it, a CPU is simply taken)
+MAX_POLL_US = 1_000_000
 
 
 class ConfigError(Exception):
@@ -44,6 +47,8 @@ class BackendConfig:
     limits: Limits
     #: options for the host GPU layer (see ``vgpu_backend.hostgpu.factory``)
     host_gpu: dict[str, Any] = field(default_factory=dict)
+    #: the event loop's longest busy-poll before it sleeps, in microseconds (0: never)
+    poll_max_us: int = 0
 
 
 def _mode(text: str, max_dimension: int) -> tuple[int, int]:
@@ -244,7 +249,11 @@ def build_config(args: argparse.Namespace) -> BackendConfig:
         userptr_capset_id=capset_ids["userptr_capset_id"], compute=args.compute,
         compute_capset_id=capset_ids["compute_capset_id"])
     host_gpu = _host_gpu_options(args, limits.max_per_range_ranges)
-    return BackendConfig(args.socket_path, args.fd, args.log_level, device, limits, host_gpu)
+    if not 0 <= args.poll_max_us <= MAX_POLL_US:
+        raise ConfigError(f"--poll-max-us {args.poll_max_us}: must be 0..{MAX_POLL_US} "
+                          "(0: never poll)")
+    return BackendConfig(args.socket_path, args.fd, args.log_level, device, limits, host_gpu,
+                         args.poll_max_us)
 
 
 def with_limits(config: BackendConfig, **overrides: Any) -> BackendConfig:

@@ -3,6 +3,11 @@
 Everything the back-end does happens in callbacks of this loop: vhost-user requests,
 virtqueue kicks, display-socket traffic, timers, and completions that worker threads
 hand back with :meth:`EventLoop.call_soon_threadsafe`.
+
+With a polling limit (``--poll-max-us``) the loop busy-polls for a while before it
+sleeps, as QEMU's event loop does (``poll-max-ns``): an event that comes soon after
+the last one is seen without the sleep and wake-up of both processes.  The window
+adapts (:class:`PollWindow`), so an idle guest costs no CPU.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import contextlib
 import heapq
 import itertools
 import logging
+import math
 import os
 import select
 import threading
@@ -19,7 +25,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-__all__ = ["EventLoop", "TimerHandle"]
+__all__ = ["EventLoop", "PollWindow", "TimerHandle"]
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +36,7 @@ _MIN_PURGE = 64  # below this many timers, cancelled ones wait to reach the top
 #: the longest single poll: epoll takes at most 2^31-1 ms (~24.8 days), and an operator
 #: may give a timeout of years (--display-timeout 1e9)
 _MAX_SLEEP = 3600.0
+_POLL_GROW_START = 4e-6  # QEMU's first window when polling starts to pay (4 us)
 
 
 @dataclass(order=True, slots=True)
@@ -45,10 +52,44 @@ class TimerHandle:
         self.callback = None
 
 
-class EventLoop:
-    """Dispatch fd readiness, timers and thread-safe calls until :meth:`stop`."""
+class PollWindow:
+    """How long the loop busy-polls before it sleeps; adapted after every wait as
+    QEMU's ``adjust_polling_time`` does (util/aio-posix.c, default grow and shrink).
 
-    def __init__(self) -> None:
+    A wait that polling covered leaves the window as it is; one longer than the window
+    but within ``maximum`` doubles it (from 4 us, at most ``maximum``): polling a
+    little longer would have caught it; one longer than ``maximum`` drops it to 0:
+    polling would cost more than it saves.  ``maximum`` 0 never polls.
+    """
+
+    __slots__ = ("maximum", "window")
+
+    def __init__(self, maximum: float) -> None:
+        if not 0.0 <= maximum < math.inf:
+            raise ValueError(f"polling limit must be a finite number of seconds >= 0, not "
+                             f"{maximum!r}")
+        self.maximum = maximum
+        self.window = 0.0
+
+    def record(self, waited: float) -> None:
+        """Adapt to a wait of ``waited`` seconds (polling and sleeping) for an event."""
+        if waited <= self.window:
+            return
+        if waited > self.maximum:
+            self.window = 0.0
+        elif self.window < self.maximum:
+            self.window = min(self.maximum, 2 * self.window or _POLL_GROW_START)
+
+
+class EventLoop:
+    """Dispatch fd readiness, timers and thread-safe calls until :meth:`stop`.
+
+    :param poll_max: the longest busy-poll before each sleep, in seconds (0: never
+        poll; see :class:`PollWindow`).
+    """
+
+    def __init__(self, poll_max: float = 0.0) -> None:
+        self._poll = PollWindow(poll_max)
         self._epoll = select.epoll()
         self._registered: dict[int, int] = {}
         self._readers: dict[int, Callback] = {}
@@ -176,7 +217,7 @@ class EventLoop:
                 heapq.heappop(self._timers)
             if self._timers:  # a far-off timer is looked at again within the hour
                 timeout = min(_MAX_SLEEP, max(0.0, self._timers[0].when - time.monotonic()))
-            for fd, events in self._epoll.poll(timeout):
+            for fd, events in self._wait(timeout):
                 # errors and hang-ups are reported to the reader, which sees EOF or an error
                 if events & _READABLE and (reader := self._readers.get(fd)):
                     reader()
@@ -188,6 +229,24 @@ class EventLoop:
                 if handle.callback is not None:
                     callback, handle.callback = handle.callback, None
                     callback()
+
+    def _wait(self, timeout: float) -> list[tuple[int, int]]:
+        """The ready fds, after at most ``timeout`` s (-1: no limit); busy-polls for
+        the poll window first, then sleeps for what is left of ``timeout``."""
+        if self._poll.maximum <= 0.0 or timeout == 0.0:
+            return self._epoll.poll(timeout)
+        poll, start = self._epoll.poll, time.monotonic()
+        deadline = start + (self._poll.window if timeout < 0 else
+                            min(self._poll.window, timeout))
+        ready = poll(0) if self._poll.window > 0 else []
+        while not ready:
+            now = time.monotonic()
+            if now >= deadline:
+                ready = poll(timeout if timeout < 0 else max(0.0, start + timeout - now))
+                break
+            ready = poll(0)
+        self._poll.record(time.monotonic() - start)
+        return ready
 
     def close(self) -> None:
         """Release the selector and the wake-up eventfd."""

@@ -65,9 +65,11 @@ class Backend:
         self._owned: tuple[str, int, int] | None = None  # path, st_dev, st_ino
         self._fds_with_gpu = open_fds()
         log.info("vgpu-backend %s: offering virtio features %#x, protocol features %#x; "
-                 "userptr protocol %s; host GPU %s", __version__,
+                 "userptr protocol %s; host GPU %s; %s", __version__,
                  get_features_answer(self.device), PROTOCOL_FEATURES,
-                 config.device.userptr_protocol.value, _describe(self.host_gpu))
+                 config.device.userptr_protocol.value, _describe(self.host_gpu),
+                 f"busy-polls up to {config.poll_max_us} us" if config.poll_max_us
+                 else "no busy-polling")
 
     def listen(self, listener: socket.socket, owned_path: str | None = None) -> None:
         """Accept one connection on ``listener``, then stop listening.  ``owned_path``:

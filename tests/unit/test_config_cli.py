@@ -34,6 +34,7 @@ from vgpu_backend.config import (
     with_limits,
 )
 from vgpu_backend.device_state import UserptrProtocol
+from vgpu_backend.eventloop import EventLoop
 from vgpu_backend.log_limit import RepeatLimiter
 from vgpu_backend.runtime import Backend, open_host_gpu
 
@@ -64,6 +65,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert config.host_gpu == {"gpu": "auto", "gpu_ids": None, "isolation": "vm",
                                "userptr_path": "auto",
                                "max_per_range_ranges": DEFAULT_LIMITS.max_per_range_ranges}
+    assert config.poll_max_us == 0  # the loop never busy-polls unless asked to
 
 
 def test_fd_must_be_a_socket(connected_fd: int) -> None:
@@ -121,6 +123,9 @@ def test_fd_must_be_a_socket(connected_fd: int) -> None:
      r"^--max-userptr-bytes must fit the userptr capset's 64-bit max_bytes "
      r"\(at most 18446744073709551615\)$"),
     (["--socket-path", "s", "--display-timeout", "-1"], "^--display-timeout must be"),
+    (["--socket-path", "s", "--poll-max-us", "-1"],
+     r"^--poll-max-us -1: must be 0\.\.1000000 \(0: never poll\)$"),
+    (["--socket-path", "s", "--poll-max-us", "1000001"], "^--poll-max-us 1000001: must be"),
     (["--socket-path", "s", "--sim-gpus", "0"], "^--sim-gpus must be 1..64, not 0"),
     (["--socket-path", "s", "--sim-kfd-minor", "-1"], "^--sim-kfd-minor must be"),
     (["--socket-path", "s", "--sim-fault", "FOO:EINTR"],
@@ -256,6 +261,11 @@ def test_the_largest_default_mode() -> None:
     largest = DEFAULT_LIMITS.max_dimension
     assert config_from("--socket-path", "s", "--default-mode", f"{largest}x{largest}"
                        ).device.default_mode == (largest, largest)
+
+
+@pytest.mark.parametrize("value", [0, 1, 500, 1_000_000])
+def test_the_polling_limit_is_taken_as_given(value: int) -> None:
+    assert config_from("--socket-path", "s", "--poll-max-us", str(value)).poll_max_us == value
 
 
 def test_host_gpu_options_are_passed_on() -> None:
@@ -475,3 +485,21 @@ def test_a_failed_bind_closes_its_socket(tmp_path: Path) -> None:
             listening_socket(str(tmp_path / "no" / "vgpu.sock"))
         gc.collect()
     assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
+
+
+def test_the_event_loop_gets_the_polling_limit(monkeypatch: pytest.MonkeyPatch,
+                                               tmp_path: Path) -> None:
+    """``--poll-max-us`` reaches the loop (in seconds); the run then fails early on a
+    socket path in a missing directory."""
+    made: list[float] = []
+
+    class RecordingLoop(EventLoop):
+        def __init__(self, poll_max: float = 0.0) -> None:
+            made.append(poll_max)
+            super().__init__(poll_max)
+
+    monkeypatch.setattr(cli, "EventLoop", RecordingLoop)
+    path = str(tmp_path / "missing" / "s")
+    assert cli.run(config_from("--socket-path", path, "--poll-max-us", "250",
+                               "--gpu", "sim")) == 1
+    assert made == [pytest.approx(250e-6)]

@@ -69,6 +69,7 @@ def test_the_start_up_lines_say_what_is_served(
         features = backend.device.offered_features() | 1 << 30
         assert f"offering virtio features {features:#x}," in caplog.text
         assert host_gpu in caplog.text
+        assert "; no busy-polling" in caplog.text
         disabled = [r.getMessage() for r in caplog.records
                     if "compute contexts are disabled" in r.getMessage()]
         if compute_off_because is None:
