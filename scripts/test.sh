@@ -33,6 +33,9 @@ $PY scripts/vm.py console-check --backend ours --timeout 300 \
     --screenshot "${VGPU_RESULTS_DIR:-/tmp/vgpu-results}/console-ours.png"
 step "VM: guest suite on vgpu-backend (DRM path + userspace driver)"
 $PY scripts/vm.py test --backend ours --second-gpu --timeout 900
+step "VM: guest suite on vgpu-backend busy-polling (--poll-max-us 500)"
+$PY scripts/vm.py test --backend ours --backend-arg=--poll-max-us=500 --second-gpu \
+    --timeout 900
 step "VM: DRM suite behind vhost-user-vga (libvirt's device for a primary video), 2 heads"
 $PY scripts/vm.py test --backend ours --gpu-device vhost-user-vga --heads 2 \
     --no-second-gpu --timeout 600

@@ -60,6 +60,7 @@ back-ends (the device under test; each listens on --socket-path and exits when Q
   --backend reference   {REFERENCE_BACKEND} --socket-path {{socket}}
   --backend-cmd 'CMD'   any command line containing {{socket}}, e.g.
                         'python3 -m vgpu_backend --socket-path {{socket}} --log-level debug'
+  --backend-arg=ARG     one more argument for the preset, e.g. --backend-arg=--poll-max-us=500
 
 exit codes:
   0-5   the guest pytest's own
@@ -121,6 +122,9 @@ def _add_vm_options(parser: argparse.ArgumentParser, timeout: float = DEFAULT_TI
                     help="back-end preset (default: %(default)s)")
     vm.add_argument("--backend-cmd", metavar="TEMPLATE", type=_backend_template,
                     help="back-end command line with {socket}; overrides --backend")
+    vm.add_argument("--backend-arg", action="append", default=[], metavar="ARG",
+                    help="one more argument for the preset's command line (repeatable; "
+                         "write --backend-arg=--poll-max-us=500); not with --backend-cmd")
     vm.add_argument("--results-dir", type=Path,
                     help="where logs, screendumps and junit.xml go "
                          "(default: $VGPU_RESULTS_DIR/COMMAND-TIME)")
@@ -230,7 +234,7 @@ def _results_dir(args: argparse.Namespace) -> Path:
 
 def _options(args: argparse.Namespace, mode: str) -> SessionOptions:
     return SessionOptions(
-        mode=mode, backend=backend_spec(args.backend, args.backend_cmd),
+        mode=mode, backend=backend_spec(args.backend, args.backend_cmd, args.backend_arg),
         results_dir=_results_dir(args),
         second_gpu=getattr(args, "second_gpu", False) or args.command == "demo",
         guest_root=getattr(args, "guest_root", "host"), boot_timeout=args.boot_timeout,
@@ -251,6 +255,9 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if extra and args.command != "test":
         build_parser().error("only `test` takes extra pytest arguments after --")
+    if getattr(args, "backend_cmd", None) and args.backend_arg:
+        build_parser().error("--backend-arg goes with a preset; put the arguments in "
+                             "--backend-cmd instead")
     try:
         if args.command == "artifacts":
             started = time.monotonic()

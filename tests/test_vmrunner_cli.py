@@ -165,3 +165,23 @@ def test_test_sh_bounds_every_vm_step() -> None:
         assert "--timeout" in line.split(" -- ")[0] and "--backend" in line, line
         if " test " in line:  # each says whether the userspace-driver GPU is there
             assert "--second-gpu" in line or "--no-second-gpu" in line, line
+
+
+def test_backend_args_go_after_the_preset_and_keep_its_name() -> None:
+    spec = _options("test", "--backend-arg=--poll-max-us=500",
+                    "--backend-arg=--log-level=debug", "--heads", "2").backend
+    assert spec.name == "ours"
+    argv = spec.argv(Path("/s"), heads=2)
+    assert argv[-4:] == ["--poll-max-us=500", "--log-level=debug", "--max-outputs", "2"]
+    assert argv[:-4] == backend_spec("ours", None).argv(Path("/s"))
+
+
+def test_backend_args_do_not_go_with_a_backend_command(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        vm.main(["test", "--backend-cmd", "x --socket-path {socket}",
+                 "--backend-arg=--poll-max-us=1"])
+    assert info.value.code == 2
+    assert "--backend-arg goes with a preset" in capsys.readouterr().err
+    with pytest.raises(HarnessError, match="--backend-arg goes with a preset"):
+        backend_spec(None, "x --socket-path {socket}", ["--log-level=debug"])

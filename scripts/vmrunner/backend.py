@@ -10,6 +10,7 @@ import asyncio
 import shlex
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,10 +46,15 @@ class BackendSpec:
         return argv
 
 
-def backend_spec(preset: str | None, command: str | None) -> BackendSpec:
-    """The spec for --backend PRESET (default DEFAULT_PRESET) or --backend-cmd 'TEMPLATE'
-    (the latter wins)."""
+def backend_spec(preset: str | None, command: str | None,
+                 extra_args: Sequence[str] = ()) -> BackendSpec:
+    """The spec for --backend PRESET (default DEFAULT_PRESET) with ``extra_args``
+    (--backend-arg) after the preset's, or --backend-cmd 'TEMPLATE' (the latter wins;
+    it takes no extra arguments)."""
     if command is not None:
+        if extra_args:
+            raise HarnessError("--backend-arg goes with a preset; put the arguments in "
+                               f"--backend-cmd instead: {shlex.join(extra_args)}")
         template = tuple(shlex.split(command))
         if not any(SOCKET_PLACEHOLDER in arg for arg in template):
             raise HarnessError(f"--backend-cmd must contain {SOCKET_PLACEHOLDER}: {command!r}")
@@ -57,7 +63,7 @@ def backend_spec(preset: str | None, command: str | None) -> BackendSpec:
     if name not in PRESETS:
         raise HarnessError(f"unknown back-end {name!r} (choose from {', '.join(PRESETS)})")
     line, cwd = PRESETS[name]
-    return BackendSpec(name, tuple(shlex.split(line)), cwd)
+    return BackendSpec(name, (*shlex.split(line), *extra_args), cwd)
 
 
 def is_listening(socket: Path) -> bool:
