@@ -36,10 +36,16 @@ def test_a_wait_within_the_maximum_opens_the_window_and_doubles_it() -> None:
     assert seen == [4.0, 8.0, 16.0, 32.0, 50.0, 50.0]  # capped at the maximum
 
 
+def grown(maximum: float, waits: int) -> PollWindow:
+    """A window after ``waits`` waits just within ``maximum``."""
+    window = PollWindow(maximum)
+    for _ in range(waits):
+        window.record(0.9 * maximum)
+    return window
+
+
 def test_a_wait_the_window_covered_leaves_it_as_it_is() -> None:
-    window = PollWindow(100e-6)
-    for _ in range(3):
-        window.record(90e-6)
+    window = grown(100e-6, 3)
     assert window.window == pytest.approx(16e-6)
     window.record(10e-6)
     window.record(16e-6)
@@ -48,9 +54,7 @@ def test_a_wait_the_window_covered_leaves_it_as_it_is() -> None:
 
 def test_a_wait_beyond_the_maximum_closes_the_window() -> None:
     """Polling would have cost more than it saves: the next wait sleeps at once."""
-    window = PollWindow(100e-6)
-    for _ in range(8):
-        window.record(90e-6)
+    window = grown(100e-6, 8)
     assert window.window == pytest.approx(100e-6)
     window.record(101e-6)
     assert window.window == 0.0
