@@ -37,6 +37,7 @@ _MIN_PURGE = 64  # below this many timers, cancelled ones wait to reach the top
 #: may give a timeout of years (--display-timeout 1e9)
 _MAX_SLEEP = 3600.0
 _POLL_GROW_START = 4e-6  # QEMU's first window when polling starts to pay (4 us)
+_clock = time.monotonic  # the polling's clock (tests drive it)
 
 
 @dataclass(order=True, slots=True)
@@ -65,7 +66,7 @@ class PollWindow:
     __slots__ = ("maximum", "window")
 
     def __init__(self, maximum: float) -> None:
-        if not 0.0 <= maximum < math.inf:
+        if isinstance(maximum, bool) or not 0.0 <= maximum < math.inf:
             raise ValueError(f"polling limit must be a finite number of seconds >= 0, not "
                              f"{maximum!r}")
         self.maximum = maximum
@@ -90,6 +91,7 @@ class EventLoop:
 
     def __init__(self, poll_max: float = 0.0) -> None:
         self._poll = PollWindow(poll_max)
+        self._poll_holds: list[Callable[[], bool]] = []
         self._epoll = select.epoll()
         self._registered: dict[int, int] = {}
         self._readers: dict[int, Callback] = {}
@@ -233,20 +235,35 @@ class EventLoop:
     def _wait(self, timeout: float) -> list[tuple[int, int]]:
         """The ready fds, after at most ``timeout`` s (-1: no limit); busy-polls for
         the poll window first, then sleeps for what is left of ``timeout``."""
-        if self._poll.maximum <= 0.0 or timeout == 0.0:
+        if self._poll.maximum <= 0.0 or timeout == 0.0 or self.polling_held():
             return self._epoll.poll(timeout)
-        poll, start = self._epoll.poll, time.monotonic()
+        poll, start = self._epoll.poll, _clock()
         deadline = start + (self._poll.window if timeout < 0 else
                             min(self._poll.window, timeout))
         ready = poll(0) if self._poll.window > 0 else []
         while not ready:
-            now = time.monotonic()
+            now = _clock()
             if now >= deadline:
                 ready = poll(timeout if timeout < 0 else max(0.0, start + timeout - now))
                 break
             ready = poll(0)
-        self._poll.record(time.monotonic() - start)
+        self._poll.record(_clock() - start)
         return ready
+
+    def hold_polling_while(self, predicate: Callable[[], bool]) -> Callable[[], None]:
+        """Sleep at once, without busy-polling, whenever ``predicate()`` holds: worker
+        threads running Python need the GIL that polling keeps taking.  Returns the
+        call that drops the hold."""
+        self._poll_holds.append(predicate)
+
+        def release() -> None:
+            with contextlib.suppress(ValueError):  # dropped already
+                self._poll_holds.remove(predicate)
+        return release
+
+    def polling_held(self) -> bool:
+        """Whether a hold (:meth:`hold_polling_while`) keeps the loop from polling now."""
+        return any(held() for held in self._poll_holds)
 
     def close(self) -> None:
         """Release the selector and the wake-up eventfd."""

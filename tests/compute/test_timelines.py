@@ -383,6 +383,29 @@ def test_busy_and_queued(loop: _Loop, make: Callable[[int], Timelines]) -> None:
     assert timelines.queued(frozenset({1})) == 0
 
 
+def test_the_loop_does_not_busy_poll_while_a_job_executes(
+        loop: _Loop, make: Callable[[int], Timelines]) -> None:
+    """Polling would take the GIL from the job's Python: held from submission until
+    the job has ended, and no longer held once the timelines are closed."""
+    timelines = make(1)
+    rec = _Record()
+    assert not loop.polling_held()
+    job = _Job("a")
+    timelines.submit("k", job, rec.done("a"))
+    assert loop.polling_held()
+    assert job.started.wait(WAIT)
+    assert loop.polling_held()
+    job.release.set()
+    loop.pump(lambda: len(rec.events) == 1)
+    assert not loop.polling_held()
+    stuck = _Job("b")
+    timelines.submit("k", stuck, rec.done("b"))
+    assert loop.polling_held()
+    timelines.close()  # cancels b and waits for it
+    assert stuck.cancelled and not loop.polling_held()
+    assert loop._poll_holds == []  # the hold itself is gone with the timelines
+
+
 # --- blocking waits --------------------------------------------------------------------
 
 

@@ -8,16 +8,14 @@ import os
 import select
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
 from tests.unit.loop_runner import run_until
+from vgpu_backend import eventloop
 from vgpu_backend.eventloop import EventLoop, PollWindow
-
-MS = 1e-3
-
 
 # --- the window --------------------------------------------------------------------------
 
@@ -69,7 +67,7 @@ def test_a_maximum_of_zero_never_polls() -> None:
         assert window.window == 0.0
 
 
-@pytest.mark.parametrize("maximum", [-1e-6, math.inf, math.nan])
+@pytest.mark.parametrize("maximum", [-1e-6, math.inf, math.nan, True])
 def test_a_maximum_that_is_not_a_finite_duration_is_refused(maximum: float) -> None:
     with pytest.raises(ValueError, match="finite number of seconds >= 0"):
         PollWindow(maximum)
@@ -77,26 +75,143 @@ def test_a_maximum_that_is_not_a_finite_duration_is_refused(maximum: float) -> N
         EventLoop(maximum)
 
 
-# --- the loop ----------------------------------------------------------------------------
+# --- the loop's wait, on a scripted clock ---------------------------------------------
+
+US = 1e-6
+READY = [(7, select.EPOLLIN)]
 
 
-class RecordingEpoll:
-    """Wraps a loop's epoll object and records the timeout of every poll."""
+class ScriptedEpoll:
+    """The loop's epoll on a fake clock: a poll(0) takes 1 us; the one fd becomes
+    ready at ``ready_at`` (never when None); a blocking poll sleeps until then or until
+    its timeout.  Records every poll's timeout."""
 
-    def __init__(self, epoll: select.epoll) -> None:
-        self._epoll = epoll
+    def __init__(self, ready_at: float | None) -> None:
+        self.now = 0.0
+        self.ready_at = ready_at
         self.timeouts: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
 
     def poll(self, timeout: float = -1.0) -> list[tuple[int, int]]:
         self.timeouts.append(timeout)
-        return self._epoll.poll(timeout)
+        wake = math.inf if self.ready_at is None else max(self.now, self.ready_at)
+        if timeout == 0:
+            self.now += US
+        elif timeout < 0:
+            assert wake < math.inf, "slept for ever"
+            self.now = wake
+        else:
+            self.now = min(self.now + timeout, wake)
+        return READY if self.ready_at is not None and self.now >= self.ready_at else []
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._epoll, name)
+    def polls(self) -> int:
+        return sum(1 for t in self.timeouts if t == 0)
 
-    def sleeps(self) -> int:
-        """Polls that could block."""
-        return sum(1 for t in self.timeouts if t != 0)
+    def sleeps(self) -> list[float]:
+        return [t for t in self.timeouts if t != 0]
+
+
+@pytest.fixture
+def scripted(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., tuple[EventLoop,
+                                                                        ScriptedEpoll]]]:
+    """``scripted(maximum, window, ready_at)``: a loop whose waits run on the script."""
+    loops: list[tuple[EventLoop, select.epoll]] = []
+
+    def make(maximum: float, window: float, ready_at: float | None
+             ) -> tuple[EventLoop, ScriptedEpoll]:
+        loop = EventLoop(maximum)
+        loops.append((loop, loop._epoll))
+        loop._poll.window = window
+        epoll = ScriptedEpoll(ready_at)
+        monkeypatch.setattr(loop, "_epoll", epoll)
+        monkeypatch.setattr(eventloop, "_clock", epoll.clock)
+        return loop, epoll
+    yield make
+    for loop, real in loops:
+        loop._epoll = real
+        loop.close()
+
+
+def test_an_event_inside_the_window_is_caught_by_polling(scripted: Any) -> None:
+    loop, epoll = scripted(1000 * US, 100 * US, 30 * US)
+    assert loop._wait(-1.0) == READY
+    assert epoll.sleeps() == [] and 29 <= epoll.polls() <= 31
+    assert loop._poll.window == pytest.approx(100 * US)  # it covered the wait
+
+
+def test_past_the_window_the_loop_sleeps_and_the_sleep_counts(scripted: Any) -> None:
+    """Polling for 100 us, then a sleep until the event at 500 us: the window grows,
+    as the whole 500 us wait (not just its polling) was within the maximum."""
+    loop, epoll = scripted(1000 * US, 100 * US, 500 * US)
+    assert loop._wait(-1.0) == READY
+    assert epoll.sleeps() == [-1.0] and epoll.timeouts[-1] == -1.0
+    assert 99 <= epoll.polls() <= 101
+    assert loop._poll.window == pytest.approx(200 * US)
+
+
+def test_a_wait_longer_than_the_maximum_closes_the_window(scripted: Any) -> None:
+    loop, _ = scripted(1000 * US, 100 * US, 5000 * US)
+    assert loop._wait(-1.0) == READY
+    assert loop._poll.window == 0.0
+
+
+def test_a_closed_window_sleeps_at_once(scripted: Any) -> None:
+    loop, epoll = scripted(1000 * US, 0.0, 300 * US)
+    assert loop._wait(-1.0) == READY
+    assert epoll.timeouts == [-1.0]
+    assert loop._poll.window == pytest.approx(4 * US)  # 300 us was within the maximum
+
+
+def test_polling_stops_at_the_next_timer(scripted: Any) -> None:
+    """A timer due in 50 us, a window of 100 us: back to the timers after 50 us."""
+    loop, epoll = scripted(1000 * US, 100 * US, None)
+    assert loop._wait(50 * US) == []
+    assert 50 * US <= epoll.now <= 52 * US
+    assert all(0 <= t <= 1 * US for t in epoll.timeouts)
+
+
+def test_the_sleep_after_polling_is_what_is_left_of_the_timeout(scripted: Any) -> None:
+    loop, epoll = scripted(1000 * US, 100 * US, None)
+    assert loop._wait(1000 * US) == []
+    (sleep,) = epoll.sleeps()
+    assert sleep == pytest.approx(900 * US, abs=2 * US)
+    assert epoll.now == pytest.approx(1000 * US)
+
+
+def test_a_zero_timeout_only_looks(scripted: Any) -> None:
+    loop, epoll = scripted(1000 * US, 100 * US, None)
+    assert loop._wait(0.0) == []
+    assert epoll.timeouts == [0.0] and loop._poll.window == pytest.approx(100 * US)
+
+
+def test_no_polling_limit_only_sleeps(scripted: Any) -> None:
+    loop, epoll = scripted(0.0, 0.0, 30 * US)
+    assert loop._wait(-1.0) == READY
+    assert epoll.timeouts == [-1.0] and loop._poll.window == 0.0
+
+
+def test_a_hold_makes_the_loop_sleep_at_once_while_it_lasts(scripted: Any) -> None:
+    """E.g. compute jobs running Python on worker threads; the window is kept for
+    when the hold ends, and a released hold is forgotten."""
+    loop, epoll = scripted(1000 * US, 100 * US, 30 * US)
+    busy = [True]
+    release = loop.hold_polling_while(lambda: busy[0])
+    assert loop.polling_held()
+    assert loop._wait(-1.0) == READY
+    assert epoll.timeouts == [-1.0] and loop._poll.window == pytest.approx(100 * US)
+    busy[0] = False
+    assert not loop.polling_held()
+    epoll.ready_at = epoll.now + 30 * US
+    assert loop._wait(-1.0) == READY and epoll.sleeps() == [-1.0]  # polled this time
+    busy[0] = True
+    release()
+    release()  # twice is harmless
+    assert not loop.polling_held()
+
+
+# --- the real loop ------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -106,108 +221,25 @@ def event_fd() -> Iterator[int]:
     os.close(fd)
 
 
-def polling_loop(maximum: float, window: float, monkeypatch: pytest.MonkeyPatch
-                 ) -> tuple[EventLoop, RecordingEpoll]:
-    loop = EventLoop(maximum)
-    loop._poll.window = window
-    recording = RecordingEpoll(loop._epoll)
-    monkeypatch.setattr(loop, "_epoll", recording)
-    return loop, recording
-
-
-def test_an_event_within_the_window_is_taken_without_sleeping(
-        event_fd: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Written by another thread 20 ms into a 500 ms window: seen by polling alone."""
-    loop, epoll = polling_loop(1.0, 0.5, monkeypatch)
-    seen: list[float] = []
+def test_a_polling_loop_serves_events_timers_and_stops(event_fd: int) -> None:
+    """On real epoll and threads: an event from another thread and a timer are
+    dispatched while the window is open, and a stop from another thread ends run()."""
+    loop = EventLoop(0.5)
+    loop._poll.window = 0.5
+    seen: list[str] = []
     try:
         def readable() -> None:
             os.eventfd_read(event_fd)
-            seen.append(time.monotonic())
-            loop.stop()
+            seen.append("event")
         loop.add_reader(event_fd, readable)
-        writer = threading.Timer(20 * MS, os.eventfd_write, (event_fd, 1))
         start = time.monotonic()
-        writer.start()
-        loop.run()
-        writer.join()
-    finally:
-        loop.close()
-    assert len(seen) == 1 and seen[0] - start < 0.4
-    assert epoll.sleeps() == 0 and len(epoll.timeouts) > 1
-    assert loop._poll.window == 0.5  # the window covered the wait
-
-
-def test_without_a_polling_limit_the_loop_only_sleeps(
-        event_fd: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    loop, epoll = polling_loop(0.0, 0.0, monkeypatch)
-    try:
-        loop.add_reader(event_fd, loop.stop)
-        writer = threading.Timer(20 * MS, os.eventfd_write, (event_fd, 1))
-        writer.start()
-        loop.run()
-        writer.join()
-    finally:
-        loop.close()
-    assert epoll.timeouts == [-1.0]
-
-
-def test_an_idle_loop_polls_once_then_sleeps(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A 100 ms silence after a 1 ms window: one window of polling, then one sleep
-    until the stop; the window is closed for the next wait."""
-    loop, epoll = polling_loop(1 * MS, 1 * MS, monkeypatch)
-    stopper = threading.Timer(0.1, loop.stop)
-    try:
+        loop.call_later(0.03, lambda: seen.append("timer"))
+        threading.Timer(0.01, os.eventfd_write, (event_fd, 1)).start()
+        run_until(loop, lambda: len(seen) == 2, timeout=10.0)
+        assert sorted(seen) == ["event", "timer"] and time.monotonic() - start >= 0.03
+        stopper = threading.Timer(0.05, loop.stop)
         stopper.start()
         loop.run()
         stopper.join()
     finally:
         loop.close()
-    assert epoll.sleeps() == 1 and epoll.timeouts[-1] == -1.0
-    assert loop._poll.window == 0.0
-
-
-def test_a_timer_inside_the_window_fires_on_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The window never outlasts the next timer: polling stops at the timer's time."""
-    loop, epoll = polling_loop(1.0, 1.0, monkeypatch)
-    fired: list[float] = []
-    try:
-        start = time.monotonic()
-
-        def fire() -> None:
-            fired.append(time.monotonic() - start)
-            loop.stop()
-        loop.call_later(30 * MS, fire)
-        loop.run()
-    finally:
-        loop.close()
-    assert 30 * MS <= fired[0] < 0.5
-    assert epoll.sleeps() <= 1  # at most a last sleep of what was left after polling
-
-
-def test_events_close_together_open_the_window(event_fd: int,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """Events every 2 ms, limit 200 ms: the loop learns to poll for them, and catches
-    some of them without sleeping."""
-    loop, epoll = polling_loop(0.2, 0.0, monkeypatch)
-    count = [0]
-    stop_sending = threading.Event()
-
-    def send() -> None:
-        while not stop_sending.wait(2 * MS):
-            os.eventfd_write(event_fd, 1)
-
-    def readable() -> None:
-        os.eventfd_read(event_fd)
-        count[0] += 1
-
-    sender = threading.Thread(target=send)
-    try:
-        loop.add_reader(event_fd, readable)
-        sender.start()
-        run_until(loop, lambda: count[0] >= 30 and loop._poll.window > 0, timeout=10.0)
-    finally:
-        stop_sending.set()
-        sender.join()
-        loop.close()
-    assert 0 in epoll.timeouts

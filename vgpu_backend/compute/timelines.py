@@ -57,6 +57,8 @@ class Timelines:
         #: finished jobs whose completion the loop has not delivered yet
         self._done: list[tuple[Hashable, Callable[[Any], None], Any]] = []
         self._cancel = threading.Event()
+        #: a busy-polling loop would take the GIL from the jobs' Python parts
+        self._release_polling = loop.hold_polling_while(self.executing)
 
     # --- submission ----------------------------------------------------------------
 
@@ -71,6 +73,10 @@ class Timelines:
         if not line.running:
             self._start_next(key, line)
         return seq
+
+    def executing(self) -> bool:
+        """A job is executing on a worker (or waiting for one) now."""
+        return self._running > 0
 
     def queued(self, keys: frozenset[Hashable]) -> int:
         """Jobs submitted and not yet delivered on ``keys``."""
@@ -196,3 +202,4 @@ class Timelines:
         """Stop everything and the workers."""
         self.stop()
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._release_polling()
