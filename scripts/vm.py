@@ -255,9 +255,11 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if extra and args.command != "test":
         build_parser().error("only `test` takes extra pytest arguments after --")
-    if getattr(args, "backend_cmd", None) and args.backend_arg:
-        build_parser().error("--backend-arg goes with a preset; put the arguments in "
-                             "--backend-cmd instead")
+    if hasattr(args, "backend"):  # a bad combination is a usage error, as a bad value
+        try:
+            backend_spec(args.backend, args.backend_cmd, args.backend_arg)
+        except HarnessError as err:
+            build_parser().error(str(err))
     try:
         if args.command == "artifacts":
             started = time.monotonic()
