@@ -10,7 +10,7 @@ the disconnect and QEMU must not have seen a display-protocol violation.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -43,12 +43,14 @@ class BackendSpec:
         if not self.is_ours:
             pytest.skip(f"reference back-end: {reason}")
 
-    def start(self, *, fd_mode: bool = False, num_scanouts: int = 1) -> BackendProcess:
-        """Start the process (``--fd`` instead of ``--socket-path`` with ``fd_mode``).
+    def start(self, *, fd_mode: bool = False, num_scanouts: int = 1,
+              extra_args: Sequence[str] = ()) -> BackendProcess:
+        """Start the process (``--fd`` instead of ``--socket-path`` with ``fd_mode``;
+        ``extra_args`` after the command's own).
 
         Ours must be told QEMU's ``max_outputs``; the reference always allows 16.
         """
-        command = list(self.command)
+        command = [*self.command, *extra_args]
         if self.is_ours and num_scanouts != 1:
             command += ["--max-outputs", str(num_scanouts)]
         if fd_mode:
@@ -86,7 +88,8 @@ SessionFactory = Callable[..., Session]
 @pytest.fixture
 def open_session(request: pytest.FixtureRequest, backend: BackendSpec,
                  flavour: QemuFlavour) -> Iterator[SessionFactory]:
-    """Factory: ``open_session(start=True, fd_mode=False, **SessionConfig fields)``.
+    """Factory: ``open_session(start=True, fd_mode=False, backend_args=(), **SessionConfig
+    fields)`` (``backend_args``: more options for the back-end's command line).
 
     With ``start`` the session is realized, probed and at DRIVER_OK.  Against the
     reference with the 7.2 flavour the guest does not ack EDID: the 10.x reference exits
@@ -95,7 +98,8 @@ def open_session(request: pytest.FixtureRequest, backend: BackendSpec,
     sessions: list[Session] = []
     config_names = {f.name for f in fields(SessionConfig)}
 
-    def factory(*, start: bool = True, fd_mode: bool = False, **overrides: Any) -> Session:
+    def factory(*, start: bool = True, fd_mode: bool = False, backend_args: Sequence[str] = (),
+                **overrides: Any) -> Session:
         unknown = set(overrides) - config_names
         if unknown:
             raise TypeError(f"unknown SessionConfig fields {unknown}")
@@ -104,7 +108,8 @@ def open_session(request: pytest.FixtureRequest, backend: BackendSpec,
             overrides["drop_guest_features"] = (overrides.get("drop_guest_features", 0)
                                                 | Feature.EDID)
         process = backend.start(fd_mode=fd_mode,
-                                num_scanouts=int(overrides.get("num_scanouts", 1)))
+                                num_scanouts=int(overrides.get("num_scanouts", 1)),
+                                extra_args=backend_args)
         session = Session(process, SessionConfig(**overrides))
         sessions.append(session)
         if start:

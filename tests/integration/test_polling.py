@@ -3,33 +3,20 @@ serves exactly as it does without (answers, order, interrupts, display, clean ex
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from protocol.virtio_gpu_codes import Format, Resp
 from tests.frontend import gpu_commands as cmds
-from tests.frontend.backend_process import OURS_COMMAND, BackendProcess
 from tests.frontend.gpu_commands import Fence
-from tests.frontend.session import Session, SessionConfig, close_sessions
+from tests.frontend.session import Session
+from tests.integration.conftest import BackendSpec, SessionFactory
 
 
 @pytest.fixture
-def polled(request: pytest.FixtureRequest) -> Iterator[Session]:
+def polled(open_session: SessionFactory, backend: BackendSpec) -> Session:
     """A session with our back-end busy-polling up to 2 ms before each sleep."""
-    chosen = request.config.getoption("--backend") or ["ours"]
-    if "ours" not in chosen:
-        pytest.skip(f"--backend {' '.join(chosen)} excludes ours")
-    process = BackendProcess([*OURS_COMMAND, "--poll-max-us", "2000"], name="ours")
-    session = Session(process, SessionConfig(indirect=True))
-    session.realize()
-    session.probe()
-    session.driver_ok()
-    yield session
-    call_report = getattr(request.node, "report_call", None)
-    problems = close_sessions([session], passed=call_report is not None and
-                              call_report.passed)
-    assert not problems, problems
+    backend.require_ours("it has no --poll-max-us")
+    return open_session(backend_args=("--poll-max-us", "2000"), indirect=True)
 
 
 def test_the_start_up_line_says_it_polls(polled: Session) -> None:
