@@ -46,7 +46,6 @@ from vgpu_backend.device import VirtioGpuDevice
 from vgpu_backend.eventloop import EventLoop
 from vgpu_backend.guest_memory import GuestMemory
 from vgpu_backend.runtime import open_host_gpu
-from vgpu_backend.virtqueue import DescriptorChain
 
 RAM = 64 << 20
 QSIZE = 256
@@ -158,7 +157,6 @@ def time_handlers(device: VirtioGpuDevice, batch: list[bytes], batches: int) -> 
     """Median seconds for the device's own handlers to run ``batch`` (decoded header
     in hand, no ring): what the commands cost without the queue path."""
     table = device.commands_2d.handlers()
-    chain = DescriptorChain(0)
     work = []
     for command in batch:
         hdr = decode(CtrlHdr, command[:CTRL_HDR_SIZE])
@@ -166,10 +164,10 @@ def time_handlers(device: VirtioGpuDevice, batch: list[bytes], batches: int) -> 
 
     def run() -> None:
         for handler, hdr, command in work:
-            handler(hdr, command, chain)
+            handler(hdr, command)
 
     seconds = median_seconds(run, batches)
-    answers = {getattr(handler(hdr, command, chain), "resp", None)
+    answers = {getattr(handler(hdr, command), "resp", None)
                for handler, hdr, command in work}
     if answers != {Resp.OK_NODATA}:
         raise SystemExit(f"handlers: unexpected answers {answers}")

@@ -38,7 +38,16 @@ from protocol.virtio_gpu import (
 from protocol.virtio_gpu_codes import Cmd, Format, Resp
 from protocol.wire import encode, layout
 from vgpu_backend.backing import Backing, read_mem_entries
-from vgpu_backend.device_state import OK, Deferred, DeviceState, Handler, Reply, with_body
+from vgpu_backend.device_state import (
+    OK,
+    ChainHandler,
+    Deferred,
+    DeviceState,
+    Handler,
+    Reply,
+    with_body,
+    with_body_and_chain,
+)
 from vgpu_backend.display import DisplayState
 from vgpu_backend.resources import BlobResource, Image2D, Resource
 from vgpu_backend.scanout import image_source
@@ -78,7 +87,6 @@ class Commands2D:
             Cmd.GET_EDID: with_body(GetEdid, self.get_edid),
             Cmd.RESOURCE_CREATE_2D: with_body(ResourceCreate2d, self.resource_create_2d),
             Cmd.RESOURCE_UNREF: with_body(ResourceUnref, self.resource_unref),
-            Cmd.RESOURCE_ATTACH_BACKING: with_body(ResourceAttachBacking, self.attach_backing),
             Cmd.RESOURCE_DETACH_BACKING: with_body(ResourceDetachBacking, self.detach_backing),
             Cmd.TRANSFER_TO_HOST_2D: with_body(TransferToHost2d, self.transfer_to_host_2d),
             Cmd.SET_SCANOUT: with_body(SetScanout, self.set_scanout),
@@ -88,10 +96,14 @@ class Commands2D:
             Cmd.RESOURCE_ASSIGN_UUID: with_body(ResourceAssignUuid, self.assign_uuid),
         }
 
+    def chain_handlers(self) -> dict[int, ChainHandler]:
+        """Command type -> handler, for the commands with entries after their struct."""
+        return {Cmd.RESOURCE_ATTACH_BACKING: with_body_and_chain(ResourceAttachBacking,
+                                                                 self.attach_backing)}
+
     # --- display information ---------------------------------------------------------
 
-    def get_display_info(self, hdr: CtrlHdr, data: bytes,
-                         chain: DescriptorChain) -> Reply | Deferred:
+    def get_display_info(self, hdr: CtrlHdr, data: bytes) -> Reply | Deferred:
         """Ask QEMU over the display socket; fall back to the last known modes."""
         display = self.s.scanouts.display
         if display is None or display.state is DisplayState.CLOSED:
@@ -117,7 +129,7 @@ class Commands2D:
             self.s.set_modes(modes, encode_display_info(modes))
         return Reply(Resp.OK_DISPLAY_INFO, self.s.display_info_body)
 
-    def get_edid(self, hdr: CtrlHdr, body: GetEdid, chain: DescriptorChain) -> Reply:
+    def get_edid(self, hdr: CtrlHdr, body: GetEdid) -> Reply:
         """An EDID built from the scanout's current mode (never asks QEMU)."""
         if body.scanout >= self.s.num_scanouts:
             raise GuestProtocolError(f"GET_EDID for scanout {body.scanout}")
@@ -133,8 +145,7 @@ class Commands2D:
 
     # --- 2D resources ------------------------------------------------------------
 
-    def resource_create_2d(self, hdr: CtrlHdr, body: ResourceCreate2d,
-                           chain: DescriptorChain) -> Reply:
+    def resource_create_2d(self, hdr: CtrlHdr, body: ResourceCreate2d) -> Reply:
         """A host image of ``width`` x ``height`` in ``format``."""
         resources = self.s.resources
         resources.check_new_id(body.resource_id)
@@ -155,15 +166,16 @@ class Commands2D:
                               height=body.height, image=image))
         return OK
 
-    def resource_unref(self, hdr: CtrlHdr, body: ResourceUnref,
-                       chain: DescriptorChain) -> Reply | Deferred:
+    def resource_unref(self, hdr: CtrlHdr, body: ResourceUnref) -> Reply | Deferred:
         """Destroy a resource (blobs release their host GPU mapping first).  While compute
         work that may use it is in flight, the queue waits for that work first."""
         res = self.s.resources.get(body.resource_id)
-        return self.s.after_compute(res.contexts, lambda: self._unref_now(body.resource_id))
+        if not res.contexts:  # no compute work can use it
+            return self._unref_now(res)
+        return self.s.after_compute(res.contexts, lambda: self._unref_now(
+            self.s.resources.get(body.resource_id)))  # it may be gone by then
 
-    def _unref_now(self, resource_id: int) -> Reply:
-        res = self.s.resources.get(resource_id)
+    def _unref_now(self, res: Resource) -> Reply:
         for hook in self.s.release_hooks:
             hook(res)
         self.destroy(res)
@@ -171,7 +183,8 @@ class Commands2D:
 
     def destroy(self, res: Resource) -> None:
         """Tear a resource down completely (UNREF, reset, disconnect)."""
-        self.s.scanouts.forget_resource(res)
+        if res.scanouts:
+            self.s.scanouts.forget_resource(res)
         for hook in self.s.destroy_hooks:
             hook(res)
         res.backing = None
@@ -198,8 +211,7 @@ class Commands2D:
         res.backing = Backing(self.s.memory, segments)
         return OK
 
-    def detach_backing(self, hdr: CtrlHdr, body: ResourceDetachBacking,
-                       chain: DescriptorChain) -> Reply | Deferred:
+    def detach_backing(self, hdr: CtrlHdr, body: ResourceDetachBacking) -> Reply | Deferred:
         """Forget a resource's guest pages (no backing: nothing to do).  While compute
         work that may use them is in flight, the queue waits for that work first."""
         res = self.s.resources.get(body.resource_id)
@@ -214,8 +226,7 @@ class Commands2D:
         res.backing = None
         return OK
 
-    def transfer_to_host_2d(self, hdr: CtrlHdr, body: TransferToHost2d,
-                            chain: DescriptorChain) -> Reply:
+    def transfer_to_host_2d(self, hdr: CtrlHdr, body: TransferToHost2d) -> Reply:
         """Copy a rectangle from the linear guest backing into the host image."""
         res = self.s.resources.get_2d(body.resource_id)
         if res.backing is None:
@@ -235,7 +246,7 @@ class Commands2D:
 
     # --- scanouts ------------------------------------------------------------------
 
-    def set_scanout(self, hdr: CtrlHdr, body: SetScanout, chain: DescriptorChain) -> Reply:
+    def set_scanout(self, hdr: CtrlHdr, body: SetScanout) -> Reply:
         """Show a rectangle of a 2D resource on a scanout (resource 0 disables it)."""
         if body.scanout_id >= self.s.num_scanouts:
             raise GuestProtocolError(f"scanout {body.scanout_id}", Resp.ERR_INVALID_SCANOUT_ID)
@@ -250,8 +261,7 @@ class Commands2D:
                              image_source(res), (res.width, res.height))
         return OK
 
-    def resource_flush(self, hdr: CtrlHdr, body: ResourceFlush,
-                       chain: DescriptorChain) -> Reply:
+    def resource_flush(self, hdr: CtrlHdr, body: ResourceFlush) -> Reply:
         """Send the damaged rectangle to the scanouts showing the resource."""
         res = self.s.resources.get(body.resource_id)
         if isinstance(res, BlobResource) and res.invalidated:
@@ -274,8 +284,7 @@ class Commands2D:
 
     # --- capsets, uuids ------------------------------------------------------------
 
-    def get_capset_info(self, hdr: CtrlHdr, body: GetCapsetInfo,
-                        chain: DescriptorChain) -> Reply:
+    def get_capset_info(self, hdr: CtrlHdr, body: GetCapsetInfo) -> Reply:
         """Id, version and size of capset number ``capset_index``."""
         if body.capset_index >= len(self.s.capsets):
             raise GuestProtocolError(f"capset index {body.capset_index}")
@@ -283,15 +292,14 @@ class Commands2D:
         return Reply(Resp.OK_CAPSET_INFO,
                      encode(RespCapsetInfo(cap.capset_id, cap.version, len(cap.data))))
 
-    def get_capset(self, hdr: CtrlHdr, body: GetCapset, chain: DescriptorChain) -> Reply:
+    def get_capset(self, hdr: CtrlHdr, body: GetCapset) -> Reply:
         """The bytes of a capset (id and version must match one we publish)."""
         for cap in self.s.capsets:
             if cap.capset_id == body.capset_id and body.capset_version <= cap.version:
                 return Reply(Resp.OK_CAPSET, cap.current())
         raise GuestProtocolError(f"no capset {body.capset_id} v{body.capset_version}")
 
-    def assign_uuid(self, hdr: CtrlHdr, body: ResourceAssignUuid,
-                    chain: DescriptorChain) -> Reply:
+    def assign_uuid(self, hdr: CtrlHdr, body: ResourceAssignUuid) -> Reply:
         """A UUID naming the resource for cross-device sharing."""
         return Reply(Resp.OK_RESOURCE_UUID,
                      encode(RespResourceUuid(self.s.resources.assign_uuid(body.resource_id))))

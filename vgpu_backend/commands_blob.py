@@ -36,11 +36,13 @@ from vgpu_backend.contexts import ContextTable
 from vgpu_backend.device_state import (
     OK,
     Capset,
+    ChainHandler,
     DeviceState,
     Handler,
     Reply,
     UserptrProtocol,
     with_body,
+    with_body_and_chain,
 )
 from vgpu_backend.guest_memory import Segments
 from vgpu_backend.hostgpu.base import HostGpuError, UserptrPath
@@ -111,9 +113,13 @@ class BlobCommands:
     def handlers(self) -> dict[int, Handler]:
         """Command type -> handler."""
         return {
-            Cmd.RESOURCE_CREATE_BLOB: with_body(ResourceCreateBlob, self.create_blob),
             Cmd.SET_SCANOUT_BLOB: with_body(SetScanoutBlob, self.set_scanout_blob),
         }
+
+    def chain_handlers(self) -> dict[int, ChainHandler]:
+        """Command type -> handler, for the commands with entries after their struct."""
+        return {Cmd.RESOURCE_CREATE_BLOB: with_body_and_chain(ResourceCreateBlob,
+                                                              self.create_blob)}
 
     # --- RESOURCE_CREATE_BLOB --------------------------------------------------------
 
@@ -210,7 +216,8 @@ class BlobCommands:
         command is refused and the resource keeps its memory: the guest learns the pages
         are still in use and may retry; the mapping is unusable for any context
         meanwhile."""
-        self._release(res, strict=True)
+        if isinstance(res, BlobResource) and res.gpu_mapping is not None:
+            self._release(res, strict=True)
 
     def _release(self, res: Resource, *, strict: bool = False) -> None:
         """Before a resource is destroyed: no context may reach it any more, and its
@@ -241,8 +248,7 @@ class BlobCommands:
 
     # --- SET_SCANOUT_BLOB ----------------------------------------------------------
 
-    def set_scanout_blob(self, hdr: CtrlHdr, body: SetScanoutBlob,
-                         chain: DescriptorChain) -> Reply:
+    def set_scanout_blob(self, hdr: CtrlHdr, body: SetScanoutBlob) -> Reply:
         """Show a framebuffer that lives in a blob's guest memory."""
         if body.scanout_id >= self.s.num_scanouts:
             raise GuestProtocolError(f"scanout {body.scanout_id}", Resp.ERR_INVALID_SCANOUT_ID)

@@ -45,11 +45,13 @@ from vgpu_backend.contexts import Context, ContextTable
 from vgpu_backend.device_state import (
     OK,
     Capset,
+    ChainHandler,
     Deferred,
     DeviceState,
     Handler,
     Reply,
     with_body,
+    with_body_and_chain,
 )
 from vgpu_backend.hostgpu import hostmem
 from vgpu_backend.hostgpu.base import HostGpuError, HostRanges
@@ -126,11 +128,14 @@ class ComputeCommands:
     def handlers(self) -> dict[int, Handler]:
         """Command type -> handler."""
         return {
-            Cmd.SUBMIT_3D: with_body(Submit3d, self.submit_3d),
             Cmd.RESOURCE_CREATE_3D: with_body(ResourceCreate3d, self.create_3d),
             Cmd.TRANSFER_TO_HOST_3D: with_body(TransferHost3d, self.transfer_to_host),
             Cmd.TRANSFER_FROM_HOST_3D: with_body(TransferHost3d, self.transfer_from_host),
         }
+
+    def chain_handlers(self) -> dict[int, ChainHandler]:
+        """Command type -> handler, for SUBMIT_3D (its command stream follows)."""
+        return {Cmd.SUBMIT_3D: with_body_and_chain(Submit3d, self.submit_3d)}
 
     # --- context state -----------------------------------------------------------
 
@@ -287,7 +292,7 @@ class ComputeCommands:
 
     # --- host buffers (the copy path) ----------------------------------------------
 
-    def create_3d(self, hdr: CtrlHdr, body: ResourceCreate3d, chain: DescriptorChain) -> Reply:
+    def create_3d(self, hdr: CtrlHdr, body: ResourceCreate3d) -> Reply:
         """A host-owned buffer (target PIPE_BUFFER, width = bytes) mapped on the GPU."""
         self.s.resources.check_new_id(body.resource_id)
         if body.target != PIPE_BUFFER or body.height != 1 or body.depth != 1 or \
@@ -352,8 +357,7 @@ class ComputeCommands:
                                      f"{res.size}-byte buffer")
         return res, body.x, body.w
 
-    def transfer_to_host(self, hdr: CtrlHdr, body: TransferHost3d,
-                         chain: DescriptorChain) -> Reply | Deferred:
+    def transfer_to_host(self, hdr: CtrlHdr, body: TransferHost3d) -> Reply | Deferred:
         """Copy guest backing -> host buffer (after compute work that may use it)."""
         res, start, size = self._transfer_args(body)
 
@@ -364,8 +368,7 @@ class ComputeCommands:
             return OK
         return self.s.after_compute(res.contexts, now)
 
-    def transfer_from_host(self, hdr: CtrlHdr, body: TransferHost3d,
-                           chain: DescriptorChain) -> Reply | Deferred:
+    def transfer_from_host(self, hdr: CtrlHdr, body: TransferHost3d) -> Reply | Deferred:
         """Copy host buffer -> guest backing (after compute work that may write it)."""
         res, start, size = self._transfer_args(body)
 

@@ -23,7 +23,6 @@ from protocol.virtio_gpu_codes import Cmd, Resp
 from vgpu_backend.device_state import OK, Deferred, DeviceState, Handler, Reply, with_body
 from vgpu_backend.hostgpu.base import HostGpuError
 from vgpu_backend.resources import Resource
-from vgpu_backend.virtqueue import DescriptorChain
 
 __all__ = ["CONTEXT_INIT_CAPSET_MASK", "Context", "ContextTable"]
 
@@ -85,7 +84,7 @@ class ContextTable:
 
     # --- commands ------------------------------------------------------------------
 
-    def create(self, hdr: CtrlHdr, body: CtxCreate, chain: DescriptorChain) -> Reply:
+    def create(self, hdr: CtrlHdr, body: CtxCreate) -> Reply:
         """CTX_CREATE with ``hdr.ctx_id``."""
         ctx_id = hdr.ctx_id
         if ctx_id == 0 or ctx_id in self._by_id:
@@ -121,8 +120,7 @@ class ContextTable:
         log.info("context %d (%r) created, type capset %#x", ctx_id, name, capset_id)
         return OK
 
-    def destroy_command(self, hdr: CtrlHdr, data: bytes,
-                        chain: DescriptorChain) -> Reply | Deferred:
+    def destroy_command(self, hdr: CtrlHdr, data: bytes) -> Reply | Deferred:
         """CTX_DESTROY of ``hdr.ctx_id`` (after its in-flight compute work)."""
         self.get(hdr.ctx_id)
 
@@ -131,15 +129,14 @@ class ContextTable:
             return OK
         return self.s.after_compute((hdr.ctx_id,), now)
 
-    def attach(self, hdr: CtrlHdr, body: CtxResource, chain: DescriptorChain) -> Reply:
+    def attach(self, hdr: CtrlHdr, body: CtxResource) -> Reply:
         """Make a resource usable in a context (idempotent)."""
         ctx = self.get(hdr.ctx_id)
         res = self.s.resources.get(body.resource_id)
         self.link(ctx, res)
         return OK
 
-    def detach_command(self, hdr: CtrlHdr, body: CtxResource,
-                       chain: DescriptorChain) -> Reply | Deferred:
+    def detach_command(self, hdr: CtrlHdr, body: CtxResource) -> Reply | Deferred:
         """Remove a resource from a context (idempotent; after in-flight compute work)."""
         self.get(hdr.ctx_id)
         self.s.resources.get(body.resource_id)

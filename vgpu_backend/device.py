@@ -25,6 +25,7 @@ from vgpu_backend.commands_compute import ComputeCommands, compute_capset
 from vgpu_backend.compute.engine import Engine
 from vgpu_backend.contexts import ContextTable
 from vgpu_backend.device_state import (
+    ChainHandler,
     Deferred,
     DeviceOptions,
     DeviceState,
@@ -38,7 +39,7 @@ from vgpu_backend.guest_memory import GuestMemory, MemoryRegion
 from vgpu_backend.hostgpu.base import HostGpu
 from vgpu_backend.resources import ResourceTable
 from vgpu_backend.scanout import ScanoutManager
-from vgpu_backend.virtqueue import DescriptorChain, Virtqueue
+from vgpu_backend.virtqueue import ChainBatch, DescriptorChain, Virtqueue
 
 __all__ = ["CONTROL_QUEUE", "CURSOR_QUEUE", "VirtioGpuDevice"]
 
@@ -80,6 +81,7 @@ class VirtioGpuDevice:
             host_gpu=host_gpu)
         self.commands_2d = Commands2D(self.state)
         self._handlers: dict[int, Handler] = self.commands_2d.handlers()
+        self._chain_handlers: dict[int, ChainHandler] = self.commands_2d.chain_handlers()
         gpu_memory = host_gpu.gpu_memory() if host_gpu is not None else None
         if options.compute and gpu_memory is None:
             log.warning("compute contexts are disabled: %s",
@@ -91,12 +93,14 @@ class VirtioGpuDevice:
         if options.blob:
             self.blobs = BlobCommands(self.state, self.contexts)
             self._handlers.update(self.blobs.handlers())
+            self._chain_handlers.update(self.blobs.chain_handlers())
         self.compute: ComputeCommands | None = None
         if options.compute and gpu_memory is not None:
             self.compute = ComputeCommands(self.state, self.contexts, Engine(
                 gpu_memory, job_timeout=limits.compute_job_timeout,
                 max_staging=limits.max_compute_staging))
             self._handlers.update(self.compute.handlers())
+            self._chain_handlers.update(self.compute.chain_handlers())
             self.state.capsets.append(compute_capset(self.state))
         if options.userptr_protocol is not UserptrProtocol.OFF:
             self.state.capsets.append(userptr_capset(self.state))
@@ -107,6 +111,8 @@ class VirtioGpuDevice:
         self._again = [False, False]
         self._closing = False
         self._inflight: list[tuple[Deferred, Callable[[], Reply]]] = []
+        #: control-queue heads answered with a bare header, not pushed yet
+        self._answered: list[int] = []
         self._quiescing = False
         self._command_errors = 0
         memory.add_unmap_listener(self._region_unmapping)
@@ -208,15 +214,11 @@ class VirtioGpuDevice:
                 break
             if not chains:
                 break
-            for done, chain in enumerate(chains, 1):
-                if index == CURSOR_QUEUE:
-                    self._run_cursor(chain)
-                    queue.push(chain.head, 0)
-                elif self._run_control(queue, chain):
-                    held = True  # a Deferred holds the queue: the rest waits
-                if held or not queue.ready:
-                    queue.unpop(len(chains) - done)
-                    break
+            run = self._run_cursor_batch if index == CURSOR_QUEUE else self._run_controls
+            done, held = run(queue, chains)
+            if done < len(chains):  # held, or the ring stopped: the rest waits
+                queue.unpop(len(chains) - done)
+                break
         if queue.used_idx != used_before:
             queue.notify()
 
@@ -226,21 +228,69 @@ class VirtioGpuDevice:
         display = self.state.scanouts.display
         return display is None or display.state is not DisplayState.NEGOTIATING
 
-    def _run_control(self, queue: Virtqueue, chain: DescriptorChain) -> bool:
-        """Execute one control command; True if the queue must wait for it."""
-        out = chain.out
-        data = bytes(out[0][:_COMMAND_READ]) if len(out) == 1 else chain.read(_COMMAND_READ)
-        hdr = _new_hdr(CtrlHdr, _unpack_hdr(data)) if len(data) >= CTRL_HDR_SIZE \
-            else CtrlHdr(0)
-        result = self._execute(hdr, data, chain)
-        if hdr.flags & _FENCE:
-            result = self._after_earlier_work(hdr, result)
-        if isinstance(result, Reply):
-            self._respond(queue, chain, hdr, result)
-            return False
-        if result.reply is not None:
-            self._respond(queue, chain, hdr, result.reply)
-            return False
+    def _run_controls(self, queue: Virtqueue, chains: ChainBatch) -> tuple[int, bool]:
+        """Execute the commands of ``chains`` in order until one holds the queue or the
+        ring stops: (how many ran, whether the last one holds the queue).
+
+        A plain reply that fits one writable buffer (nearly every reply) is written
+        there at once, and its used entry joins :attr:`_answered`: pushed with the
+        others, before any other answer and at the end, so in ring order."""
+        handlers = self._handlers
+        for index, (head, data, slot, at, error) in enumerate(
+                chains.commands(_COMMAND_READ, CTRL_HDR_SIZE)):
+            hdr = _new_hdr(CtrlHdr, _unpack_hdr(data)) if len(data) >= CTRL_HDR_SIZE \
+                else CtrlHdr(0)
+            handler = handlers.get(hdr.type) if error is None else None
+            if handler is not None:  # the common case, without a call of its own
+                try:
+                    result = handler(hdr, data)
+                except GuestProtocolError as err:
+                    result = _refused(hdr, err)
+                except Exception:  # a bug of ours: answer, count, keep serving
+                    result = self._internal_error(hdr)
+            else:
+                result = self._execute(hdr, data, chains[index], error)
+            if hdr.flags & _FENCE:
+                result = self._after_earlier_work(hdr, result)
+            elif slot is not None and type(result) is Reply and not result.body:
+                # a handler leaves the ring as it is: ready need not be checked
+                _HDR.pack_into(slot, at, result.resp, 0, 0, 0, 0, _PAD)
+                self._answered.append(head)
+                continue
+            self._push_answered(queue)
+            if isinstance(result, Reply):
+                self._respond(queue, chains[index], hdr, result)
+            elif result.reply is not None:
+                self._respond(queue, chains[index], hdr, result.reply)
+            else:
+                self._defer(queue, chains[index], hdr, result)
+                if result.pause:
+                    return index + 1, True
+            if not queue.ready:
+                break
+        else:
+            index = len(chains) - 1
+        self._push_answered(queue)
+        return index + 1, False
+
+    def _push_answered(self, queue: Virtqueue) -> None:
+        if self._answered:
+            queue.push_many(self._answered, CTRL_HDR_SIZE)
+            self._answered = []
+
+    def _run_cursor_batch(self, queue: Virtqueue, chains: ChainBatch) -> tuple[int, bool]:
+        """Execute the cursor commands of ``chains`` (never held)."""
+        for done, chain in enumerate(chains, 1):
+            self._run_cursor(chain)
+            queue.push(chain.head, 0)
+            if not queue.ready:
+                return done, False
+        return len(chains), False
+
+    def _defer(self, queue: Virtqueue, chain: DescriptorChain, hdr: CtrlHdr,
+               result: Deferred) -> None:
+        """Answer ``chain`` when ``result`` resolves (not yet); a pausing one holds the
+        queue meanwhile."""
 
         def complete(reply: Reply) -> None:
             self._inflight = [e for e in self._inflight if e[0] is not result]
@@ -252,12 +302,9 @@ class VirtioGpuDevice:
             queue.notify()
 
         result.on_resolve(complete)
-        if result.reply is None:
-            self._inflight.append((result, result.fallback or _unspecified))
-            if result.pause:
-                self._waiting = result
-                return True
-        return False
+        self._inflight.append((result, result.fallback or _unspecified))
+        if result.pause:
+            self._waiting = result
 
     def _after_earlier_work(self, hdr: CtrlHdr, result: Reply | Deferred) -> Reply | Deferred:
         """A fence completes only after the compute work submitted before it on its
@@ -275,27 +322,35 @@ class VirtioGpuDevice:
         result.on_resolve(lambda reply: wait.on_resolve(lambda _: joined.resolve(reply)))
         return joined
 
-    def _execute(self, hdr: CtrlHdr, data: bytes, chain: DescriptorChain) -> Reply | Deferred:
-        if chain.error is not None:  # not raised: a traceback would keep the chain alive
-            log.info("guest error: %s: %s", _command_name(hdr.type), chain.error)
-            return Reply(chain.error.resp_code)
+    def _execute(self, hdr: CtrlHdr, data: bytes, chain: DescriptorChain,
+                 error: GuestProtocolError | None) -> Reply | Deferred:
+        """Run a command that is not a plain fixed-struct one: a chain with a bad
+        buffer, a command reading its chain, a short or unknown command."""
+        if error is not None:  # not raised: a traceback would keep the chain alive
+            log.info("guest error: %s: %s", _command_name(hdr.type), error)
+            return Reply(error.resp_code)
         try:
             if len(data) < CTRL_HDR_SIZE:
                 raise GuestProtocolError(f"command of {len(data)} bytes has no header")
-            handler = self._handlers.get(hdr.type)
-            if handler is None:
+            chain_handler = self._chain_handlers.get(hdr.type)
+            if chain_handler is None:
                 raise GuestProtocolError(f"unsupported command {hdr.type:#x}", Resp.ERR_UNSPEC)
-            return handler(hdr, data, chain)
+            return chain_handler(hdr, data, chain)
         except GuestProtocolError as err:
-            log.info("guest error: %s: %s", _command_name(hdr.type), err)
-            return Reply(err.resp_code)
+            return _refused(hdr, err)
         except Exception:  # a bug of ours: answer, count, keep serving
-            self._command_errors += 1
-            log.exception("internal error in %s", _command_name(hdr.type))
-            return Reply(Resp.ERR_UNSPEC)
+            return self._internal_error(hdr)
+
+    def _internal_error(self, hdr: CtrlHdr) -> Reply:
+        """A handler raised something else than a guest error: a bug of ours.  The
+        guest gets ERR_UNSPEC; it is counted and logged with its traceback."""
+        self._command_errors += 1
+        log.exception("internal error in %s", _command_name(hdr.type))
+        return Reply(Resp.ERR_UNSPEC)
 
     def _respond(self, queue: Virtqueue, chain: DescriptorChain, hdr: CtrlHdr,
                  reply: Reply) -> None:
+        self._push_answered(queue)  # the answers before this one go first
         flags = fence_id = ctx_id = ring_idx = 0
         if hdr.flags & _FENCE:
             flags = hdr.flags & _FENCE_FLAGS
@@ -303,7 +358,7 @@ class VirtioGpuDevice:
             if hdr.flags & _INFO_RING_IDX:
                 ring_idx = hdr.ring_idx
         if not reply.body and chain.writable_ok and len(chain.inp) == 1 and \
-                chain.in_len >= CTRL_HDR_SIZE:  # the common case: a bare header
+                chain.in_len >= CTRL_HDR_SIZE:  # a bare header in one piece
             _HDR.pack_into(chain.inp[0], 0, reply.resp, flags, fence_id, ctx_id, ring_idx,
                            _PAD)
             queue.push(chain.head, CTRL_HDR_SIZE)
@@ -393,6 +448,12 @@ def _no_compute_reason(host_gpu: HostGpu | None) -> str:
         return ("they run on one KFD process's simulated page table, and "
                 "--kfd-isolation context gives each context its own process")
     return "they run on the simulated GPU's page table (--gpu sim)"
+
+
+def _refused(hdr: CtrlHdr, err: GuestProtocolError) -> Reply:
+    """The error response to a command the guest got wrong."""
+    log.info("guest error: %s: %s", _command_name(hdr.type), err)
+    return Reply(err.resp_code)
 
 
 def _unspecified() -> Reply:

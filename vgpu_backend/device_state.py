@@ -23,6 +23,7 @@ from vgpu_backend.virtqueue import DescriptorChain
 __all__ = [
     "OK",
     "Capset",
+    "ChainHandler",
     "Deferred",
     "DeviceOptions",
     "DeviceState",
@@ -30,6 +31,7 @@ __all__ = [
     "Reply",
     "UserptrProtocol",
     "with_body",
+    "with_body_and_chain",
 ]
 
 
@@ -195,19 +197,44 @@ class DeviceState:
             self.options.max_outputs, (max(enabled) + 1) if enabled else 0))
 
 
-Handler = Callable[[CtrlHdr, bytes, DescriptorChain], Reply | Deferred]
+#: a command whose parameters all lie in its fixed-size struct: called with its header
+#: and a copy of its first bytes (up to the largest fixed struct)
+Handler = Callable[[CtrlHdr, bytes], Reply | Deferred]
+#: a command followed by guest data of its own length (memory entries, a command
+#: stream), which the handler reads from the chain
+ChainHandler = Callable[[CtrlHdr, bytes, DescriptorChain], Reply | Deferred]
+
+
+def _too_short(c_name: str, data: bytes, need: int) -> GuestProtocolError:
+    return GuestProtocolError(f"{c_name}: {len(data)} bytes, needs {need}")
 
 
 def with_body(body_type: type[Any],
-              handler: Callable[[CtrlHdr, Any, DescriptorChain], Reply | Deferred]) -> Handler:
-    """Wrap a handler taking a decoded command body; short commands get
+              handler: Callable[[CtrlHdr, Any], Reply | Deferred]) -> Handler:
+    """Wrap a handler taking a decoded command body; a short command gets
     ERR_INVALID_PARAMETER."""
     codec = layout(body_type)
     need = CTRL_HDR_SIZE + codec.size
     unpack, new = codec.struct.unpack_from, tuple.__new__  # _make without its check
 
+    def handle(hdr: CtrlHdr, data: bytes) -> Reply | Deferred:
+        if len(data) < need:
+            raise _too_short(codec.c_name, data, need)
+        return handler(hdr, new(body_type, unpack(data, CTRL_HDR_SIZE)))
+    return handle
+
+
+def with_body_and_chain(body_type: type[Any],
+                        handler: Callable[[CtrlHdr, Any, DescriptorChain],
+                                          Reply | Deferred]) -> ChainHandler:
+    """:func:`with_body` for a command whose handler also reads the chain past its
+    struct."""
+    codec = layout(body_type)
+    need = CTRL_HDR_SIZE + codec.size
+    unpack, new = codec.struct.unpack_from, tuple.__new__
+
     def handle(hdr: CtrlHdr, data: bytes, chain: DescriptorChain) -> Reply | Deferred:
         if len(data) < need:
-            raise GuestProtocolError(f"{codec.c_name}: {len(data)} bytes, needs {need}")
+            raise _too_short(codec.c_name, data, need)
         return handler(hdr, new(body_type, unpack(data, CTRL_HDR_SIZE)), chain)
     return handle

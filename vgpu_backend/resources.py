@@ -62,7 +62,7 @@ class Image2D(Resource):
     @property
     def host_bytes(self) -> int:
         """The image's size."""
-        return self.height * self.stride
+        return self.height * self.width * BYTES_PER_PIXEL
 
     def extent(self) -> tuple[int, int] | None:
         """The image's size."""

@@ -18,6 +18,7 @@ import logging
 import os
 import struct
 import sys
+from collections.abc import Iterator
 
 import numpy as np
 import numpy.typing as npt
@@ -38,7 +39,7 @@ from protocol.virtqueue import (
 from protocol.wire import layout
 from vgpu_backend.guest_memory import GuestMemory, MemoryRegion
 
-__all__ = ["DescriptorChain", "Virtqueue"]
+__all__ = ["ChainBatch", "DescriptorChain", "Virtqueue"]
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,59 @@ class DescriptorChain:
             buf[:n] = data[written:written + n]
             written += n
         return written
+
+
+#: a chain in the common layout, not yet built: (head, region view, readable offset,
+#: readable length, writable offset, writable length)
+_Pair = tuple[int, memoryview, int, int, int, int]
+
+
+class ChainBatch:
+    """The chains of one pop, in ring order.
+
+    Chains in the common layout -- one readable then one writable buffer, both in one
+    memory region, as Linux's INDIRECT pairs are -- are kept as offsets until someone
+    asks for their :class:`DescriptorChain`: a device that only needs the command's
+    first bytes and a place for the response header never builds one.
+    """
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: list[DescriptorChain | _Pair] | None = None) -> None:
+        self._items = items if items is not None else []
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, index: int) -> DescriptorChain:
+        """Chain ``index`` (built now if it was kept as offsets)."""
+        item = self._items[index]
+        if isinstance(item, DescriptorChain):
+            return item
+        head, view, out_at, out_len, in_at, in_len = item
+        chain = DescriptorChain(head, [view[out_at:out_at + out_len]],
+                                [view[in_at:in_at + in_len]], out_len, in_len)
+        self._items[index] = chain
+        return chain
+
+    def __iter__(self) -> Iterator[DescriptorChain]:
+        return (self[i] for i in range(len(self._items)))
+
+    def commands(self, size: int, answer: int) -> Iterator[
+            tuple[int, bytes, memoryview | None, int, GuestProtocolError | None]]:
+        """For each chain in order: (head, a copy of its first ``size`` readable bytes
+        (fewer if it has fewer), the buffer and offset where ``answer`` response bytes
+        go in one piece (None when its writable part is not one usable buffer that
+        large), why a buffer of it is unusable (None: all are usable))."""
+        for item in self._items:
+            if isinstance(item, DescriptorChain):
+                slot = item.inp[0] if item.writable_ok and len(item.inp) == 1 and \
+                    item.in_len >= answer else None
+                yield item.head, item.read(size), slot, 0, item.error
+            else:
+                head, view, out_at, out_len, in_at, in_len = item
+                yield (head, bytes(view[out_at:out_at + min(out_len, size)]),
+                       view if in_len >= answer else None, in_at, None)
 
 
 class Virtqueue:
@@ -273,7 +327,7 @@ class Virtqueue:
         chains = self.pop_batch(1)
         return chains[0] if chains else None
 
-    def pop_batch(self, limit: int = 0xFFFF) -> list[DescriptorChain]:
+    def pop_batch(self, limit: int = 0xFFFF) -> ChainBatch:
         """The chains available now (at most ``limit``), in ring order; empty when
         there is none.
 
@@ -293,12 +347,12 @@ class Virtqueue:
                 self._used_u16[self._avail_event_at] = self.last_avail
                 pending = self.pending()  # re-check after publishing
             if pending == 0:
-                return []
+                return ChainBatch()
         num = self.num
         if pending > num:
             raise _ring_fatal(f"avail index moved by {pending} on a ring of {num}")
         pending = min(pending, limit)
-        chains: list[DescriptorChain] = []
+        chains: list[DescriptorChain | _Pair] = []
         avail, table, last = self._avail_u16, self._desc, self.last_avail
         unpack_desc = _DESC.unpack_from
         region = self._last_region
@@ -335,14 +389,14 @@ class Virtqueue:
                 break  # the chains before the corrupt one are served first
             last = (last + 1) & 0xFFFF
         self.last_avail = last
-        return chains
+        return ChainBatch(chains)
 
     def unpop(self, count: int) -> None:
         """Give the last ``count`` popped chains back: they are popped again later
         (the driver may not touch them: they are neither used nor free)."""
         self.last_avail = (self.last_avail - count) & 0xFFFF
 
-    def _walk(self, head: int) -> DescriptorChain:
+    def _walk(self, head: int) -> DescriptorChain | _Pair:
         addr, length, flags, nxt = _DESC.unpack_from(self._desc, 16 * head)
         if flags == _NEXT and nxt < self.num:  # a direct command -> response pair
             a1, l1, f1, n1 = _DESC.unpack_from(self._desc, 16 * nxt)
@@ -353,10 +407,10 @@ class Virtqueue:
         return self._walk_any(head)
 
     def _simple_pair(self, head: int, pair: tuple[int, ...], first: int,
-                     second: int) -> DescriptorChain | None:
-        """The chain when ``pair`` is exactly one readable then one writable buffer in
-        the last-used region (no loop possible: ``first`` links to ``second``, which
-        ends the chain); None sends the chain down the general walk."""
+                     second: int) -> _Pair | None:
+        """The chain, as offsets, when ``pair`` is exactly one readable then one
+        writable buffer in the last-used region (no loop possible: ``first`` links to
+        ``second``, which ends the chain); None sends the chain down the general walk."""
         a0, l0, f0, n0, a1, l1, f1, _ = pair
         region = self._last_region
         if f0 != _NEXT or n0 != second or f1 != _WRITE or second == first or not l0 or \
@@ -365,9 +419,7 @@ class Virtqueue:
         gpa, end = region.gpa, region.gpa + region.size
         if not (gpa <= a0 and a0 + l0 <= end and gpa <= a1 and a1 + l1 <= end):
             return None
-        view = region.view
-        return DescriptorChain(head, [view[a0 - gpa:a0 - gpa + l0]],
-                               [view[a1 - gpa:a1 - gpa + l1]], l0, l1)
+        return head, region.view, a0 - gpa, l0, a1 - gpa, l1
 
     def _walk_any(self, head: int) -> DescriptorChain:
         chain = DescriptorChain(head)
@@ -455,6 +507,17 @@ class Virtqueue:
         _USED_ELEM.pack_into(self._used, 4 + 8 * (self.used_idx % self.num), head, written)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         self._used_u16[1] = self.used_idx  # x86 is TSO: the entry is seen first
+
+    def push_many(self, heads: list[int], written: int) -> None:
+        """:meth:`push` for each of ``heads`` in order (``written`` bytes each); the used
+        index moves once, after every entry."""
+        used, num, idx = self._used, self.num, self.used_idx
+        pack = _USED_ELEM.pack_into
+        for head in heads:
+            pack(used, 4 + 8 * (idx % num), head, written)
+            idx = (idx + 1) & 0xFFFF
+        self.used_idx = idx
+        self._used_u16[1] = idx
 
     def notify(self) -> None:
         """Signal the call eventfd if the driver wants an interrupt now."""

@@ -117,8 +117,7 @@ def test_real_kfd_without_page_table_still_has_contexts() -> None:
         device = VirtioGpuDevice(loop, memory, Limits(), DeviceOptions(), gpu)
         assert device.compute is None
         assert [c.capset_id for c in device.state.capsets] == [USERPTR_ID]
-        device.contexts.create(CtrlHdr(Cmd.CTX_CREATE, ctx_id=5), CtxCreate(0, 0, b""),
-                               None)  # type: ignore[arg-type]  # the chain is unused
+        device.contexts.create(CtrlHdr(Cmd.CTX_CREATE, ctx_id=5), CtxCreate(0, 0, b""))
         assert device.contexts.get(5).capset_id == USERPTR_ID
     finally:
         gpu.close()

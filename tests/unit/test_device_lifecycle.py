@@ -26,7 +26,6 @@ from tests.unit.loop_runner import run_until
 from vgpu_backend.device import CONTROL_QUEUE
 from vgpu_backend.device_state import Deferred, Reply
 from vgpu_backend.display import DisplayState
-from vgpu_backend.virtqueue import DescriptorChain
 
 DEFAULT_MODE = DisplayOne(0, 0, 1280, 800, 1, 0)
 #: a command type no virtio-gpu device serves, given a test handler
@@ -298,7 +297,7 @@ def test_quiesce_answers_several_deferred_commands_in_submission_order(
     fallbacks = iter([Resp.ERR_OUT_OF_MEMORY, Resp.ERR_INVALID_SCANOUT_ID,
                       Resp.ERR_INVALID_RESOURCE_ID])
 
-    def never_answered(hdr: CtrlHdr, data: bytes, chain: DescriptorChain) -> Deferred:
+    def never_answered(hdr: CtrlHdr, data: bytes) -> Deferred:
         code = next(fallbacks)
         return Deferred(pause=False, fallback=lambda: Reply(code))
 

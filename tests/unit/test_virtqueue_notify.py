@@ -52,7 +52,7 @@ def test_pop_batch_takes_every_available_chain_in_order(ring: DriverRing) -> Non
     assert [c.head for c in queue.pop_batch(2)] == [3, 1]
     assert [c.head for c in queue.pop_batch()] == [4, 0, 2]
     assert ring.avail_event() == 0
-    assert queue.pop_batch() == [] and ring.avail_event() == 5
+    assert not queue.pop_batch() and ring.avail_event() == 5
 
 
 def test_pop_batch_serves_the_chains_before_a_corrupt_one(ring: DriverRing) -> None:
@@ -76,7 +76,7 @@ def test_unpop_gives_chains_back(ring: DriverRing) -> None:
     queue.unpop(2)
     assert queue.last_avail == 1
     again = queue.pop_batch()
-    assert [(c.head, c.out_len) for c in again] == [(c.head, c.out_len) for c in first[1:]]
+    assert [(c.head, c.out_len) for c in again] == [(c.head, c.out_len) for c in list(first)[1:]]
 
 
 def test_event_idx_avail_event_on_an_empty_ring(ring: DriverRing) -> None:
