@@ -27,9 +27,9 @@ from protocol.vhost_user import MemRegion
 from protocol.virtio_gpu import MemEntry
 from protocol.wire import layout
 from vgpu_backend.backing import read_mem_entries
+from vgpu_backend.chains import DescriptorChain
 from vgpu_backend.guest_memory import GuestMemory
 from vgpu_backend.userptr import PAGE_SIZE, host_ranges, translate_userptr
-from vgpu_backend.virtqueue import DescriptorChain
 
 GiB = 1 << 30
 _MAX_ENTRY = 0xFFFFF000  # the guest's largest sg segment

@@ -19,7 +19,7 @@ step "host setup: QEMU 10 from bookworm-backports, guest tooling"
 $SUDO sh scripts/setup-host.sh
 step "python packages"
 . scripts/python-env.sh
-$PY -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+$PY -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
 
 step "ruff"
 $PY -m ruff check .

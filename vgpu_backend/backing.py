@@ -16,8 +16,8 @@ import numpy.typing as npt
 from protocol.errors import GuestProtocolError
 from protocol.virtio_gpu import MemEntry
 from protocol.wire import layout
+from vgpu_backend.chains import DescriptorChain
 from vgpu_backend.guest_memory import GuestMemory, Segments
-from vgpu_backend.virtqueue import DescriptorChain
 
 __all__ = ["Backing", "read_mem_entries"]
 

@@ -38,6 +38,7 @@ from protocol.virtio_gpu import (
 from protocol.virtio_gpu_codes import Cmd, Format, Resp
 from protocol.wire import encode, layout
 from vgpu_backend.backing import Backing, read_mem_entries
+from vgpu_backend.chains import DescriptorChain
 from vgpu_backend.device_state import (
     OK,
     ChainHandler,
@@ -51,7 +52,6 @@ from vgpu_backend.device_state import (
 from vgpu_backend.display import DisplayState
 from vgpu_backend.resources import BlobResource, Image2D, Resource
 from vgpu_backend.scanout import image_source
-from vgpu_backend.virtqueue import DescriptorChain
 
 __all__ = ["Commands2D"]
 

@@ -32,6 +32,7 @@ from protocol.virtio_gpu import (
 from protocol.virtio_gpu_codes import BlobFlag, BlobMem, Cmd, Feature, Format, Resp
 from protocol.wire import encode, layout
 from vgpu_backend.backing import Backing, read_mem_entries
+from vgpu_backend.chains import DescriptorChain
 from vgpu_backend.contexts import ContextTable
 from vgpu_backend.device_state import (
     OK,
@@ -50,7 +51,6 @@ from vgpu_backend.pixels import to_bgrx
 from vgpu_backend.resources import BlobResource, Resource
 from vgpu_backend.scanout import PixelSource, Rect
 from vgpu_backend.userptr import PAGE_SIZE, host_ranges, translate_userptr
-from vgpu_backend.virtqueue import DescriptorChain
 
 __all__ = ["BlobCommands", "userptr_capset"]
 

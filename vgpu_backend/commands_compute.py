@@ -39,6 +39,7 @@ from protocol.virtio_gpu import (
 )
 from protocol.virtio_gpu_codes import Cmd, CtrlFlag, Resp
 from protocol.wire import encode, layout
+from vgpu_backend.chains import DescriptorChain
 from vgpu_backend.compute.engine import ContextVm, Engine, Mapping, Outcome, ResultTarget
 from vgpu_backend.compute.timelines import Timelines
 from vgpu_backend.contexts import Context, ContextTable
@@ -56,7 +57,6 @@ from vgpu_backend.device_state import (
 from vgpu_backend.hostgpu import hostmem
 from vgpu_backend.hostgpu.base import HostGpuError, HostRanges
 from vgpu_backend.resources import BlobResource, HostBuffer, Resource
-from vgpu_backend.virtqueue import DescriptorChain
 
 __all__ = ["COMPUTE_CAPSET_VERSION", "ComputeCommands", "compute_capset"]
 

@@ -19,6 +19,7 @@ from protocol.limits import Limits
 from protocol.virtio_gpu import CTRL_HDR_SIZE, CtrlHdr, GpuConfig
 from protocol.virtio_gpu_codes import Cmd, CtrlFlag, Feature, Resp
 from protocol.wire import encode, layout
+from vgpu_backend.chains import ChainBatch, DescriptorChain
 from vgpu_backend.commands_2d import Commands2D
 from vgpu_backend.commands_blob import BlobCommands, userptr_capset
 from vgpu_backend.commands_compute import ComputeCommands, compute_capset
@@ -39,7 +40,7 @@ from vgpu_backend.guest_memory import GuestMemory, MemoryRegion
 from vgpu_backend.hostgpu.base import HostGpu
 from vgpu_backend.resources import ResourceTable
 from vgpu_backend.scanout import ScanoutManager
-from vgpu_backend.virtqueue import ChainBatch, DescriptorChain, Virtqueue
+from vgpu_backend.virtqueue import Virtqueue
 
 __all__ = ["CONTROL_QUEUE", "CURSOR_QUEUE", "VirtioGpuDevice"]
 
@@ -56,6 +57,7 @@ _FENCE_FLAGS = _FENCE | _INFO_RING_IDX
 _HDR = layout(CtrlHdr).struct  # the same bytes both ways: commands and responses
 _unpack_hdr, _PAD = _HDR.unpack_from, b"\0\0\0"
 _new_hdr = tuple.__new__  # CtrlHdr._make without its length check (unpack gives all 6)
+_HEADERS_KEPT = 64
 
 
 def _context_types(options: DeviceOptions) -> list[int]:
@@ -113,6 +115,8 @@ class VirtioGpuDevice:
         self._inflight: list[tuple[Deferred, Callable[[], Reply]]] = []
         #: control-queue heads answered with a bare header, not pushed yet
         self._answered: list[int] = []
+        #: command headers decoded lately, by their bytes
+        self._headers: dict[bytes, CtrlHdr] = {}
         self._quiescing = False
         self._command_errors = 0
         memory.add_unmap_listener(self._region_unmapping)
@@ -234,12 +238,12 @@ class VirtioGpuDevice:
 
         A plain reply that fits one writable buffer (nearly every reply) is written
         there at once, and its used entry joins :attr:`_answered`: pushed with the
-        others, before any other answer and at the end, so in ring order."""
-        handlers = self._handlers
+        others before any other answer is pushed, and at the end.  The used ring lists
+        answers in the order they were made, as if each were pushed at once."""
+        handlers, headers = self._handlers, self._headers
         for index, (head, data, slot, at, error) in enumerate(
                 chains.commands(_COMMAND_READ, CTRL_HDR_SIZE)):
-            hdr = _new_hdr(CtrlHdr, _unpack_hdr(data)) if len(data) >= CTRL_HDR_SIZE \
-                else CtrlHdr(0)
+            hdr = headers.get(data[:CTRL_HDR_SIZE]) or self._decode_header(data)
             handler = handlers.get(hdr.type) if error is None else None
             if handler is not None:  # the common case, without a call of its own
                 try:
@@ -272,6 +276,17 @@ class VirtioGpuDevice:
             index = len(chains) - 1
         self._push_answered(queue)
         return index + 1, False
+
+    def _decode_header(self, data: bytes) -> CtrlHdr:
+        """The header of a command (type 0 if it is too short for one), remembered in
+        :attr:`_headers`: most commands repeat the header of an earlier one (no fence,
+        same type), and decoding costs more than finding it."""
+        if len(data) < CTRL_HDR_SIZE:
+            return CtrlHdr(0)
+        if len(self._headers) >= _HEADERS_KEPT:  # fence ids never repeat
+            self._headers.clear()
+        hdr = self._headers[data[:CTRL_HDR_SIZE]] = _new_hdr(CtrlHdr, _unpack_hdr(data))
+        return hdr
 
     def _push_answered(self, queue: Virtqueue) -> None:
         if self._answered:

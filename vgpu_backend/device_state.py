@@ -13,12 +13,12 @@ from protocol.limits import Limits
 from protocol.virtio_gpu import CTRL_HDR_SIZE, CtrlHdr, DisplayOne
 from protocol.virtio_gpu_codes import Resp
 from protocol.wire import layout
+from vgpu_backend.chains import DescriptorChain
 from vgpu_backend.eventloop import EventLoop
 from vgpu_backend.guest_memory import GuestMemory
 from vgpu_backend.hostgpu.base import HostGpu
 from vgpu_backend.resources import Resource, ResourceTable
 from vgpu_backend.scanout import ScanoutManager
-from vgpu_backend.virtqueue import DescriptorChain
 
 __all__ = [
     "OK",

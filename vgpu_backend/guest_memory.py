@@ -76,6 +76,14 @@ class MemoryRegion:
             self.page_size = mmap.PAGESIZE
 
     @property
+    def mapping(self) -> mmap.mmap:
+        """The mapping itself: guest byte ``gpa + i`` is at ``mmap_offset + i``.  Slicing
+        it copies the bytes with no view in between (the cheapest read)."""
+        if self._mmap is None:
+            raise ValueError(f"{self!r} is unmapped")
+        return self._mmap
+
+    @property
     def gpa_end(self) -> int:
         """One past the last guest-physical address."""
         return self.gpa + self.size

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import mmap
 import os
 import struct
 import sys
-from collections.abc import Iterator
 
 import numpy as np
 import numpy.typing as npt
@@ -37,9 +37,10 @@ from protocol.virtqueue import (
     vring_need_event,
 )
 from protocol.wire import layout
+from vgpu_backend.chains import ChainBatch, DescriptorChain, PairItem
 from vgpu_backend.guest_memory import GuestMemory, MemoryRegion
 
-__all__ = ["ChainBatch", "DescriptorChain", "Virtqueue"]
+__all__ = ["Virtqueue"]
 
 log = logging.getLogger(__name__)
 
@@ -53,142 +54,11 @@ if sys.byteorder != "little":  # the ring indices are read and stored as native 
     raise ImportError("virtio rings are little-endian: this host is not")
 #: two descriptors at once: the command + response pair nearly every chain is
 _DESC_PAIR = struct.Struct("<QIHHQIHH")
+_NO_MAPPING = mmap.mmap(-1, 1)  # a placeholder until a region is known
 
 
 def _ring_fatal(message: str) -> GuestProtocolError:
     return GuestProtocolError(message, Resp.ERR_UNSPEC, ring_fatal=True)
-
-
-class DescriptorChain:
-    """One popped request: device-readable (``out``) and device-writable (``inp``)
-    buffers as byte memoryviews of guest memory.
-
-    :ivar error: set when a buffer of the chain is unusable (the device answers with
-        an error response).
-    :ivar writable_ok: every writable buffer is usable (a response may be written).
-    """
-
-    __slots__ = ("error", "head", "in_len", "inp", "out", "out_len", "writable_ok")
-
-    def __init__(self, head: int, out: list[memoryview] | None = None,
-                 inp: list[memoryview] | None = None, out_len: int = 0,
-                 in_len: int = 0) -> None:
-        self.head = head
-        self.out: list[memoryview] = out if out is not None else []
-        self.inp: list[memoryview] = inp if inp is not None else []
-        self.out_len = out_len
-        self.in_len = in_len
-        self.error: GuestProtocolError | None = None
-        self.writable_ok = True
-
-    def read(self, size: int, offset: int = 0) -> bytes:
-        """Copy up to ``size`` readable bytes starting at ``offset`` (a snapshot)."""
-        if len(self.out) == 1:
-            return bytes(self.out[0][offset:offset + size])
-        return self.read_array(offset, min(size, max(0, self.out_len - offset))).tobytes()
-
-    def pieces(self, offset: int, size: int) -> list[memoryview]:
-        """The readable guest memory of ``[offset, offset+size)``, one view per buffer
-        it touches (views, not copies: the guest may change them).
-
-        :raise GuestProtocolError: fewer bytes are present.
-        """
-        if offset + size > self.out_len:
-            raise GuestProtocolError(
-                f"command needs {offset + size} bytes, the chain has {self.out_len}")
-        views = []
-        for buf in self.out:
-            if size == 0:
-                break
-            if offset >= len(buf):
-                offset -= len(buf)
-                continue
-            piece = buf[offset:offset + size]
-            views.append(piece)
-            size -= len(piece)
-            offset = 0
-        return views
-
-    def read_array(self, offset: int, size: int) -> Bytes:
-        """Copy exactly ``size`` readable bytes at ``offset`` into a new array.
-
-        :raise GuestProtocolError: fewer bytes are present.
-        """
-        out = np.empty(size, dtype=np.uint8)
-        filled = 0
-        for piece in self.pieces(offset, size):
-            out[filled:filled + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
-            filled += len(piece)
-        return out
-
-    def write(self, data: bytes) -> int:
-        """Scatter ``data`` into the writable buffers; returns the bytes written."""
-        if len(self.inp) == 1:
-            buf = self.inp[0]
-            n = min(len(buf), len(data))
-            buf[:n] = data[:n]
-            return n
-        written = 0
-        for buf in self.inp:
-            if written == len(data):
-                break
-            n = min(len(buf), len(data) - written)
-            buf[:n] = data[written:written + n]
-            written += n
-        return written
-
-
-#: a chain in the common layout, not yet built: (head, region view, readable offset,
-#: readable length, writable offset, writable length)
-_Pair = tuple[int, memoryview, int, int, int, int]
-
-
-class ChainBatch:
-    """The chains of one pop, in ring order.
-
-    Chains in the common layout -- one readable then one writable buffer, both in one
-    memory region, as Linux's INDIRECT pairs are -- are kept as offsets until someone
-    asks for their :class:`DescriptorChain`: a device that only needs the command's
-    first bytes and a place for the response header never builds one.
-    """
-
-    __slots__ = ("_items",)
-
-    def __init__(self, items: list[DescriptorChain | _Pair] | None = None) -> None:
-        self._items = items if items is not None else []
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __getitem__(self, index: int) -> DescriptorChain:
-        """Chain ``index`` (built now if it was kept as offsets)."""
-        item = self._items[index]
-        if isinstance(item, DescriptorChain):
-            return item
-        head, view, out_at, out_len, in_at, in_len = item
-        chain = DescriptorChain(head, [view[out_at:out_at + out_len]],
-                                [view[in_at:in_at + in_len]], out_len, in_len)
-        self._items[index] = chain
-        return chain
-
-    def __iter__(self) -> Iterator[DescriptorChain]:
-        return (self[i] for i in range(len(self._items)))
-
-    def commands(self, size: int, answer: int) -> Iterator[
-            tuple[int, bytes, memoryview | None, int, GuestProtocolError | None]]:
-        """For each chain in order: (head, a copy of its first ``size`` readable bytes
-        (fewer if it has fewer), the buffer and offset where ``answer`` response bytes
-        go in one piece (None when its writable part is not one usable buffer that
-        large), why a buffer of it is unusable (None: all are usable))."""
-        for item in self._items:
-            if isinstance(item, DescriptorChain):
-                slot = item.inp[0] if item.writable_ok and len(item.inp) == 1 and \
-                    item.in_len >= answer else None
-                yield item.head, item.read(size), slot, 0, item.error
-            else:
-                head, view, out_at, out_len, in_at, in_len = item
-                yield (head, bytes(view[out_at:out_at + min(out_len, size)]),
-                       view if in_len >= answer else None, in_at, None)
 
 
 class Virtqueue:
@@ -352,37 +222,42 @@ class Virtqueue:
         if pending > num:
             raise _ring_fatal(f"avail index moved by {pending} on a ring of {num}")
         pending = min(pending, limit)
-        chains: list[DescriptorChain | _Pair] = []
+        chains: list[DescriptorChain | PairItem] = []
         avail, table, last = self._avail_u16, self._desc, self.last_avail
         unpack_desc = _DESC.unpack_from
         region = self._last_region
-        pairs = self._pairs_allowed and region is not None and region.fd >= 0
-        gpa = end = 0
-        view = memoryview(b"")
-        if region is not None:
-            gpa, end, view = region.gpa, region.gpa + region.size, region.view
+        pairs = False
+        gpa = end = at = 0
+        view, mapping = memoryview(b""), _NO_MAPPING
+        if region is not None and region.fd >= 0:
+            pairs, gpa, end = self._pairs_allowed, region.gpa, region.gpa + region.size
+            view, mapping, at = region.view, region.mapping, region.mmap_offset - region.gpa
         for _ in range(pending):
             head = avail[2 + last % num]
             try:
                 if head >= num:
                     raise _ring_fatal(f"head index {head} >= queue size {num}")
                 addr, length, flags, _next = unpack_desc(table, 16 * head)
-                # Linux's INDIRECT table of two in the last-used region: without the
-                # general walk (a differential test holds them equal)
+                # Linux's INDIRECT table of two in the last-used region: _simple_pair
+                # inlined (this loop is the hottest; a differential test holds the
+                # outcome equal to the general walk's)
                 if flags == _INDIRECT and length == 32 and pairs and \
                         gpa <= addr and addr + 32 <= end:
-                    chain = self._simple_pair(head, _DESC_PAIR.unpack_from(view, addr - gpa),
-                                              0, 1)
-                    if chain is not None:
-                        chains.append(chain)
+                    a0, l0, f0, n0, a1, l1, f1, _ = _DESC_PAIR.unpack_from(view, addr - gpa)
+                    if f0 == _NEXT and n0 == 1 and f1 == _WRITE and l0 and l1 and \
+                            gpa <= a0 and a0 + l0 <= end and gpa <= a1 and a1 + l1 <= end:
+                        chains.append((head, mapping, a0 + at, l0, a1 + at, l1))
                         last = (last + 1) & 0xFFFF
                         continue
                 chains.append(self._walk(head))
                 # the general walk may have moved to another region
                 region = self._last_region
-                if region is not None:
-                    gpa, end, view = region.gpa, region.gpa + region.size, region.view
-                    pairs = self._pairs_allowed and region.fd >= 0
+                if region is not None and region.fd >= 0:
+                    pairs, gpa, end = self._pairs_allowed, region.gpa, region.gpa + region.size
+                    view, mapping = region.view, region.mapping
+                    at = region.mmap_offset - region.gpa
+                else:
+                    pairs = False
             except GuestProtocolError:
                 if not chains:
                     raise
@@ -396,7 +271,7 @@ class Virtqueue:
         (the driver may not touch them: they are neither used nor free)."""
         self.last_avail = (self.last_avail - count) & 0xFFFF
 
-    def _walk(self, head: int) -> DescriptorChain | _Pair:
+    def _walk(self, head: int) -> DescriptorChain | PairItem:
         addr, length, flags, nxt = _DESC.unpack_from(self._desc, 16 * head)
         if flags == _NEXT and nxt < self.num:  # a direct command -> response pair
             a1, l1, f1, n1 = _DESC.unpack_from(self._desc, 16 * nxt)
@@ -407,7 +282,7 @@ class Virtqueue:
         return self._walk_any(head)
 
     def _simple_pair(self, head: int, pair: tuple[int, ...], first: int,
-                     second: int) -> _Pair | None:
+                     second: int) -> PairItem | None:
         """The chain, as offsets, when ``pair`` is exactly one readable then one
         writable buffer in the last-used region (no loop possible: ``first`` links to
         ``second``, which ends the chain); None sends the chain down the general walk."""
@@ -419,7 +294,8 @@ class Virtqueue:
         gpa, end = region.gpa, region.gpa + region.size
         if not (gpa <= a0 and a0 + l0 <= end and gpa <= a1 and a1 + l1 <= end):
             return None
-        return head, region.view, a0 - gpa, l0, a1 - gpa, l1
+        at = region.mmap_offset - gpa  # guest address -> offset in the mapping
+        return head, region.mapping, a0 + at, l0, a1 + at, l1
 
     def _walk_any(self, head: int) -> DescriptorChain:
         chain = DescriptorChain(head)

@@ -15,7 +15,8 @@ from protocol.limits import DEFAULT_LIMITS, Limits
 from protocol.virtqueue import avail_ring_size, desc_table_size
 from tests.unit.guest_ram import GuestRam
 from tests.unit.hang_guard import deadline
-from vgpu_backend.virtqueue import DescriptorChain, Virtqueue
+from vgpu_backend.chains import DescriptorChain
+from vgpu_backend.virtqueue import Virtqueue
 
 __all__ = ["NUM", "RAM_SIZE", "DriverRing", "assert_ring_fatal", "pack_desc", "pop_one"]
 

@@ -19,7 +19,8 @@ from tests.unit.driver_ring import (
 )
 from tests.unit.guest_ram import GuestRam
 from tests.unit.hang_guard import deadline
-from vgpu_backend.virtqueue import DescriptorChain, Virtqueue
+from vgpu_backend.chains import DescriptorChain
+from vgpu_backend.virtqueue import Virtqueue
 
 NEXT, WRITE, INDIRECT = int(DescFlag.NEXT), int(DescFlag.WRITE), int(DescFlag.INDIRECT)
 DATA = 0x10000       # buffers

@@ -17,8 +17,9 @@ from protocol.vhost_user import MemRegion
 from protocol.virtqueue import DescFlag, avail_ring_size, desc_table_size, used_ring_size
 from tests.unit.driver_ring import DriverRing, assert_ring_fatal, pop_one
 from tests.unit.guest_ram import GuestRam
+from vgpu_backend.chains import DescriptorChain
 from vgpu_backend.guest_memory import GuestMemory, MemoryRegion
-from vgpu_backend.virtqueue import DescriptorChain, Virtqueue
+from vgpu_backend.virtqueue import Virtqueue
 
 NEXT, WRITE, INDIRECT = int(DescFlag.NEXT), int(DescFlag.WRITE), int(DescFlag.INDIRECT)
 RAM_SIZE = 1 << 20
