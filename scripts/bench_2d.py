@@ -17,9 +17,14 @@ Back-ends: ``ours`` (as QEMU starts it, with the defaults), ``polled`` (ours wit
 ``--poll-max-us``: the event loop busy-polls before it sleeps), ``reference``, and
 ``floor`` and ``floor-polled`` (see ``FLOOR_BACKEND``; the throughput phase only).
 
+All back-ends are up at once.  The latency and throughput phases take turns
+(``--rounds``): the speed of a shared machine drifts by 2x over seconds, and taking
+turns puts every back-end through the same drift, so their ratios hold from run to
+run.  The other phases run one back-end after the other.
+
     python3 scripts/bench_2d.py [--backends ours,polled,reference,floor,floor-polled]
         [--poll-max-us 500]
-        [--latency-iterations 2000] [--batches 2000] [--attach-iterations 20]
+        [--latency-iterations 2000] [--batches 2000] [--rounds 10] [--attach-iterations 20]
         [--frames 120] [--flavour 10.x] [--json]
 """
 
@@ -33,6 +38,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -168,44 +174,105 @@ def backend_cpu(s: Session) -> float:
     return total_ns / 1e9
 
 
-def bench_latency(s: Session, iterations: int) -> dict[str, float | None]:
+class Stretches(Protocol):
+    """A measurement run in as many stretches as wanted, so back-ends can take turns
+    (a shared machine's speed drifts over seconds; taking turns puts every back-end
+    through the same drift)."""
+
+    def run(self, count: int) -> None:
+        """Measure ``count`` more iterations."""
+
+    def finish(self) -> dict[str, float | None]:
+        """Check the answers, free what was laid out, give the metrics."""
+
+
+class Latency:
     """Single GET_DISPLAY_INFO round trips."""
-    batch = FixedBatch(s, [cmds.get_display_info()], cmds.DISPLAY_INFO_RESP_SIZE,
-                       indirect=False)
-    for _ in range(20):
-        batch.run()
-    samples = []
-    cpu = backend_cpu(s)
-    for _ in range(iterations):
-        start = time.perf_counter_ns()
-        batch.run()
-        samples.append(time.perf_counter_ns() - start)
-    cpu = backend_cpu(s) - cpu
-    batch.check([Resp.OK_DISPLAY_INFO])
-    batch.release()
-    median, p99 = percentiles(samples)
-    return {"display_info_median_us": median, "display_info_p99_us": p99,
-            "display_info_cpu_us": cpu / iterations * 1e6}
+
+    def __init__(self, s: Session) -> None:
+        self.s = s
+        self.batch = FixedBatch(s, [cmds.get_display_info()], cmds.DISPLAY_INFO_RESP_SIZE,
+                                indirect=False)
+        for _ in range(20):
+            self.batch.run()
+        self.samples: list[int] = []
+        self.cpu = 0.0
+
+    def run(self, count: int) -> None:
+        """``count`` more round trips, each timed."""
+        cpu = backend_cpu(self.s)
+        for _ in range(count):
+            start = time.perf_counter_ns()
+            self.batch.run()
+            self.samples.append(time.perf_counter_ns() - start)
+        self.cpu += backend_cpu(self.s) - cpu
+
+    def finish(self) -> dict[str, float | None]:
+        """Median and p99 round trip, back-end CPU per round trip."""
+        self.batch.check([Resp.OK_DISPLAY_INFO])
+        self.batch.release()
+        median, p99 = percentiles(self.samples)
+        return {"display_info_median_us": median, "display_info_p99_us": p99,
+                "display_info_cpu_us": self.cpu / len(self.samples) * 1e6}
 
 
-def bench_throughput(s: Session, batches: int) -> dict[str, float | None]:
+class Throughput:
     """RESOURCE_CREATE_2D + RESOURCE_UNREF pairs, 64 commands per kick."""
-    commands = []
-    for i in range(32):
-        commands.append(cmds.resource_create_2d(5000 + i, Format.B8G8R8X8_UNORM, 64, 64))
-        commands.append(cmds.resource_unref(5000 + i))
-    batch = FixedBatch(s, commands, cmds.NODATA_RESP_SIZE, indirect=True)
-    for _ in range(5):
-        batch.run()
-    start, cpu = time.perf_counter(), backend_cpu(s)
-    for _ in range(batches):
-        batch.run()
-    elapsed, cpu = time.perf_counter() - start, backend_cpu(s) - cpu
-    batch.check([Resp.OK_NODATA] * 64)
-    batch.release()
-    return {"commands_per_s": batches * 64 / elapsed,
-            "batch_us": elapsed / batches * 1e6,
-            "command_cpu_us": cpu / (batches * 64) * 1e6}
+
+    def __init__(self, s: Session) -> None:
+        commands = []
+        for i in range(32):
+            commands.append(cmds.resource_create_2d(5000 + i, Format.B8G8R8X8_UNORM, 64, 64))
+            commands.append(cmds.resource_unref(5000 + i))
+        self.s = s
+        self.batch = FixedBatch(s, commands, cmds.NODATA_RESP_SIZE, indirect=True)
+        for _ in range(5):
+            self.batch.run()
+        self.batches, self.elapsed, self.cpu = 0, 0.0, 0.0
+
+    def run(self, count: int) -> None:
+        """``count`` more batches, timed together."""
+        start, cpu = time.perf_counter(), backend_cpu(self.s)
+        for _ in range(count):
+            self.batch.run()
+        self.elapsed += time.perf_counter() - start
+        self.cpu += backend_cpu(self.s) - cpu
+        self.batches += count
+
+    def finish(self) -> dict[str, float | None]:
+        """Commands per second, time per batch, back-end CPU per command."""
+        self.batch.check([Resp.OK_NODATA] * 64)
+        self.batch.release()
+        return {"commands_per_s": self.batches * 64 / self.elapsed,
+                "batch_us": self.elapsed / self.batches * 1e6,
+                "command_cpu_us": self.cpu / (self.batches * 64) * 1e6}
+
+
+def take_turns(sessions: list[tuple[Results, Session]], phase: str,
+               measure: Callable[[Session], Stretches], count: int, rounds: int) -> None:
+    """``measure`` on every session, taking turns: ``rounds`` rounds of
+    ``count / rounds`` iterations each, the order rotating every round.  A back-end
+    that fails is reported and left out of the rest."""
+    runs: list[tuple[Results, Stretches]] = []
+    for results, s in sessions:
+        try:
+            runs.append((results, measure(s)))
+        except Exception as exc:
+            results.errors.append(f"{phase}: {type(exc).__name__}: {exc}")
+    per_round = max(1, count // max(1, rounds))
+    for n in range(max(1, rounds)):
+        turn = n % len(runs) if runs else 0
+        for results, run in runs[turn:] + runs[:turn]:
+            try:
+                run.run(per_round)
+            except Exception as exc:
+                results.errors.append(f"{phase}: {type(exc).__name__}: {exc}")
+                runs.remove((results, run))
+    for results, run in runs:
+        try:
+            results.metrics.update(run.finish())
+        except Exception as exc:
+            results.errors.append(f"{phase}: {type(exc).__name__}: {exc}")
 
 
 def bench_attach(s: Session, iterations: int) -> dict[str, float | None]:
@@ -273,15 +340,14 @@ def bench_frames(s: Session, frames: int) -> dict[str, float | None]:
 
 
 PHASES: list[tuple[str, Callable[[Session, int], dict[str, float | None]], str]] = [
-    ("latency", bench_latency, "latency_iterations"),
-    ("throughput", bench_throughput, "batches"),
     ("attach", bench_attach, "attach_iterations"),
     ("frames", bench_frames, "frames"),
 ]
 
 
-def run_backend(name: str, command: Sequence[str], args: argparse.Namespace) -> Results:
-    """Start one back-end, run every phase, close the session."""
+def start_backend(name: str, command: Sequence[str],
+                  args: argparse.Namespace) -> tuple[Results, Session | None]:
+    """Start one back-end and bring its device up (None: it failed, see the errors)."""
     results = Results(name)
     flavour = FLAVOURS[args.flavour]
     config = SessionConfig(flavour=flavour, ram_size=256 * MiB, timeout=30.0)
@@ -291,25 +357,55 @@ def run_backend(name: str, command: Sequence[str], args: argparse.Namespace) -> 
         process = BackendProcess(command, name=name)
     except RuntimeError as exc:
         results.errors.append(f"start: {exc}")
-        return results
+        return results, None
     s = Session(process, config)
     try:
         s.realize()
         s.probe()
         s.driver_ok()
-        for phase, bench, option in PHASES:
-            if name.startswith("floor") and phase != "throughput":
-                continue
-            try:
-                results.metrics.update(bench(s, int(getattr(args, option))))
-            except Exception as exc:  # report and go on with the next phase
-                results.errors.append(f"{phase}: {type(exc).__name__}: {exc}")
-        code = s.close(exit_timeout=20)
-        results.metrics["exit_status"] = code
     except Exception as exc:
         results.errors.append(f"session: {type(exc).__name__}: {exc}")
         s.close(expect_exit=None)
-    return results
+        return results, None
+    return results, s
+
+
+def run_phase(results: Results, s: Session, phase: str,
+              bench: Callable[[Session, int], dict[str, float | None]], count: int) -> None:
+    """One phase on one back-end; a failure is reported and the next phase runs."""
+    try:
+        results.metrics.update(bench(s, count))
+    except Exception as exc:
+        results.errors.append(f"{phase}: {type(exc).__name__}: {exc}")
+
+
+def stop_backend(results: Results, s: Session) -> None:
+    """Close the session; the back-end's exit status becomes a metric."""
+    try:
+        results.metrics["exit_status"] = s.close(exit_timeout=20)
+    except Exception as exc:
+        results.errors.append(f"session: {type(exc).__name__}: {exc}")
+        s.close(expect_exit=None)
+
+
+def run_backends(commands: dict[str, list[str]], wanted: list[str],
+                 args: argparse.Namespace) -> list[Results]:
+    """Every phase on every back-end (the floors: throughput only), all of them up
+    at once; latency and throughput take turns (:func:`take_turns`), the others run
+    one back-end after the other."""
+    started = [start_backend(name, commands[name], args) for name in wanted]
+    live = [(results, s) for results, s in started if s is not None]
+    try:
+        devices = [(results, s) for results, s in live if not results.name.startswith("floor")]
+        take_turns(devices, "latency", Latency, args.latency_iterations, args.rounds)
+        take_turns(live, "throughput", Throughput, args.batches, args.rounds)
+        for phase, bench, option in PHASES:
+            for results, s in devices:
+                run_phase(results, s, phase, bench, int(getattr(args, option)))
+    finally:
+        for results, s in live:
+            stop_backend(results, s)
+    return [results for results, _ in started]
 
 
 ROWS = [
@@ -373,6 +469,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--flavour", default="10.x", choices=sorted(FLAVOURS))
     parser.add_argument("--latency-iterations", type=int, default=2000)
     parser.add_argument("--batches", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=10,
+                        help="turns of the latency and throughput phases: each back-end "
+                        "runs 1/ROUNDS of the iterations per round (default 10)")
     parser.add_argument("--attach-iterations", type=int, default=20)
     parser.add_argument("--frames", type=int, default=120)
     parser.add_argument("--json", action="store_true", help="also print JSON results")
@@ -386,7 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = set(wanted) - set(commands)
     if unknown:
         parser.error(f"unknown back-ends {sorted(unknown)}")
-    all_results = [run_backend(name, commands[name], args) for name in wanted]
+    all_results = run_backends(commands, wanted, args)
     print_table(all_results)
     if args.json:
         print(json.dumps({r.name: {"metrics": r.metrics, "errors": r.errors}
