@@ -7,12 +7,13 @@
 #   Debian guest image, and Debian's python3-numpy/python3-pytest/python3-construct because
 #   the default guest root is this host's own root filesystem shared read-only over 9p
 #   (the guest tests import the protocol package, which needs construct);
-#   python3-pytest-timeout gives each guest test its own time limit (vm.py test).
+#   python3-pytest-timeout gives each guest test its own time limit (vm.py test);
+#   valgrind counts instructions for scripts/bench_instructions.py (and its test).
 set -eu
 
 BACKPORTS_SOURCES=/etc/apt/sources.list.d/bookworm-backports.sources
 BACKPORTS_PACKAGES="qemu-system-x86 qemu-system-gui qemu-utils"
-DEBIAN_PACKAGES="busybox-static cpio xz-utils e2fsprogs debootstrap python3 python3-venv python3-pip python3-numpy python3-pytest python3-pytest-timeout python3-construct"
+DEBIAN_PACKAGES="busybox-static cpio xz-utils e2fsprogs debootstrap python3 python3-venv python3-pip python3-numpy python3-pytest python3-pytest-timeout python3-construct valgrind"
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "setup-host.sh: must run as root" >&2

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -101,7 +102,19 @@ def test_bench_compute_checks_results_and_times_every_path(tmp_path: Path) -> No
     assert "targets at the largest size" in again
 
 
+@pytest.mark.skipif(shutil.which("valgrind") is None,
+                    reason="valgrind is not installed (scripts/setup-host.sh installs it)")
+def test_bench_instructions_counts_the_device_and_the_floor() -> None:
+    out = bench("bench_instructions", "--batches", "2", "--measure", "device,floor",
+                timeout=600)
+    counts = {line.split()[0]: int(line.split()[1].replace(",", ""))
+              for line in out.splitlines() if line.strip()}
+    assert set(counts) == {"device", "floor"}
+    # each command allocates and zeroes a 16 KiB image: thousands of instructions
+    assert all(n > 4096 for n in counts.values()), counts
+
+
 @pytest.mark.parametrize("name", ["bench_device", "bench_userptr", "bench_hostgpu",
-                                  "bench_2d", "bench_compute"])
+                                  "bench_2d", "bench_compute", "bench_instructions"])
 def test_bench_has_help(name: str) -> None:
     assert "usage:" in bench(name, "--help")

@@ -176,7 +176,7 @@ class Commands2D:
             self.s.resources.get(body.resource_id)))  # it may be gone by then
 
     def _unref_now(self, res: Resource) -> Reply:
-        for hook in self.s.release_hooks:
+        for hook in self.s.release_hooks[type(res)]:
             hook(res)
         self.destroy(res)
         return OK
@@ -185,7 +185,7 @@ class Commands2D:
         """Tear a resource down completely (UNREF, reset, disconnect)."""
         if res.scanouts:
             self.s.scanouts.forget_resource(res)
-        for hook in self.s.destroy_hooks:
+        for hook in self.s.destroy_hooks[type(res)]:
             hook(res)
         res.backing = None
         self.s.resources.remove(res.resource_id)
@@ -219,9 +219,9 @@ class Commands2D:
 
     def _detach_now(self, resource_id: int) -> Reply:
         res = self.s.resources.get(resource_id)
-        for hook in self.s.release_hooks:
+        for hook in self.s.release_hooks[type(res)]:
             hook(res)
-        for hook in self.s.detach_hooks:
+        for hook in self.s.detach_hooks[type(res)]:
             hook(res)
         res.backing = None
         return OK

@@ -106,9 +106,9 @@ class BlobCommands:
         self.contexts = contexts
         self._warned_features = False
         self._warned_unsupported = False
-        state.release_hooks.append(self._release_strictly)
-        state.destroy_hooks.append(self._release)
-        state.detach_hooks.append(self._invalidate)
+        state.release_hooks.add(BlobResource, self._release_strictly)
+        state.destroy_hooks.add(BlobResource, self._release)
+        state.detach_hooks.add(BlobResource, self._invalidate)
 
     def handlers(self) -> dict[int, Handler]:
         """Command type -> handler."""
@@ -223,7 +223,7 @@ class BlobCommands:
         """Before a resource is destroyed: no context may reach it any more, and its
         host GPU mapping is freed (synchronously)."""
         if isinstance(res, BlobResource) and res.gpu_mapping is not None:
-            for hook in self.s.unmap_hooks:
+            for hook in self.s.unmap_hooks[type(res)]:
                 hook(res)
             gpu, mapping = self.s.host_gpu, res.gpu_mapping
             res.gpu_mapping = None

@@ -120,8 +120,8 @@ class ComputeCommands:
         self._last_jobs: dict[int, dict[Hashable, int]] = {}
         contexts.create_hooks.append(self._context_created)
         contexts.detach_hooks.append(self._resource_detached)
-        state.destroy_hooks.append(self._resource_destroyed)
-        state.unmap_hooks.append(self._purge_mappings)
+        state.destroy_hooks.add(HostBuffer, self._resource_destroyed)
+        state.unmap_hooks.add(Resource, self._purge_mappings)
         state.compute_barrier = self._barrier
         state.fence_barrier = self._fence_barrier
 

@@ -61,7 +61,7 @@ class ContextTable:
         self.detach_hooks: list[DetachHook] = []
         self.destroy_hooks: list[DestroyHook] = []
         self.create_hooks: list[Callable[[Context], None]] = []
-        state.destroy_hooks.append(self._resource_destroyed)
+        state.destroy_hooks.add(Resource, self._resource_destroyed)
 
     def __iter__(self) -> Iterator[Context]:
         return iter(list(self._by_id.values()))

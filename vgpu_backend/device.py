@@ -418,7 +418,7 @@ class VirtioGpuDevice:
                 queue.drop_memory()
         for res in self.state.resources:
             if res.backing is not None and res.backing.uses_region(region.id):
-                for hook in self.state.detach_hooks:
+                for hook in self.state.detach_hooks[type(res)]:
                     hook(res)
                 res.backing = None
                 log.info("resource %d lost its backing: guest memory %s was removed",

@@ -29,6 +29,8 @@ __all__ = [
     "DeviceState",
     "Handler",
     "Reply",
+    "ResourceHook",
+    "ResourceHooks",
     "UserptrProtocol",
     "with_body",
     "with_body_and_chain",
@@ -137,6 +139,29 @@ class Capset:
         return self.refresh() if self.refresh is not None else self.data
 
 
+ResourceHook = Callable[[Resource], None]
+
+
+class ResourceHooks(dict[type[Resource], list[ResourceHook]]):
+    """Hooks that concern resources of given kinds: ``hooks[type(res)]`` lists the
+    ones for ``res``, in the order they were added (found once per class: every
+    command that destroys a plain 2D image would otherwise call each blob and host
+    buffer hook only for it to return)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._kinds: list[tuple[type[Resource], ResourceHook]] = []
+
+    def add(self, kind: type[Resource], hook: ResourceHook) -> None:
+        """Run ``hook`` for resources of ``kind`` (and its subclasses)."""
+        self._kinds.append((kind, hook))
+        self.clear()
+
+    def __missing__(self, cls: type[Resource]) -> list[ResourceHook]:
+        hooks = self[cls] = [hook for kind, hook in self._kinds if issubclass(cls, kind)]
+        return hooks
+
+
 @dataclass(slots=True)
 class DeviceState:
     """State shared by every command handler."""
@@ -160,15 +185,15 @@ class DeviceState:
     #: virtio feature bits we offered
     offered_features: int = 0
     #: run before a resource is destroyed (release host GPU mappings, detach contexts)
-    destroy_hooks: list[Callable[[Resource], None]] = field(default_factory=list)
+    destroy_hooks: ResourceHooks = field(default_factory=ResourceHooks)
     #: run by RESOURCE_UNREF and DETACH_BACKING before the resource loses its guest
     #: memory (the guest may reuse the pages right after the answer); may refuse with a
     #: GuestProtocolError (nothing changes, and the guest may retry)
-    release_hooks: list[Callable[[Resource], None]] = field(default_factory=list)
+    release_hooks: ResourceHooks = field(default_factory=ResourceHooks)
     #: run before a resource's backing is dropped by DETACH_BACKING
-    detach_hooks: list[Callable[[Resource], None]] = field(default_factory=list)
+    detach_hooks: ResourceHooks = field(default_factory=ResourceHooks)
     #: run when a resource's host GPU mapping goes away (released or invalidated)
-    unmap_hooks: list[Callable[[Resource], None]] = field(default_factory=list)
+    unmap_hooks: ResourceHooks = field(default_factory=ResourceHooks)
     #: a Deferred that resolves when the compute work the given contexts submitted so
     #: far is done (None when they have none in flight)
     compute_barrier: Callable[[Iterable[int]], Deferred | None] | None = None

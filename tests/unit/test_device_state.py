@@ -1,6 +1,6 @@
 """The shared pieces of :mod:`vgpu_backend.device_state`, tested directly: the reply
 types (:class:`Deferred` above all), capsets, option defaults and the ``set_modes`` /
-``after_compute`` rules of :class:`DeviceState`."""
+``after_compute`` rules of :class:`DeviceState`, and :class:`ResourceHooks`."""
 
 from __future__ import annotations
 
@@ -25,8 +25,10 @@ from vgpu_backend.device_state import (
     DeviceOptions,
     DeviceState,
     Reply,
+    ResourceHooks,
     UserptrProtocol,
 )
+from vgpu_backend.resources import BlobResource, HostBuffer, Image2D, Resource
 
 
 def test_option_defaults_are_the_documented_ones() -> None:
@@ -190,3 +192,22 @@ def test_after_compute_waits_for_the_barrier(state: DeviceState) -> None:
     barrier.resolve(OK)
     assert ran == [1, 1]
     assert result.reply == Reply(Resp.OK_CAPSET, b"late")
+
+
+def test_resource_hooks_list_the_hooks_of_a_resource_kind_in_order() -> None:
+    """``hooks[type(res)]``: the hooks added for its class or a base class, in the
+    order they were added; a hook added later shows up for a class already looked up."""
+    hooks = ResourceHooks()
+    calls: list[str] = []
+    hooks.add(BlobResource, lambda res: calls.append("blob"))
+    hooks.add(Resource, lambda res: calls.append("any"))
+    for hook in hooks[Image2D]:
+        hook(Image2D(1))
+    assert calls == ["any"]
+    hooks.add(Image2D, lambda res: calls.append("image"))
+    hooks.add(HostBuffer, lambda res: calls.append("buffer"))
+    calls.clear()
+    for cls in (BlobResource, Image2D, HostBuffer):
+        for hook in hooks[cls]:
+            hook(cls(1))
+    assert calls == ["blob", "any", "any", "image", "any", "buffer"]
