@@ -159,6 +159,9 @@ _DISPLAY_ONE_SIZE: Final = layout(DisplayOne).size
 DISPLAY_INFO_SIZE: Final = CTRL_HDR_SIZE + MAX_SCANOUTS * _DISPLAY_ONE_SIZE
 
 
+_REPLY = int(DisplayFlag.REPLY)
+
+
 @dataclass(frozen=True, slots=True)
 class DisplayMessage:
     """One framed display-socket message (either direction)."""
@@ -171,7 +174,7 @@ class DisplayMessage:
     @property
     def is_reply(self) -> bool:
         """QEMU's replies carry the REPLY flag."""
-        return bool(self.flags & DisplayFlag.REPLY)
+        return bool(self.flags & _REPLY)  # an int: IntFlag arithmetic makes members
 
     def u64(self) -> int:
         """The payload as one u64 (protocol-feature messages)."""
