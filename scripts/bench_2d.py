@@ -25,13 +25,17 @@ run.  The other phases run one back-end after the other.
     python3 scripts/bench_2d.py [--backends ours,polled,reference,floor,floor-polled]
         [--poll-max-us 500]
         [--latency-iterations 2000] [--batches 2000] [--rounds 10] [--attach-iterations 20]
-        [--frames 120] [--flavour 10.x] [--json]
+        [--frames 120] [--flavour 10.x] [--checkout PATH] [--json]
+
+``--checkout`` runs another checkout's back-end in the same run (``ours@NAME``):
+before/after comparisons of a change, through the same drift.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import struct
 import sys
 import time
@@ -458,6 +462,14 @@ def print_table(all_results: list[Results]) -> None:
             print(f"{r.name}: {err}", file=sys.stderr)
 
 
+def checkout_command(checkout: Path) -> list[str]:
+    """``python -m vgpu_backend`` with the packages of another checkout first."""
+    path = str(checkout.resolve())
+    return [sys.executable, "-c", f"import runpy, sys; sys.path.insert(0, {path!r}); "
+            "runpy.run_module('vgpu_backend', run_name='__main__', alter_sys=True)",
+            "--socket-path", "{socket}"]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse options, run the chosen back-ends, print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
@@ -476,6 +488,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "runs 1/ROUNDS of the iterations per round (default 10)")
     parser.add_argument("--attach-iterations", type=int, default=20)
     parser.add_argument("--frames", type=int, default=120)
+    parser.add_argument("--checkout", action="append", default=[], type=Path,
+                        metavar="PATH", help="also run the vgpu-backend of another "
+                        "checkout (a git worktree of an older commit, say) as back-end "
+                        "ours@NAME, NAME its directory's name (repeatable; add it to "
+                        "--backends to choose it, as by default)")
     parser.add_argument("--json", action="store_true", help="also print JSON results")
     args = parser.parse_args(argv)
     commands = {"ours": list(OURS_COMMAND),
@@ -483,7 +500,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "reference": [args.reference_binary, "--socket-path", "{socket}"],
                 "floor": [sys.executable, str(FLOOR_BACKEND), "--socket-path", "{socket}"]}
     commands["floor-polled"] = [*commands["floor"], "--poll-max-us", str(args.poll_max_us)]
+    checkouts = {f"ours@{Path(os.path.abspath(c)).name}": c for c in args.checkout}
+    for name, checkout in checkouts.items():
+        commands[name] = checkout_command(checkout)
     wanted = [b.strip() for b in args.backends.split(",") if b.strip()]
+    wanted += [name for name in checkouts if name not in wanted]
     unknown = set(wanted) - set(commands)
     if unknown:
         parser.error(f"unknown back-ends {sorted(unknown)}")

@@ -75,6 +75,20 @@ def test_bench_2d_ratios_are_printed_for_every_back_end_against_the_reference() 
     assert len(throughput.split()) == len(header) + 3  # a label of four words, every cell
 
 
+def test_bench_2d_runs_another_checkout_beside_ours(tmp_path: Path) -> None:
+    """``--checkout PATH`` adds that checkout's back-end as ``ours@NAME``, measured in
+    the same run as the others (here: this checkout, under another name)."""
+    other = tmp_path / "before"
+    other.symlink_to(ROOT)
+    out = bench("bench_2d", "--backends", "ours", "--checkout", str(other),
+                "--latency-iterations", "10", "--batches", "3", "--attach-iterations", "2",
+                "--frames", "2", "--json")
+    results = json.loads(out[out.index("\n{") + 1:])
+    assert sorted(results) == ["ours", "ours@before"]
+    assert all(r["errors"] == [] and r["metrics"]["exit_status"] == 0
+               for r in results.values()), results
+
+
 @pytest.mark.parametrize("floor", ["floor", "floor-polled"])
 def test_bench_2d_floor_runs_the_throughput_phase_only(floor: str) -> None:
     """The floor back-end answers the 64-command batches itself (the script checks
