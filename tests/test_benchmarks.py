@@ -4,6 +4,7 @@ reports (never how fast -- speed figures belong to the scripts' own output)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -98,6 +99,20 @@ def test_bench_2d_floor_runs_the_throughput_phase_only(floor: str) -> None:
     metrics = json.loads(out[out.index("\n{") + 1:])[floor]["metrics"]
     assert sorted(metrics) == ["batch_us", "command_cpu_us", "commands_per_s", "exit_status"]
     assert metrics["exit_status"] == 0  # 1 when it answered no batch itself
+
+
+def test_compute_report_ratios_skip_rounds_the_clock_did_not_see() -> None:
+    """A CPU time too short for the clock is 0: such a round gives no ratio (it used
+    to divide by zero), and with no round left the ratio is NaN."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from benchkit.compute_report import Row
+
+    row = Row("saxpy", "thp", "1 MiB", 1.0, 1.0, 1,
+              cpu={"copy": [3.0, 2.0, 5.0], "userptr": [1.0, 1.0, 1.0],
+                   "xfer": [0.0, 1.0, 2.0], "numpy": [0.0, 0.0, 0.0]})
+    assert row.gap(cpu=True) == 1.5  # rounds 2 and 3: (2-1)/1 and (5-1)/2
+    assert row.ratio("userptr", "xfer", cpu=True) == 0.75
+    assert math.isnan(row.ratio("userptr", "numpy", cpu=True))
 
 
 def test_bench_compute_checks_results_and_times_every_path(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ plotted is derived from rows, so saved results (``--json``) can be shown again l
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,13 +44,19 @@ class Row:
     def ratio(self, num: str, den: str, cpu: bool = False) -> float:
         """Median over rounds of ``time(num) / time(den)`` (paired: same load)."""
         s = self._samples(cpu)
-        return statistics.median(a / b for a, b in zip(s[num], s[den], strict=True))
+        return _median_or_nan([a / b for a, b in zip(s[num], s[den], strict=True) if b])
 
     def gap(self, cpu: bool = False) -> float:
         """Median over rounds of ``(copy - userptr) / copy cost``."""
         s = self._samples(cpu)
-        return statistics.median((c - u) / x for c, u, x in
-                                 zip(s["copy"], s["userptr"], s["xfer"], strict=True))
+        return _median_or_nan([(c - u) / x for c, u, x in
+                               zip(s["copy"], s["userptr"], s["xfer"], strict=True) if x])
+
+
+def _median_or_nan(values: list[float]) -> float:
+    """The median; NaN when no round could give one (a CPU time too short for the
+    clock to see is 0: tiny sizes)."""
+    return statistics.median(values) if values else math.nan
 
 
 
