@@ -265,12 +265,13 @@ def take_turns(sessions: list[tuple[Results, Session]], phase: str,
             runs.append((results, measure(s)))
         except Exception as exc:
             results.errors.append(f"{phase}: {type(exc).__name__}: {exc}")
-    per_round = max(1, count // max(1, rounds))
-    for n in range(max(1, rounds)):
+    rounds = max(1, min(rounds, count))
+    for n in range(rounds):
         turn = n % len(runs) if runs else 0
+        share = count // rounds + (1 if n < count % rounds else 0)  # all ``count``
         for results, run in runs[turn:] + runs[:turn]:
             try:
-                run.run(per_round)
+                run.run(share)
             except Exception as exc:
                 results.errors.append(f"{phase}: {type(exc).__name__}: {exc}")
                 runs.remove((results, run))
@@ -501,6 +502,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "floor": [sys.executable, str(FLOOR_BACKEND), "--socket-path", "{socket}"]}
     commands["floor-polled"] = [*commands["floor"], "--poll-max-us", str(args.poll_max_us)]
     checkouts = {f"ours@{Path(os.path.abspath(c)).name}": c for c in args.checkout}
+    if len(checkouts) < len(args.checkout):
+        parser.error("--checkout: two checkouts in directories of the same name")
     for name, checkout in checkouts.items():
         commands[name] = checkout_command(checkout)
     wanted = [b.strip() for b in args.backends.split(",") if b.strip()]

@@ -7,7 +7,8 @@ do not.  This counts, per command, what ``bench_device.py`` times: the device's
 INDIRECT chains, the command handlers alone, and the floor loop (no checks, the ring
 side in numpy, ``scripts/benchkit/floor_loop.py``).  Only the measured loop is counted
 (``--toggle-collect`` on the ``functools.reduce`` that drives it), not start-up.  Needs
-valgrind (``apt-get install valgrind``); each measurement takes about 10 s.
+valgrind (``apt-get install valgrind``) and a Python whose symbols are not stripped
+(exit status 3 otherwise); each measurement takes about 10-30 s.
 
     python3 scripts/bench_instructions.py [--batches 30] [--measure device,handlers,floor]
         [-- BACKEND-OPTIONS...]
@@ -30,6 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 MEASURES = ("device", "handlers", "floor")
 _COLLECTED = re.compile(r"Collected : (\d+)")
 WARM_UP = 5
+#: the exit status when this Python cannot be counted (a stripped build)
+CANNOT_COUNT = 3
 
 
 def count(measure: str, batches: int, backend_options: list[str]) -> int:
@@ -42,6 +45,11 @@ def count(measure: str, batches: int, backend_options: list[str]) -> int:
     if done.returncode != 0 or found is None:
         raise SystemExit(f"bench_instructions: {measure} failed ({done.returncode}):\n"
                          f"{done.stdout}{done.stderr[-2000:]}")
+    if int(found.group(1)) == 0:  # callgrind never saw functools_reduce run
+        print(f"bench_instructions: counted nothing: {sys.executable} has no symbol "
+              "functools_reduce (a stripped build, as Debian's); use a Python with "
+              "symbols (pyenv's, say)", file=sys.stderr)
+        sys.exit(CANNOT_COUNT)
     return int(found.group(1))
 
 

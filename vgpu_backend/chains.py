@@ -113,7 +113,9 @@ class ChainBatch:
     Chains in the common layout -- one readable then one writable buffer, both in one
     memory region, as Linux's INDIRECT pairs are -- are kept as offsets until someone
     asks for their :class:`DescriptorChain`: a device that only needs the command's
-    first bytes and a place for the response header never builds one.
+    first bytes and a place for the response header never builds one.  Offsets do not
+    keep the region mapped: a batch is used until the memory table next changes (a
+    built chain's views, like any, keep their pages mapped).
     """
 
     __slots__ = ("_items",)
@@ -141,10 +143,11 @@ class ChainBatch:
 
     def commands(self, size: int, answer: int) -> Iterator[
             tuple[int, bytes, WriteableBuffer | None, int, GuestProtocolError | None]]:
-        """For each chain in order: (head, a copy of its first ``size`` readable bytes
-        (fewer if it has fewer), the buffer and offset where ``answer`` response bytes
-        go in one piece (None when its writable part is not one usable buffer that
-        large), why a buffer of it is unusable (None: all are usable))."""
+        """For each chain in order: its head; a copy of its first ``size`` readable
+        bytes (fewer if it has fewer); the buffer and the offset in it where
+        ``answer`` response bytes go in one piece (buffer None when its writable part
+        is not one usable buffer that large); why a buffer of it is unusable (None:
+        all are usable)."""
         for item in self._items:
             if isinstance(item, DescriptorChain):
                 slot = item.inp[0] if item.writable_ok and len(item.inp) == 1 and \
@@ -152,6 +155,6 @@ class ChainBatch:
                 yield item.head, item.read(size), slot, 0, item.error
             else:
                 head, mapping, out_at, out_len, in_at, in_len = item
-                # (min() costs more than the copy)
+                # a conditional, not min(): calling min() costs more than the copy
                 yield (head, mapping[out_at:out_at + (out_len if out_len < size else size)],
                        mapping if in_len >= answer else None, in_at, None)

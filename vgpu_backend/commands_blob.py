@@ -216,8 +216,7 @@ class BlobCommands:
         command is refused and the resource keeps its memory: the guest learns the pages
         are still in use and may retry; the mapping is unusable for any context
         meanwhile."""
-        if isinstance(res, BlobResource) and res.gpu_mapping is not None:
-            self._release(res, strict=True)
+        self._release(res, strict=True)
 
     def _release(self, res: Resource, *, strict: bool = False) -> None:
         """Before a resource is destroyed: no context may reach it any more, and its

@@ -240,6 +240,12 @@ class VirtioGpuDevice:
         there at once, and its used entry joins :attr:`_answered`: pushed with the
         others before any other answer is pushed, and at the end.  The used ring lists
         answers in the order they were made, as if each were pushed at once."""
+        try:
+            return self._run_batch(queue, chains)
+        finally:  # whatever happened, what was answered is used (and only once)
+            self._push_answered(queue)
+
+    def _run_batch(self, queue: Virtqueue, chains: ChainBatch) -> tuple[int, bool]:
         handlers, headers = self._handlers, self._headers
         for index, (head, data, slot, at, error) in enumerate(
                 chains.commands(_COMMAND_READ, CTRL_HDR_SIZE)):
@@ -257,16 +263,17 @@ class VirtioGpuDevice:
             if hdr.flags & _FENCE:
                 result = self._after_earlier_work(hdr, result)
             elif slot is not None and type(result) is Reply and not result.body:
-                # a handler leaves the ring as it is: ready need not be checked
+                # no command changes the ring's state (only vhost-user requests do,
+                # between batches): ready is checked after the others for safety
                 _HDR.pack_into(slot, at, result.resp, 0, 0, 0, 0, _PAD)
                 self._answered.append(head)
                 continue
-            self._push_answered(queue)
             if isinstance(result, Reply):
                 self._respond(queue, chains[index], hdr, result)
             elif result.reply is not None:
                 self._respond(queue, chains[index], hdr, result.reply)
             else:
+                self._push_answered(queue)  # it may be answered before the next push
                 self._defer(queue, chains[index], hdr, result)
                 if result.pause:
                     return index + 1, True
@@ -274,7 +281,6 @@ class VirtioGpuDevice:
                 break
         else:
             index = len(chains) - 1
-        self._push_answered(queue)
         return index + 1, False
 
     def _decode_header(self, data: bytes) -> CtrlHdr:
@@ -283,15 +289,16 @@ class VirtioGpuDevice:
         same type), and decoding costs more than finding it."""
         if len(data) < CTRL_HDR_SIZE:
             return CtrlHdr(0)
-        if len(self._headers) >= _HEADERS_KEPT:  # fence ids never repeat
+        if len(self._headers) >= _HEADERS_KEPT:  # fenced headers seldom repeat
             self._headers.clear()
         hdr = self._headers[data[:CTRL_HDR_SIZE]] = _new_hdr(CtrlHdr, _unpack_hdr(data))
         return hdr
 
     def _push_answered(self, queue: Virtqueue) -> None:
         if self._answered:
-            queue.push_many(self._answered, CTRL_HDR_SIZE)
-            self._answered = []
+            answered, self._answered = self._answered, []
+            if queue.mapped:  # else the ring is gone, and its answers with it
+                queue.push_many(answered, CTRL_HDR_SIZE)
 
     def _run_cursor_batch(self, queue: Virtqueue, chains: ChainBatch) -> tuple[int, bool]:
         """Execute the cursor commands of ``chains`` (never held)."""

@@ -7,8 +7,8 @@ Two kinds of guest mistakes are distinguished:
   outside guest RAM): :class:`GuestProtocolError` with ``ring_fatal``; the queue is
   marked broken and processes nothing until the front-end sets it up again;
 * one chain's buffers are bad (outside guest RAM, readable after writable): the chain
-  is still returned, with :attr:`DescriptorChain.error` set, so the device can answer
-  it with an error (or a zero-length used entry) and go on.
+  is still returned, with :attr:`~vgpu_backend.chains.DescriptorChain.error` set, so
+  the device can answer it with an error (or a zero-length used entry) and go on.
 """
 
 from __future__ import annotations
@@ -202,7 +202,8 @@ class Virtqueue:
         there is none.
 
         A corrupt ring raises only when it is the first thing found: chains popped
-        before it are returned, and the next call raises.  Chains the caller does not
+        before it are returned, and the next call raises.  The batch is valid until
+        the memory table next changes (see :class:`ChainBatch`).  Chains the caller does not
         get to run go back with :meth:`unpop`.
 
         With EVENT_IDX, ``avail_event`` is published only when the ring is found

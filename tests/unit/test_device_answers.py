@@ -25,7 +25,7 @@ from vgpu_backend.device import CONTROL_QUEUE
 from vgpu_backend.device_state import OK, Deferred, Reply
 
 NEXT, WRITE, INDIRECT = int(DescFlag.NEXT), int(DescFlag.WRITE), int(DescFlag.INDIRECT)
-FENCE = int(CtrlFlag.FENCE)
+FENCE, INFO_RING_IDX = int(CtrlFlag.FENCE), int(CtrlFlag.INFO_RING_IDX)
 
 
 def create(rid: int) -> bytes:
@@ -48,8 +48,8 @@ def test_every_kind_of_answer_is_used_in_ring_order(dev: DeviceHarness) -> None:
     the used ring lists them exactly in the order they were made available."""
     dev.stage(create(1))
     dev.stage(command(Cmd.GET_EDID, GetEdid(0, 0)))
-    dev.stage(command(Cmd.RESOURCE_CREATE_2D, ResourceCreate2d(2, 2, 4, 4), flags=FENCE,
-                      fence_id=77, ctx_id=0))
+    dev.stage(command(Cmd.RESOURCE_CREATE_2D, ResourceCreate2d(2, 2, 4, 4),
+                      flags=FENCE | INFO_RING_IDX, fence_id=77, ctx_id=3, ring_idx=2))
     dev.stage(unref(9))
     dev.stage(create(3)[:CTRL_HDR_SIZE + 4])
     dev.stage(command(0x0FFF))
@@ -65,7 +65,8 @@ def test_every_kind_of_answer_is_used_in_ring_order(dev: DeviceHarness) -> None:
         "OK_NODATA", "OK_EDID", "OK_NODATA", "ERR_INVALID_RESOURCE_ID",
         "ERR_INVALID_PARAMETER", "ERR_UNSPEC", "OK_NODATA"]
     fenced = got[2].hdr
-    assert (fenced.flags & FENCE, fenced.fence_id) == (FENCE, 77)
+    assert (fenced.flags, fenced.fence_id, fenced.ctx_id, fenced.ring_idx) == (
+        FENCE | INFO_RING_IDX, 77, 3, 2)
     assert got[0].hdr.flags == got[0].hdr.fence_id == 0
     assert dev.submit(unref(4))[0].type == Resp.OK_NODATA  # the truncated one ran too
 
@@ -129,6 +130,21 @@ def test_an_answer_made_during_a_later_command_is_used_when_it_is_made() -> None
         assert [head for head, _, _ in names(harness)] == [2, 0, 4, 6]
     finally:
         harness.close()
+
+
+def test_every_answer_echoes_its_own_header_past_the_header_cache(dev: DeviceHarness) -> None:
+    """More distinct fenced headers than the device keeps decoded, then the first ones
+    again: each answer carries its own command's fence id."""
+    fence_ids = [*range(1, 97), *range(1, 33)]
+    for start in range(0, len(fence_ids), 32):
+        chunk = fence_ids[start:start + 32]
+        for fence_id in chunk:
+            dev.stage(command(Cmd.RESOURCE_UNREF, ResourceUnref(fence_id % 3 + 900),
+                              flags=FENCE, fence_id=fence_id))
+        dev.device.process(CONTROL_QUEUE)
+        got = dev.collect()
+        assert [r.hdr.fence_id for r in got] == chunk
+        assert {Resp(r.type).name for r in got} == {"ERR_INVALID_RESOURCE_ID"}
 
 
 @pytest.mark.parametrize("rounds", [5])
