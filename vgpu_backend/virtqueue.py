@@ -203,8 +203,8 @@ class Virtqueue:
 
         A corrupt ring raises only when it is the first thing found: chains popped
         before it are returned, and the next call raises.  The batch is valid until
-        the memory table next changes (see :class:`ChainBatch`).  Chains the caller does not
-        get to run go back with :meth:`unpop`.
+        the memory table next changes (see :class:`ChainBatch`).  Chains the caller
+        does not get to run go back with :meth:`unpop`.
 
         With EVENT_IDX, ``avail_event`` is published only when the ring is found
         empty (as Linux's vhost does): while the device works through what is
@@ -226,13 +226,7 @@ class Virtqueue:
         chains: list[DescriptorChain | PairItem] = []
         avail, table, last = self._avail_u16, self._desc, self.last_avail
         unpack_desc = _DESC.unpack_from
-        region = self._last_region
-        pairs = False
-        gpa = end = at = 0
-        view, mapping = memoryview(b""), _NO_MAPPING
-        if region is not None and region.fd >= 0:
-            pairs, gpa, end = self._pairs_allowed, region.gpa, region.gpa + region.size
-            view, mapping, at = region.view, region.mapping, region.mmap_offset - region.gpa
+        pairs, gpa, end, view, mapping, at = self._pair_window()
         for _ in range(pending):
             head = avail[2 + last % num]
             try:
@@ -252,13 +246,7 @@ class Virtqueue:
                         continue
                 chains.append(self._walk(head))
                 # the general walk may have moved to another region
-                region = self._last_region
-                if region is not None and region.fd >= 0:
-                    pairs, gpa, end = self._pairs_allowed, region.gpa, region.gpa + region.size
-                    view, mapping = region.view, region.mapping
-                    at = region.mmap_offset - region.gpa
-                else:
-                    pairs = False
+                pairs, gpa, end, view, mapping, at = self._pair_window()
             except GuestProtocolError:
                 if not chains:
                     raise
@@ -266,6 +254,16 @@ class Virtqueue:
             last = (last + 1) & 0xFFFF
         self.last_avail = last
         return ChainBatch(chains)
+
+    def _pair_window(self) -> tuple[bool, int, int, memoryview, mmap.mmap, int]:
+        """Where the pop takes INDIRECT pairs without the walk: (whether it may, the
+        last-used region's first and end guest addresses, its view and mapping, and
+        mapping offset minus guest address)."""
+        region = self._last_region
+        if region is None or region.fd < 0:
+            return False, 0, 0, memoryview(b""), _NO_MAPPING, 0
+        return (self._pairs_allowed, region.gpa, region.gpa + region.size, region.view,
+                region.mapping, region.mmap_offset - region.gpa)
 
     def unpop(self, count: int) -> None:
         """Give the last ``count`` popped chains back: they are popped again later
