@@ -222,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     artifacts = commands.add_parser("artifacts", help="build or check the cached guest artifacts")
     artifacts.add_argument("--guest-root", choices=(*ROOT_KINDS, "none"), default="host")
     artifacts.add_argument("--kernel-package", metavar="NAME")
+    for command in (test, console, demo, artifacts):  # usage errors show its usage
+        command.set_defaults(command_parser=command)
     return parser
 
 
@@ -254,12 +256,12 @@ def main(argv: list[str]) -> int:
         argv = argv[:argv.index("--")]
     args = build_parser().parse_args(argv)
     if extra and args.command != "test":
-        build_parser().error("only `test` takes extra pytest arguments after --")
+        args.command_parser.error("only `test` takes extra pytest arguments after --")
     if hasattr(args, "backend"):  # a bad combination is a usage error, as a bad value
         try:
             backend_spec(args.backend, args.backend_cmd, args.backend_arg)
         except HarnessError as err:
-            build_parser().error(str(err))
+            args.command_parser.error(str(err))
     try:
         if args.command == "artifacts":
             started = time.monotonic()

@@ -182,6 +182,18 @@ def test_backend_args_do_not_go_with_a_backend_command(
         vm.main(["test", "--backend-cmd", "x --socket-path {socket}",
                  "--backend-arg=--poll-max-us=1"])
     assert info.value.code == 2
-    assert "--backend-arg goes with a preset" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "vm.py test: error: --backend-arg goes with a preset" in err
     with pytest.raises(HarnessError, match="--backend-arg goes with a preset"):
         backend_spec(None, "x --socket-path {socket}", ["--log-level=debug"])
+
+
+@pytest.mark.parametrize("command", ["demo", "console-check", "artifacts"])
+def test_extra_arguments_are_refused_with_the_commands_usage(
+        command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        vm.main([command, "--", "-k", "x"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"usage: vm.py {command}" in err
+    assert f"vm.py {command}: error: only `test` takes extra pytest arguments" in err
