@@ -81,7 +81,9 @@ def parser() -> argparse.ArgumentParser:
                           "feature bit 5 as RESOURCE_USERPTR; only for guests built from "
                           "the v3 series, never with Linux >= 7.2 where bit 5 is "
                           "BLOB_ALIGNMENT; QEMU's vhost-user-gpu-pci does not forward "
-                          "the bit to the guest), off (the default with --no-blob)")
+                          "the bit to the guest), off (the default with --no-blob); "
+                          "naming v3 or v5 refuses to start on a host GPU without "
+                          "USERPTR (context isolation)")
     dev.add_argument("--userptr-capset-id", type=_integer, metavar="ID",
                      help=f"capset id of the userptr capset, 10..63 (default "
                           f"{DEFAULT_USERPTR_CAPSET})")

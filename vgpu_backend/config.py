@@ -49,6 +49,10 @@ class BackendConfig:
     host_gpu: dict[str, Any] = field(default_factory=dict)
     #: the event loop's longest busy-poll before it sleeps, in microseconds (0: never)
     poll_max_us: int = 0
+    #: USERPTR was asked for by name (``--userptr-protocol v3|v5``): a host GPU that
+    #: cannot register USERPTR memory is refused at start instead of answering every
+    #: USERPTR blob with an error
+    userptr_required: bool = False
 
 
 def _mode(text: str, max_dimension: int) -> tuple[int, int]:
@@ -253,7 +257,8 @@ def build_config(args: argparse.Namespace) -> BackendConfig:
         raise ConfigError(f"--poll-max-us {args.poll_max_us}: must be 0..{MAX_POLL_US} "
                           "(0: never poll)")
     return BackendConfig(args.socket_path, args.fd, args.log_level, device, limits, host_gpu,
-                         args.poll_max_us)
+                         args.poll_max_us, userptr_required=args.userptr_protocol is not None
+                         and protocol is not UserptrProtocol.OFF)
 
 
 def with_limits(config: BackendConfig, **overrides: Any) -> BackendConfig:

@@ -9,7 +9,7 @@ import os
 import socket
 
 from vgpu_backend import __version__
-from vgpu_backend.config import BackendConfig, host_gpu_error
+from vgpu_backend.config import BackendConfig, ConfigError, host_gpu_error
 from vgpu_backend.device import VirtioGpuDevice
 from vgpu_backend.device_state import UserptrProtocol
 from vgpu_backend.eventloop import EventLoop
@@ -28,9 +28,17 @@ def open_host_gpu(config: BackendConfig) -> HostGpu | None:
         return None
     from vgpu_backend.hostgpu.factory import create_host_gpu, host_gpu_options
     try:
-        return create_host_gpu(host_gpu_options(config.host_gpu))
+        gpu = create_host_gpu(host_gpu_options(config.host_gpu))
     except (HostGpuError, ValueError) as err:
         raise host_gpu_error(err) from err
+    info = gpu.info()
+    if config.userptr_required and not info.userptr_available:
+        gpu.close()
+        raise ConfigError(f"--userptr-protocol {config.device.userptr_protocol.value}: "
+                          f"this host GPU cannot register USERPTR memory "
+                          f"({info.userptr_detail}); leave --userptr-protocol out to serve "
+                          "without it (USERPTR blobs answered ERR_UNSPEC)")
+    return gpu
 
 
 def open_fds() -> set[int]:

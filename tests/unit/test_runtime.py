@@ -285,6 +285,30 @@ def test_a_host_gpu_that_cannot_open_exits_1(tmp_path: Path, argv: list[str],
     assert "host GPU:" in caplog.text and not path.exists()
 
 
+@pytest.mark.parametrize("protocol", ["v3", "v5"])
+def test_userptr_asked_for_by_name_needs_a_host_gpu_that_has_it(
+        tmp_path: Path, protocol: str, caplog: pytest.LogCaptureFixture,
+        signals: None) -> None:
+    """Context isolation has no USERPTR (the simulated kernel refuses it on secondary
+    processes, as KFD does): an explicit --userptr-protocol is refused at start, exit
+    1 with everything closed; left out, the back-end serves without USERPTR."""
+    argv = ["--gpu", "sim", "--kfd-isolation", "context"]
+    with pytest.raises(ConfigError, match=rf"^--userptr-protocol {protocol}: this host GPU "
+                       r"cannot register USERPTR memory \(.*Operation not supported"):
+        open_host_gpu(config_from(*argv, "--userptr-protocol", protocol))
+    path = tmp_path / "vgpu.sock"
+    before = open_fds()
+    assert main(["--socket-path", str(path), *argv, "--userptr-protocol", protocol]) == 1
+    assert open_fds() == before and not path.exists()
+    assert f"--userptr-protocol {protocol}: this host GPU cannot" in caplog.text
+    for served in (config_from(*argv), config_from("--gpu", "sim", "--userptr-protocol",
+                                                   protocol)):
+        gpu = open_host_gpu(served)
+        assert gpu is not None
+        gpu.close()
+    assert not config_from(*argv).userptr_required
+
+
 def test_a_socket_path_that_cannot_be_bound_exits_1(tmp_path: Path,
                                                     caplog: pytest.LogCaptureFixture,
                                                     signals: None) -> None:

@@ -137,6 +137,8 @@ class HostGpuInfo:
     isolation: str
     #: USERPTR works in this configuration (False with context isolation)
     userptr_available: bool
+    #: what the USERPTR probe found (why it is unavailable, say)
+    userptr_detail: str = ""
     #: most host ranges one buffer may have on this path (after coalescing)
     max_ranges: int = 1 << 32
     #: the same for guest RAM on host huge pages (``auto`` takes per-range there when

@@ -149,7 +149,7 @@ def create_host_gpu(options: HostGpuOptions | None = None, *,
              "batch-probe=%s (%s) GPUs=%s",
              info.backend, *info.kfd_version, info.isolation,
              "available" if info.userptr_available
-             else f"unavailable ({gpu.userptr_detail})",
+             else f"unavailable ({info.userptr_detail})",
              info.userptr_path.value if info.userptr_available else "n/a",
              "supported" if info.batch_supported else "unsupported",
              gpu.batch_probe.detail,

@@ -214,7 +214,7 @@ class KfdHostGpu(HostGpu):
                            gpu_ids=tuple(g.gpu_id for g in self._gpus),
                            kfd_version=self._version, isolation=self._isolation,
                            userptr_available=self._userptr_available,
-                           max_ranges=ranges,
+                           userptr_detail=self.userptr_detail, max_ranges=ranges,
                            max_ranges_huge_pages=min(ranges, self._per_range_max)
                            if falls_back else ranges)
 
