@@ -30,7 +30,8 @@ returns the GPU VA, REDUCE_SUM the sum, CHECKSUM the CRC-32, faults their addres
 into that blob before the submission's fence completes.
 
 Kernels take typed arguments (:data:`KERNEL_SIGNATURES`); buffers are GPU virtual
-addresses inside resources mapped into the context.
+addresses inside resources mapped into the context -- an empty buffer too: the device
+checks every buffer argument's address, whatever its length, before the kernel runs.
 """
 
 from __future__ import annotations
