@@ -125,7 +125,8 @@ class VirtioGpuDevice:
     def internal_errors(self) -> int:
         """Bugs of ours met so far (each logged with its traceback; the guest got
         ERR_UNSPEC, or a scanout was not updated)."""
-        return self._command_errors + self.state.scanouts.internal_errors
+        return (self._command_errors + self.state.internal_errors
+                + self.state.scanouts.internal_errors)
 
     # --- virtio features and config ----------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import logging
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,8 @@ __all__ = [
     "with_body",
     "with_body_and_chain",
 ]
+
+log = logging.getLogger(__name__)
 
 
 class UserptrProtocol(enum.Enum):
@@ -200,6 +203,9 @@ class DeviceState:
     #: for a fenced command: a Deferred that resolves when the earlier work on its
     #: fence timeline is done (None when there is none)
     fence_barrier: Callable[[CtrlHdr], Deferred | None] | None = None
+    #: bugs of ours met in actions that waited for compute work (see
+    #: :meth:`after_compute`), each logged with its traceback
+    internal_errors: int = 0
 
     def __post_init__(self) -> None:
         self.num_scanouts = self.options.max_outputs
@@ -210,7 +216,19 @@ class DeviceState:
         ``ctx_ids`` submitted so far is done: a resource or context is going away."""
         barrier = self.compute_barrier
         wait = barrier(ctx_ids) if barrier is not None and ctx_ids else None
-        return action() if wait is None else wait.then(action)
+        if wait is None:
+            return action()  # the device's error boundary is around this call
+
+        def guarded() -> Reply:  # runs from a compute completion, outside that boundary
+            try:
+                return action()
+            except GuestProtocolError:
+                raise  # the guest's error: its reply (Deferred.then)
+            except Exception:  # a bug of ours: answer, count, keep serving
+                self.internal_errors += 1
+                log.exception("internal error in an action held for compute work")
+                return Reply(Resp.ERR_UNSPEC)
+        return wait.then(guarded)
 
     def set_modes(self, modes: list[DisplayOne], info: bytes) -> None:
         """New display info (``info`` is the whole 408-byte response).  The guest may

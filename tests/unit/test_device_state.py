@@ -194,6 +194,44 @@ def test_after_compute_waits_for_the_barrier(state: DeviceState) -> None:
     assert result.reply == Reply(Resp.OK_CAPSET, b"late")
 
 
+@pytest.mark.parametrize("waits", [False, True])
+def test_a_bug_in_an_action_held_for_compute_is_answered_and_counted(
+        state: DeviceState, waits: bool, caplog: pytest.LogCaptureFixture) -> None:
+    """An action that ran after the compute work (from a completion, outside the
+    device's error boundary) and raised something else than a guest error: ERR_UNSPEC,
+    counted, logged with its traceback; a guest error still answers with its code.
+    Run at once, the bug goes to the caller (the device's boundary) uncounted."""
+    barriers: list[Deferred] = []  # one each: a Deferred has one consumer
+
+    def compute_barrier(ctx_ids: Iterable[int]) -> Deferred | None:
+        barriers.append(Deferred(pause=False))
+        return barriers[-1] if waits else None
+
+    state.compute_barrier = compute_barrier
+
+    def bug() -> Reply:
+        raise KeyError("a bug of ours")
+
+    def refusal() -> Reply:
+        raise GuestProtocolError("gone", Resp.ERR_INVALID_RESOURCE_ID)
+
+    if not waits:
+        with pytest.raises(KeyError):
+            state.after_compute((7,), bug)
+        assert state.internal_errors == 0
+        return
+    buggy, refused = state.after_compute((7,), bug), state.after_compute((7,), refusal)
+    assert isinstance(buggy, Deferred) and isinstance(refused, Deferred)
+    assert buggy.reply is None and state.internal_errors == 0
+    for barrier in barriers:
+        barrier.resolve(OK)
+    assert buggy.reply == Reply(Resp.ERR_UNSPEC)
+    assert refused.reply == Reply(Resp.ERR_INVALID_RESOURCE_ID)
+    assert state.internal_errors == 1
+    record, = [r for r in caplog.records if "held for compute work" in r.getMessage()]
+    assert record.exc_info is not None and "a bug of ours" in caplog.text
+
+
 def test_resource_hooks_list_the_hooks_of_a_resource_kind_in_order() -> None:
     """``hooks[type(res)]``: the hooks added for its class or a base class, in the
     order they were added; a hook added later shows up for a class already looked up."""
@@ -211,3 +249,14 @@ def test_resource_hooks_list_the_hooks_of_a_resource_kind_in_order() -> None:
         for hook in hooks[cls]:
             hook(cls(1))
     assert calls == ["blob", "any", "any", "image", "any", "buffer"]
+
+
+def test_the_device_counts_the_bugs_met_after_compute() -> None:
+    """The device's ``internal_errors`` includes :attr:`DeviceState.internal_errors`."""
+    harness = DeviceHarness(options=TWO_D_ONLY)
+    try:
+        assert harness.device.internal_errors == 0
+        harness.device.state.internal_errors += 2
+        assert harness.device.internal_errors == 2
+    finally:
+        harness.close()
