@@ -118,15 +118,13 @@ class VirtioGpuDevice:
         #: command headers decoded lately, by their bytes
         self._headers: dict[bytes, CtrlHdr] = {}
         self._quiescing = False
-        self._command_errors = 0
         memory.add_unmap_listener(self._region_unmapping)
 
     @property
     def internal_errors(self) -> int:
         """Bugs of ours met so far (each logged with its traceback; the guest got
         ERR_UNSPEC, or a scanout was not updated)."""
-        return (self._command_errors + self.state.internal_errors
-                + self.state.scanouts.internal_errors)
+        return self.state.internal_errors + self.state.scanouts.internal_errors
 
     # --- virtio features and config ----------------------------------------------------
 
@@ -365,11 +363,8 @@ class VirtioGpuDevice:
             return self._internal_error(hdr)
 
     def _internal_error(self, hdr: CtrlHdr) -> Reply:
-        """A handler raised something else than a guest error: a bug of ours.  The
-        guest gets ERR_UNSPEC; it is counted and logged with its traceback."""
-        self._command_errors += 1
-        log.exception("internal error in %s", _command_name(hdr.type))
-        return Reply(Resp.ERR_UNSPEC)
+        """A handler raised something else than a guest error: a bug of ours."""
+        return self.state.internal_error(_command_name(hdr.type))
 
     def _respond(self, queue: Virtqueue, chain: DescriptorChain, hdr: CtrlHdr,
                  reply: Reply) -> None:

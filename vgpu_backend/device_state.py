@@ -203,8 +203,8 @@ class DeviceState:
     #: for a fenced command: a Deferred that resolves when the earlier work on its
     #: fence timeline is done (None when there is none)
     fence_barrier: Callable[[CtrlHdr], Deferred | None] | None = None
-    #: bugs of ours met in actions that waited for compute work (see
-    #: :meth:`after_compute`), each logged with its traceback
+    #: bugs of ours met in commands, and in actions that waited for compute work
+    #: (see :meth:`internal_error`)
     internal_errors: int = 0
 
     def __post_init__(self) -> None:
@@ -225,10 +225,15 @@ class DeviceState:
             except GuestProtocolError:
                 raise  # the guest's error: its reply (Deferred.then)
             except Exception:  # a bug of ours: answer, count, keep serving
-                self.internal_errors += 1
-                log.exception("internal error in an action held for compute work")
-                return Reply(Resp.ERR_UNSPEC)
+                return self.internal_error("an action held for compute work")
         return wait.then(guarded)
+
+    def internal_error(self, where: str) -> Reply:
+        """The answer to a bug of ours met in ``where`` (call it from the ``except``
+        block): counted, logged with its traceback; the guest gets ERR_UNSPEC."""
+        self.internal_errors += 1
+        log.exception("internal error in %s", where)
+        return Reply(Resp.ERR_UNSPEC)
 
     def set_modes(self, modes: list[DisplayOne], info: bytes) -> None:
         """New display info (``info`` is the whole 408-byte response).  The guest may
